@@ -1,0 +1,351 @@
+"""The Mixture-of-Memories layer (Du et al., arXiv 2502.13685).
+
+A router sends each token to its top-k of M memories; an optional shared memory sees every token. Each
+memory keeps its own recurrent state (gated delta rule by default) and runs a causal short convolution
+over its own token sub-sequence. Outputs are mixed by the routing weights, the shared memory's output is
+added, then an output-gated RMSNorm and the output projection.
+
+The shared memory is handled as memory number M with weight 1 on every token, so one dispatch, one
+convolution and one recurrence call serve all M + 1 memories (no per-memory Python loop).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memmix import ops
+from memmix.layers.norms import GatedRMSNorm, RMSNorm
+from memmix.routing import DispatchPlan, plan_dispatch, route
+
+MEMORY_RULES = ("gated_delta", "delta", "gla", "linear")
+_USES_BETA = {"gated_delta": True, "delta": True, "gla": False, "linear": False}
+_USES_DECAY = {"gated_delta": True, "delta": False, "gla": True, "linear": False}
+# inputs up to this length use the dense layout (decoding steps, short prompts)
+DENSE_LAYOUT_MAX_LEN = 16
+
+
+@dataclass
+class MoMState:
+    """Recurrent state of one MoM layer for N sequences.
+
+    memory: (N, M + S, H, K, V) float32: the M routed memories, then the shared one (S = 1 if shared).
+    conv:   (N, M + S, conv_size - 1, 2 * key_dim + value_dim): the last inputs of the q, k, v convolutions
+            over each memory's own sub-sequence.
+    """
+
+    memory: torch.Tensor
+    conv: torch.Tensor
+    num_routed: int
+
+    @property
+    def memory_states(self) -> torch.Tensor:
+        """(N, M, H, K, V) routed memories."""
+        return self.memory[:, : self.num_routed]
+
+    @property
+    def shared_state(self) -> torch.Tensor | None:
+        """(N, H, K, V) shared memory, or None without one."""
+        return self.memory[:, self.num_routed] if self.memory.shape[1] > self.num_routed else None
+
+    @property
+    def conv_tails(self) -> torch.Tensor:
+        return self.conv
+
+    def select(self, index: torch.Tensor) -> MoMState:
+        """Keep/reorder sequences: index (N',) int64."""
+        return MoMState(self.memory.index_select(0, index), self.conv.index_select(0, index), self.num_routed)
+
+
+@dataclass
+class MoMLayerOutput:
+    hidden_states: torch.Tensor  # (B, T, D)
+    router_logits: torch.Tensor  # (B, T, M) float32
+    state: MoMState | None
+
+
+class MixtureOfMemories(nn.Module):
+    """MoM token mixer. Input and output (B, T, hidden_size).
+
+    Stacked per-memory projections hold P rows: the M routed memories then the shared one, or a single
+    row used by every memory when single_kv_proj.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 4,
+        head_dim: int = 64,
+        expand_v: float = 1.0,
+        num_memories: int = 4,
+        topk: int = 2,
+        shared_mem: bool = True,
+        single_kv_proj: bool = False,
+        memory_rule: str = "gated_delta",
+        use_output_gate: bool = True,
+        conv_size: int = 4,
+        norm_eps: float = 1e-5,
+        impl: str = "auto",
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_k_dim = head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        self.key_dim = num_heads * head_dim
+        self.value_dim = num_heads * self.head_v_dim
+        self.num_memories = num_memories
+        self.topk = topk
+        self.shared_mem = shared_mem
+        self.single_kv_proj = single_kv_proj
+        self.memory_rule = memory_rule
+        self.use_output_gate = use_output_gate
+        self.conv_size = conv_size
+        self.impl = impl
+        self.layer_idx = layer_idx
+        self.num_slots_memories = num_memories + int(shared_mem)  # M + S
+        rows = 1 if single_kv_proj else self.num_slots_memories  # P
+
+        self.gate = nn.Linear(hidden_size, num_memories, bias=False)
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Parameter(torch.empty(rows, self.key_dim, hidden_size))
+        self.v_proj = nn.Parameter(torch.empty(rows, self.value_dim, hidden_size))
+        self.b_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if _USES_BETA[memory_rule] else None
+        self.a_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if _USES_DECAY[memory_rule] else None
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.q_conv1d = _depthwise_conv(self.key_dim, conv_size)
+        self.k_conv1d = _depthwise_conv(self.key_dim, conv_size)
+        self.v_conv1d = _depthwise_conv(self.value_dim, conv_size)
+        if use_output_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as the reference: small Xavier weights, decay rates A in (1, 16), dt in [1e-3, 0.1]."""
+        gain = 2**-2.5
+        for linear in (self.gate, self.q_proj, self.o_proj, getattr(self, "g_proj", None)):
+            if linear is not None:
+                nn.init.xavier_uniform_(linear.weight, gain=gain)
+        for stacked in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
+            if stacked is not None:
+                for row in stacked.data:
+                    nn.init.xavier_uniform_(row, gain=gain)
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+            dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            dt = dt.clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.reset_parameters()
+        self.o_norm.weight.data.fill_(1.0)
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> MoMState:
+        """Zero state for batch_size sequences."""
+        P = self.num_slots_memories
+        memory = torch.zeros(batch_size, P, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype)
+        conv = torch.zeros(batch_size, P, self.conv_size - 1, self.conv_channels, device=device, dtype=dtype)
+        return MoMState(memory, conv, self.num_memories)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        state: MoMState | None = None,
+        use_cache: bool = False,
+    ) -> MoMLayerOutput:
+        """hidden_states (B, T, D); attention_mask (B, T_total) 0/1, last T columns used; cu_seqlens
+        (N + 1,) int64 for a packed batch (B == 1); state from an earlier call. See MoMState."""
+        B, T, _ = hidden_states.shape
+        valid = self._valid_tokens(hidden_states, attention_mask, cu_seqlens)
+        decision = route(self.gate(hidden_states), self.topk)
+        memory_ids, slot_weights = self._slots(decision.indices, decision.weights)
+        layout = "dense" if cu_seqlens is None and T <= DENSE_LAYOUT_MAX_LEN else "packed"
+        plan = plan_dispatch(memory_ids, valid, self.num_slots_memories, cu_seqlens, layout)
+        N = plan.num_sequences
+        if state is not None and state.memory.shape[0] != N:
+            raise ValueError(f"state holds {state.memory.shape[0]} sequences but the input has {N}")
+
+        conv_in, gates_in = self._slot_projections(hidden_states, memory_ids)
+        tails = None if state is None else state.conv.reshape(plan.num_segments, self.conv_size - 1, -1)
+        conv_out, new_tails = self._segment_conv(plan, plan.dispatch(conv_in), tails)
+        q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._gates(plan.dispatch(gates_in))
+        if plan.layout == "dense":  # unused cells must leave the state unchanged
+            filled = plan.filled_rows().unsqueeze(-1)
+            k = k * filled
+            beta = None if beta is None else beta * filled
+            g = None if g is None else g * filled
+
+        initial = None if state is None else state.memory.reshape(plan.num_segments, *state.memory.shape[2:])
+        o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache)
+        o = plan.combine(o.reshape(plan.buffer_len, -1), slot_weights)  # (B, T, Vd)
+        o = o.view(B, T, self.num_heads, self.head_v_dim)
+        if self.use_output_gate:
+            gate = self.g_proj(hidden_states).view(B, T, self.num_heads, self.head_v_dim)
+            o = self.o_norm(o, gate)
+        else:
+            o = self.o_norm(o)
+        o = self.o_proj(o.reshape(B, T, self.value_dim))
+
+        new_state = None
+        if use_cache:
+            P = self.num_slots_memories
+            memory = final.reshape(N, P, *final.shape[1:])
+            conv = new_tails.reshape(N, P, self.conv_size - 1, -1)
+            new_state = MoMState(memory, conv.to(memory.dtype), self.num_memories)
+        return MoMLayerOutput(o, decision.logits, new_state)
+
+    def _valid_tokens(self, x: torch.Tensor, attention_mask, cu_seqlens) -> torch.Tensor:
+        """(B, T) bool: real tokens."""
+        B, T, _ = x.shape
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either attention_mask or cu_seqlens, not both")
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs a packed batch of size 1, got batch size {B}")
+        if attention_mask is None:
+            return torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+            raise ValueError(
+                f"attention_mask must be 2-D (batch, >= seq_len) = ({B}, >= {T}) with 0 at padding, "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        return attention_mask[:, -T:].bool()
+
+    def _slots(self, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the shared memory (id M, weight 1) to every token's top-k picks: (B, T, S) each."""
+        if not self.shared_mem:
+            return indices, weights
+        shared = torch.full_like(indices[..., :1], self.num_memories)
+        return torch.cat([indices, shared], -1), torch.cat([weights, torch.ones_like(weights[..., :1])], -1)
+
+    def _slot_projections(self, x: torch.Tensor, memory_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot's convolution inputs (q, k, v) and gate inputs (b, a) from its memory's projections.
+
+        x (B, T, D), memory_ids (B, T, S) -> (B, T, S, 2 Kd + Vd), (B, T, S, n_gates * H).
+        One wide product over all memories' weights, then a gather of each slot's memory.
+        """
+        B, T, S = memory_ids.shape
+        weights = [self.k_proj, self.v_proj] + [w for w in (self.b_proj, self.a_proj) if w is not None]
+        rows = self.k_proj.shape[0]
+        wide = torch.cat(weights, dim=1)  # (P, C, D)
+        proj = F.linear(x, wide.reshape(-1, wide.shape[-1])).view(B, T, rows, -1)  # (B, T, P, C)
+        if rows == 1:
+            proj = proj.expand(B, T, S, proj.shape[-1])
+        else:
+            proj = proj.gather(2, memory_ids.unsqueeze(-1).expand(B, T, S, proj.shape[-1]))
+        kv, gates = proj.split([self.key_dim + self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], -1)
+        q = self.q_proj(x).unsqueeze(2).expand(B, T, S, self.key_dim)
+        return torch.cat([q, kv], dim=-1), gates
+
+    def _segment_conv(
+        self, plan: DispatchPlan, x: torch.Tensor, tails: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv + SiLU over every segment, continuing from its tail.
+
+        x (buffer_len, C) grouped by segment; tails (R, W-1, C) or None.
+        Returns the outputs (buffer_len, C) and the new tails (R, W-1, C).
+        Each segment gets W-1 rows in front of it holding its tail, so one convolution over the whole
+        buffer never mixes segments.
+        """
+        W = self.conv_size
+        R = plan.num_segments
+        C = x.shape[-1]
+        row = torch.arange(plan.buffer_len, device=x.device)
+        seg_of_row = torch.bucketize(row, plan.starts[1:], right=True)  # (buffer_len,) in [0, R]
+        shifted = row + (seg_of_row + 1) * (W - 1)
+        ext_len = plan.buffer_len + (R + 1) * (W - 1)
+        ext = x.new_zeros(ext_len, C).index_copy(0, shifted, x)
+        tail_rows = (plan.starts[:R] + torch.arange(R, device=x.device) * (W - 1)).unsqueeze(1) + torch.arange(
+            W - 1, device=x.device
+        )  # (R, W-1)
+        if tails is not None:
+            ext = ext.index_copy(0, tail_rows.reshape(-1), tails.reshape(-1, C).to(ext.dtype))
+        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).to(ext.dtype)
+        y = F.conv1d(ext.t().unsqueeze(0), weight, padding=W - 1, groups=C)[0, :, :ext_len].t()
+        out = F.silu(y.index_select(0, shifted))
+        new_tails = ext.index_select(0, (tail_rows + plan.counts.unsqueeze(1)).reshape(-1)).view(R, W - 1, C)
+        return out, new_tails
+
+    def _gates(self, gates: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(buffer_len, n_gates * H) -> beta (sigmoid) and log decay g = -exp(A_log) softplus(a + dt_bias)."""
+        H = self.num_heads
+        beta = g = None
+        if self.b_proj is not None:
+            beta, gates = gates[:, :H].sigmoid(), gates[:, H:]
+        if self.a_proj is not None:
+            a = gates[:, :H]
+            dtype = torch.promote_types(a.dtype, torch.float32)
+            g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
+        return beta, g
+
+    def _recurrence(self, plan: DispatchPlan, q, k, v, g, beta, initial, use_cache: bool):
+        """Run the memory rule over every segment in one call. Returns o (buffer_len, H, V), final (R, H, K, V)."""
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        if plan.layout == "dense":
+            shape, L = (plan.num_segments, plan.row_len), plan.num_segments * plan.row_len
+            cu = None
+        else:
+            shape, L = (1, plan.buffer_len), plan.buffer_len
+            cu = plan.cu_seqlens
+            if initial is not None or use_cache:
+                initial = _with_trash_state(initial, plan.num_segments, H, K, V, q)
+        args = [t[:L].reshape(*shape, H, -1) for t in (q, k, v)]
+        extra = [t[:L].reshape(*shape, H) for t in (g, beta) if t is not None]
+        kwargs = dict(
+            initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=True, impl=self.impl
+        )
+        rule = {"gated_delta": ops.gated_delta_rule, "delta": ops.delta_rule,
+                "gla": ops.gated_linear_attention, "linear": ops.linear_attention}[self.memory_rule]
+        o, final = rule(*args, *extra, **kwargs)
+        o = o.reshape(L, H, V)
+        if plan.layout == "dense":
+            o = torch.cat([o, o.new_zeros(plan.buffer_len - L, H, V)])
+        elif final is not None:
+            final = final[: plan.num_segments]
+        return o, final
+
+
+def _with_trash_state(initial, R: int, H: int, K: int, V: int, like: torch.Tensor) -> torch.Tensor:
+    """Append a zero state for the packed layout's trash segment: (R, H, K, V) -> (R + 1, H, K, V)."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if initial is None:
+        return torch.zeros(R + 1, H, K, V, dtype=dtype, device=like.device)
+    return torch.cat([initial, initial.new_zeros(1, H, K, V)])
+
+
+def _depthwise_conv(channels: int, kernel_size: int) -> nn.Conv1d:
+    """Weight holder (channels, 1, kernel_size) for a causal depthwise convolution (applied functionally)."""
+    return nn.Conv1d(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=False)
+
+
+def _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size) -> None:
+    for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                        ("num_memories", num_memories)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not 1 <= topk <= num_memories:
+        raise ValueError(f"topk must be in [1, num_memories={num_memories}], got {topk!r}")
+    if memory_rule not in MEMORY_RULES:
+        raise ValueError(f"memory_rule must be one of {MEMORY_RULES}, got {memory_rule!r}")
+    if not isinstance(conv_size, int) or conv_size < 2:
+        raise ValueError(f"conv_size must be an integer >= 2, got {conv_size!r}")
+    if expand_v <= 0 or head_dim * expand_v != int(head_dim * expand_v):
+        raise ValueError(f"expand_v must be positive with head_dim * expand_v an integer, got {expand_v!r}")

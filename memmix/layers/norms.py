@@ -1,0 +1,39 @@
+"""Normalisation layers shared by the blocks: RMSNorm and the output-gated RMSNorm of MoM."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, otherwise the input dtype (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise the last dim of x (..., D) and scale by weight (D,), in at least float32."""
+    xf = x.to(_compute_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(xf.dtype)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim: y = x / rms(x) * weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm followed by an output gate: y = rmsnorm(x) * weight * silu(gate); x, gate: (..., D)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        y = rms_norm(x, self.weight, self.eps)
+        gf = gate.to(_compute_dtype(gate.dtype))
+        return (y.to(gf.dtype) * F.silu(gf)).to(x.dtype)

@@ -1,0 +1,217 @@
+"""MixtureOfMemories against a per-token, per-memory loop written straight from the paper."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memmix.layers import MixtureOfMemories
+from memmix.layers import mom as mom_module
+from memmix.ops import l2norm
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def naive_mom(layer: MixtureOfMemories, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Loop over rows, memories and tokens: x (B, T, D) -> (B, T, D). Pads (mask 0) touch nothing."""
+    B, T, D = x.shape
+    H, K, V, M = layer.num_heads, layer.head_k_dim, layer.head_v_dim, layer.num_memories
+    W = layer.conv_size
+    scores = layer.gate(x).float().softmax(-1)
+    top_w, top_i = scores.topk(layer.topk, dim=-1)
+    top_w = top_w / top_w.sum(-1, keepdim=True)
+    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
+    out = torch.zeros(B, T, H, V, dtype=x.dtype)
+    conv_w = torch.cat([layer.q_conv1d.weight, layer.k_conv1d.weight, layer.v_conv1d.weight])[:, 0]  # (C, W)
+    A = -layer.A_log.exp()
+    for b in range(B):
+        for m in range(M + int(layer.shared_mem)):
+            row = 0 if layer.single_kv_proj else m
+            if m < M:
+                times = [t for t in range(T) if mask[b, t] and m in top_i[b, t].tolist()]
+            else:
+                times = [t for t in range(T) if mask[b, t]]
+            S = torch.zeros(H, K, V, dtype=x.dtype)
+            history = []
+            for t in times:
+                xt = x[b, t]
+                raw = torch.cat([layer.q_proj.weight @ xt, layer.k_proj[row] @ xt, layer.v_proj[row] @ xt])
+                history.append(raw)
+                window = torch.stack(([torch.zeros_like(raw)] * W + history)[-W:])  # (W, C)
+                conv = F.silu((window.t() * conv_w).sum(-1))
+                q, k, v = conv.split([layer.key_dim, layer.key_dim, layer.value_dim])
+                q = l2norm(q.view(H, K)) * K**-0.5
+                k = l2norm(k.view(H, K))
+                v = v.view(H, V)
+                decay = torch.ones(H, dtype=x.dtype)
+                if layer.a_proj is not None:
+                    decay = torch.exp(A * F.softplus(layer.a_proj[row] @ xt + layer.dt_bias))
+                beta = torch.sigmoid(layer.b_proj[row] @ xt) if layer.b_proj is not None else None
+                S = S * decay.view(H, 1, 1)
+                if beta is not None:
+                    u = beta.view(H, 1) * (v - torch.einsum("hkv,hk->hv", S, k))
+                else:
+                    u = v
+                S = S + torch.einsum("hk,hv->hkv", k, u)
+                o = torch.einsum("hkv,hk->hv", S, q)
+                weight = 1.0 if m == M else top_w[b, t][top_i[b, t] == m].sum()
+                out[b, t] += weight * o
+    if layer.use_output_gate:
+        gate = layer.g_proj(x).view(B, T, H, V)
+        out = layer.o_norm(out, gate)
+    else:
+        out = layer.o_norm(out)
+    return layer.o_proj(out.reshape(B, T, -1))
+
+
+def make_layer(**kw) -> MixtureOfMemories:
+    args = dict(hidden_size=16, num_heads=2, head_dim=4, num_memories=4, topk=2, shared_mem=True, impl="chunk")
+    args.update(kw)
+    torch.manual_seed(0)
+    layer = MixtureOfMemories(**args).double()
+    with torch.no_grad():  # a sharper router than the tiny init, so memories really differ
+        layer.gate.weight.mul_(20)
+    return layer
+
+
+CASES = [
+    dict(),
+    dict(topk=1),
+    dict(topk=4),
+    dict(shared_mem=False),
+    dict(single_kv_proj=True),
+    dict(memory_rule="delta"),
+    dict(memory_rule="gla", use_output_gate=False),
+    dict(memory_rule="linear", expand_v=2.0),
+    dict(num_memories=1, topk=1, shared_mem=False),
+]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_layer_matches_naive_loop(kw, T):
+    layer = make_layer(**kw)
+    x = torch.randn(2, T, 16, dtype=torch.float64)
+    got = layer(x).hidden_states
+    assert rel_err(got, naive_mom(layer, x)) < 1e-10
+
+
+def test_padding_touches_nothing():
+    layer = make_layer()
+    x = torch.randn(3, 20, 16, dtype=torch.float64)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 13:] = 0  # right padding
+    mask[2, [3, 9]] = 0  # holes
+    got = layer(x, attention_mask=mask).hidden_states
+    want = naive_mom(layer, x, mask)
+    real = mask.bool()
+    assert rel_err(got[real], want[real]) < 1e-10
+    assert got[~real].abs().max() == 0
+    # a padded token's content does not change any real token's output
+    x2 = x.clone()
+    x2[~real] = torch.randn_like(x2[~real]) * 100
+    assert rel_err(layer(x2, attention_mask=mask).hidden_states[real], got[real]) < 1e-12
+
+
+def test_packed_documents_equal_separate_runs():
+    layer = make_layer()
+    lengths = [5, 1, 0, 23, 9]
+    docs = [torch.randn(1, n, 16, dtype=torch.float64) for n in lengths]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    packed = layer(torch.cat(docs, 1), cu_seqlens=cu, use_cache=True)
+    pieces = packed.hidden_states.split(lengths, dim=1)
+    for i, (doc, piece) in enumerate(zip(docs, pieces)):
+        if lengths[i] == 0:
+            continue
+        alone = layer(doc, use_cache=True)
+        assert rel_err(piece, alone.hidden_states) < 1e-10
+        assert rel_err(packed.state.memory[i], alone.state.memory[0]) < 1e-10
+        assert rel_err(packed.state.conv[i], alone.state.conv[0]) < 1e-10
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(memory_rule="gla"), dict(shared_mem=False, topk=1)])
+def test_state_continuation_and_decoding(kw):
+    layer = make_layer(**kw)
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    full = layer(x, use_cache=True)
+    first = layer(x[:, :30], use_cache=True)
+    state = first.state
+    outs = [first.hidden_states]
+    for t in range(30, 40):  # one token at a time (the dense layout)
+        step = layer(x[:, t : t + 1], state=state, use_cache=True)
+        outs.append(step.hidden_states)
+        state = step.state
+    assert rel_err(torch.cat(outs, 1), full.hidden_states) < 1e-10
+    assert rel_err(state.memory, full.state.memory) < 1e-10
+    assert rel_err(state.conv, full.state.conv) < 1e-10
+    assert state.memory_states.shape == (2, layer.num_memories, 2, 4, 4)
+
+
+def test_dense_and_packed_layouts_agree(monkeypatch):
+    layer = make_layer()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+    monkeypatch.setattr(mom_module, "DENSE_LAYOUT_MAX_LEN", 0)
+    packed = layer(x, attention_mask=mask, use_cache=True)
+    monkeypatch.setattr(mom_module, "DENSE_LAYOUT_MAX_LEN", 100)
+    dense = layer(x, attention_mask=mask, use_cache=True)
+    assert rel_err(dense.hidden_states, packed.hidden_states) < 1e-12
+    assert rel_err(dense.state.memory, packed.state.memory) < 1e-12
+    assert rel_err(dense.state.conv, packed.state.conv) < 1e-12
+
+
+def test_gradients_reach_every_parameter_and_match_naive():
+    layer = make_layer()
+    x = torch.randn(2, 21, 16, dtype=torch.float64, requires_grad=True)
+    layer(x).hidden_states.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    gx = x.grad.clone()
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    naive_mom(layer, x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+        assert rel_err(grads[name], p.grad) < 1e-9, name
+    assert rel_err(gx, x.grad) < 1e-9
+
+
+def test_router_logits_and_state_shapes():
+    layer = make_layer()
+    out = layer(torch.randn(3, 5, 16, dtype=torch.float64), use_cache=True)
+    assert out.router_logits.shape == (3, 5, 4) and out.router_logits.dtype == torch.float32
+    assert out.state.memory.shape == (3, 5, 2, 4, 4)
+    assert out.state.shared_state.shape == (3, 2, 4, 4)
+    assert out.state.conv.shape == (3, 5, 3, 2 * 8 + 8)
+    assert layer(torch.randn(3, 5, 16, dtype=torch.float64)).state is None
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(topk=5), "topk"),
+        (dict(topk=0), "topk"),
+        (dict(memory_rule="mamba"), "memory_rule"),
+        (dict(num_memories=0), "num_memories"),
+        (dict(conv_size=1), "conv_size"),
+        (dict(expand_v=0.3), "expand_v"),
+    ],
+)
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_layer(**kw)
+
+
+def test_bad_inputs():
+    layer = make_layer()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="attention_mask"):
+        layer(x, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, cu_seqlens=torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match="state"):
+        layer(x, state=layer.init_state(3, dtype=torch.float64))
