@@ -1,0 +1,186 @@
+"""Speed and peak memory of one token-mixing layer: our MoM, our single-memory layer, flash-linear-attention's
+MomAttention and GatedDeltaNet (when importable), and softmax attention through PyTorch SDPA.
+
+    python benchmarks/layer_speed.py                      # the issue's shape on CUDA, T = 2048, 8192, 32768
+    python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
+
+Every row processes the same number of tokens (batch = tokens // T). Timings are medians of
+triton.testing.do_bench on CUDA (warm-up included) or of perf_counter repeats on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memmix.layers import MixtureOfMemories  # noqa: E402
+
+
+class SDPAttention(nn.Module):
+    """Causal softmax attention baseline: qkv projection, SDPA, output projection."""
+
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
+
+
+def build_layers(args) -> tuple[dict, list[str]]:
+    """name -> callable(x) returning the layer output tensor; plus notes printed under the table."""
+    H, K = args.num_heads, args.head_dim
+    notes = []
+    common = dict(hidden_size=args.hidden, num_heads=H, head_dim=K, expand_v=1.0, impl=args.impl)
+    ours = MixtureOfMemories(num_memories=4, topk=2, shared_mem=True, **common)
+    single = MixtureOfMemories(num_memories=1, topk=1, shared_mem=False, **common)
+    layers = {
+        "memmix MoM (4 mem, top-2, shared)": (ours, lambda m, x: m(x).hidden_states),
+        "memmix single memory (GDN)": (single, lambda m, x: m(x).hidden_states),
+        "SDPA attention": (SDPAttention(args.hidden, H), lambda m, x: m(x)),
+    }
+    if args.device == "cuda" and not args.no_fla:
+        try:
+            from fla.layers import GatedDeltaNet, MomAttention
+
+            _allow_fla_backward_on_old_triton(notes)
+            fla_mom = MomAttention(hidden_size=args.hidden, head_dim=K, num_heads=H, expand_v=1, num_memories=4,
+                                   topk=2, shared_mem=True)
+            fla_gdn = GatedDeltaNet(hidden_size=args.hidden, head_dim=K, num_heads=H, expand_v=1)
+            layers["fla MomAttention"] = (fla_mom, lambda m, x: m(x)[0])
+            layers["fla GatedDeltaNet"] = (fla_gdn, lambda m, x: m(x)[0])
+        except ImportError as err:
+            notes.append(f"flash-linear-attention not importable ({err}); its rows are skipped")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return {name: (m.to(args.device, dtype), f) for name, (m, f) in layers.items()}, notes
+
+
+def _allow_fla_backward_on_old_triton(notes: list[str]) -> None:
+    """fla refuses its gated backward on Triton < 3.7.1 (wrong results there, fla issue #640). For TIMING only."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except ImportError:
+        return
+    if hasattr(chunk_o, "TRITON_ABOVE_3_7_1") and not chunk_o.TRITON_ABOVE_3_7_1:
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        notes.append("fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True so fla's backward runs on this "
+                     "Triton: its backward TIMES are shown, its results are not trusted")
+
+
+def median_ms(fn, device: str, repeats: int) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=max(repeats * 10, 100), return_mode="median"))
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(module, call, x: torch.Tensor, device: str, repeats: int) -> dict:
+    module.train()
+
+    def forward():
+        with torch.no_grad():
+            call(module, x)
+
+    def forward_backward():
+        x.grad = None
+        call(module, x).float().square().mean().backward()
+
+    fwd = median_ms(forward, device, repeats)
+    fwd_bwd = median_ms(forward_backward, device, repeats)
+    peak = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        forward_backward()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    module.zero_grad(set_to_none=True)
+    return {"forward_ms": fwd, "forward_backward_ms": fwd_bwd, "peak_train_mib": peak}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (batch = tokens // T)")
+    p.add_argument("--seq-lens", default="2048,8192,32768")
+    p.add_argument("--impl", default="auto", choices=["auto", "chunk", "triton", "recurrent"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even when importable")
+    p.add_argument("--only", default="", help="comma list of substrings: run only matching layers")
+    p.add_argument("--json", default="benchmarks/results/layer_speed.json")
+    args = p.parse_args(argv)
+    seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    torch.manual_seed(0)
+    layers, notes = build_layers(args)
+    if args.only:
+        keep = [s.strip() for s in args.only.split(",")]
+        layers = {n: v for n, v in layers.items() if any(s in n for s in keep)}
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    rows = []
+    for T in seq_lens:
+        B = max(args.tokens // T, 1)
+        dtype = next(iter(layers.values()))[0].q_proj.weight.dtype if layers else torch.float32
+        x = torch.randn(B, T, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
+        for name, (module, call) in layers.items():
+            try:
+                result = measure(module, call, x, args.device, args.repeats)
+            except torch.cuda.OutOfMemoryError:
+                result = {"error": "out of memory"}
+                torch.cuda.empty_cache()
+            except Exception as err:  # a baseline failing must not hide the others' numbers
+                result = {"error": f"{type(err).__name__}: {err}"[:200]}
+            rows.append({"layer": name, "batch": B, "seq_len": T, **result})
+            _print_row(rows[-1], B * T)
+    for note in notes:
+        print("note:", note)
+    payload = {"device": device_name, "torch": torch.__version__, "args": vars(args), "notes": notes, "rows": rows}
+    _write_json(args.json, payload)
+    print(f"device: {device_name}; wrote {args.json}")
+    return 0
+
+
+def _print_row(row: dict, tokens: int) -> None:
+    if row.get("error"):
+        print(f"{row['layer']:<36} {row['batch']:>3}x{row['seq_len']:<6} {row['error']}")
+        return
+    peak = "-" if row["peak_train_mib"] is None else f"{row['peak_train_mib']:.0f}"
+    ktok = tokens / row["forward_backward_ms"]
+    print(f"{row['layer']:<36} {row['batch']:>3}x{row['seq_len']:<6} fwd {row['forward_ms']:8.2f} ms  "
+          f"fwd+bwd {row['forward_backward_ms']:8.2f} ms  ({ktok:7.1f}k tok/s)  peak {peak} MiB")
+
+
+def _write_json(path: str, payload: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
