@@ -24,6 +24,8 @@ from memmix.routing import DispatchPlan, plan_dispatch, route
 MEMORY_RULES = ("gated_delta", "delta", "gla", "linear")
 _USES_BETA = {"gated_delta": True, "delta": True, "gla": False, "linear": False}
 _USES_DECAY = {"gated_delta": True, "delta": False, "gla": True, "linear": False}
+_RULES = {"gated_delta": ops.gated_delta_rule, "delta": ops.delta_rule,
+          "gla": ops.gated_linear_attention, "linear": ops.linear_attention}
 # inputs up to this length use the dense layout (decoding steps, short prompts)
 DENSE_LAYOUT_MAX_LEN = 16
 
@@ -176,6 +178,8 @@ class MixtureOfMemories(nn.Module):
         valid = self._valid_tokens(hidden_states, attention_mask, cu_seqlens)
         decision = route(self.gate(hidden_states), self.topk)
         memory_ids, slot_weights = self._slots(decision.indices, decision.weights)
+        if T == 1 and cu_seqlens is None:
+            return self._decode_step(hidden_states, valid, decision, memory_ids, slot_weights, state, use_cache)
         layout = "dense" if cu_seqlens is None and T <= DENSE_LAYOUT_MAX_LEN else "packed"
         plan = plan_dispatch(memory_ids, valid, self.num_slots_memories, cu_seqlens, layout)
         N = plan.num_sequences
@@ -195,14 +199,7 @@ class MixtureOfMemories(nn.Module):
 
         initial = None if state is None else state.memory.reshape(plan.num_segments, *state.memory.shape[2:])
         o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache)
-        o = plan.combine(o.reshape(plan.buffer_len, -1), slot_weights)  # (B, T, Vd)
-        o = o.view(B, T, self.num_heads, self.head_v_dim)
-        if self.use_output_gate:
-            gate = self.g_proj(hidden_states).view(B, T, self.num_heads, self.head_v_dim)
-            o = self.o_norm(o, gate)
-        else:
-            o = self.o_norm(o)
-        o = self.o_proj(o.reshape(B, T, self.value_dim))
+        o = self._output(hidden_states, plan.combine(o.reshape(plan.buffer_len, -1), slot_weights))
 
         new_state = None
         if use_cache:
@@ -211,6 +208,52 @@ class MixtureOfMemories(nn.Module):
             conv = new_tails.reshape(N, P, self.conv_size - 1, -1)
             new_state = MoMState(memory, conv.to(memory.dtype), self.num_memories)
         return MoMLayerOutput(o, decision.logits, new_state)
+
+    def _decode_step(self, x, valid, decision, memory_ids, slot_weights, state, use_cache) -> MoMLayerOutput:
+        """One token per sequence: gather the picked memories' states and conv tails, step, scatter back.
+
+        x (B, 1, D); valid (B, 1); memory_ids, slot_weights (B, 1, S). Other memories are not touched.
+        """
+        B, _, S = memory_ids.shape
+        P, W, H = self.num_slots_memories, self.conv_size, self.num_heads
+        if state is None:
+            state = self.init_state(B, x.device, torch.promote_types(x.dtype, torch.float32))
+        elif state.memory.shape[0] != B:
+            raise ValueError(f"state holds {state.memory.shape[0]} sequences but the input has {B}")
+        conv_in, gates_in = self._slot_projections(x, memory_ids)
+        picked = (torch.arange(B, device=x.device).unsqueeze(1) * P + memory_ids[:, 0]).reshape(-1)  # (B*S,)
+        tails = state.conv.reshape(B * P, W - 1, -1).index_select(0, picked)  # (B*S, W-1, C)
+        window = torch.cat([tails.to(conv_in.dtype), conv_in.reshape(B * S, 1, -1)], dim=1)  # (B*S, W, C)
+        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]  # (C, W)
+        conv_out = F.silu((window * weight.t().to(window.dtype)).sum(1))  # (B*S, C)
+        q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._gates(gates_in.reshape(B * S, -1))
+        memory = state.memory.reshape(B * P, *state.memory.shape[2:])
+        before = memory.index_select(0, picked)  # (B*S, H, K, V)
+        rule = _RULES[self.memory_rule]
+        args = [t.reshape(B * S, 1, H, -1) for t in (q, k, v)] + [t.reshape(B * S, 1, H) for t in (g, beta) if t is not None]
+        o, after = rule(*args, initial_state=before, output_final_state=True, use_qk_l2norm=True, impl="recurrent")
+        keep = valid.reshape(B, 1).expand(B, S).reshape(-1)
+        o = o.reshape(B, 1, S, self.value_dim) * (slot_weights * valid.unsqueeze(-1)).unsqueeze(-1).to(o.dtype)
+        o = self._output(x, o.sum(2))
+        new_state = None
+        if use_cache:
+            after = torch.where(keep.view(-1, 1, 1, 1), after, before)
+            new_tails = torch.where(keep.view(-1, 1, 1), window[:, 1:].to(state.conv.dtype), tails)
+            conv = state.conv.reshape(B * P, W - 1, -1).index_copy(0, picked, new_tails)
+            new_state = MoMState(memory.index_copy(0, picked, after.to(memory.dtype)).view_as(state.memory),
+                                 conv.view_as(state.conv), self.num_memories)
+        return MoMLayerOutput(o, decision.logits, new_state)
+
+    def _output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Mixed memory outputs (B, T, Vd) -> output-gated RMSNorm per head -> o_proj: (B, T, D)."""
+        B, T, _ = x.shape
+        o = o.view(B, T, self.num_heads, self.head_v_dim)
+        if self.use_output_gate:
+            o = self.o_norm(o, self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim))
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(B, T, self.value_dim))
 
     def _valid_tokens(self, x: torch.Tensor, attention_mask, cu_seqlens) -> torch.Tensor:
         """(B, T) bool: real tokens."""
@@ -312,9 +355,7 @@ class MixtureOfMemories(nn.Module):
         kwargs = dict(
             initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=True, impl=self.impl
         )
-        rule = {"gated_delta": ops.gated_delta_rule, "delta": ops.delta_rule,
-                "gla": ops.gated_linear_attention, "linear": ops.linear_attention}[self.memory_rule]
-        o, final = rule(*args, *extra, **kwargs)
+        o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
         o = o.reshape(L, H, V)
         if plan.layout == "dense":
             o = torch.cat([o, o.new_zeros(plan.buffer_len - L, H, V)])

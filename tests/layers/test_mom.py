@@ -215,3 +215,21 @@ def test_bad_inputs():
         layer(x, cu_seqlens=torch.tensor([0, 2, 5]))
     with pytest.raises(ValueError, match="state"):
         layer(x, state=layer.init_state(3, dtype=torch.float64))
+
+
+def test_decode_step_with_padding_leaves_that_state_alone():
+    layer = make_layer()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    state = layer(x, use_cache=True).state
+    step = torch.randn(2, 1, 16, dtype=torch.float64)
+    mask = torch.tensor([[1] * 6 + [0], [1] * 7])
+    out = layer(step, attention_mask=mask, state=state, use_cache=True)
+    assert torch.equal(out.state.memory[0], state.memory[0]) and torch.equal(out.state.conv[0], state.conv[0])
+    assert out.hidden_states[0].abs().max() == 0
+    alone = layer(step[1:], state=state.select(torch.tensor([1])), use_cache=True)
+    assert rel_err(out.hidden_states[1:], alone.hidden_states) < 1e-12
+    assert rel_err(out.state.memory[1:], alone.state.memory) < 1e-12
+    # exactly the top-k routed memories and the shared one changed for the real row
+    changed = (out.state.memory[1] != state.memory[1]).flatten(1).any(-1)
+    picked = layer.gate(step[1, 0]).topk(layer.topk).indices.tolist() + [layer.num_memories]
+    assert sorted(torch.nonzero(changed).flatten().tolist()) == sorted(picked)
