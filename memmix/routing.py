@@ -32,16 +32,33 @@ class RoutingDecision:
     indices: torch.Tensor
 
 
-def route(router_logits: torch.Tensor, topk: int) -> RoutingDecision:
+def route(router_logits: torch.Tensor, topk: int, allowed: torch.Tensor | None = None) -> RoutingDecision:
     """Softmax in float32 over memories, keep the top-k, renormalise over the picks.
 
     router_logits: (B, T, M) in any float dtype.
+    allowed: (B, T, M) bool or None: each token picks only among its allowed memories (modality groups);
+    the softmax then runs over the allowed memories alone.
     """
     logits = router_logits.float()
-    scores = logits.softmax(dim=-1)
+    masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+    scores = masked.softmax(dim=-1)
     weights, indices = scores.topk(topk, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return RoutingDecision(logits=logits, weights=weights, indices=indices)
+
+
+def group_of_memory(memory_groups: list[int] | tuple[int, ...], device=None) -> torch.Tensor:
+    """(M,) int64 modality group of each memory, from the group sizes (e.g. [4, 2] -> [0,0,0,0,1,1])."""
+    sizes = torch.tensor(list(memory_groups), device=device)
+    return torch.repeat_interleave(torch.arange(len(memory_groups), device=device), sizes)
+
+
+def allowed_memories(modality_ids: torch.Tensor, memory_groups: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """(B, T, M) bool: memory m is open to a token iff m belongs to the token's modality group.
+
+    modality_ids: (B, T) int64 in [0, len(memory_groups)).
+    """
+    return group_of_memory(memory_groups, modality_ids.device) == modality_ids.unsqueeze(-1)
 
 
 def load_balancing_loss(
@@ -50,6 +67,8 @@ def load_balancing_loss(
     topk: int,
     attention_mask: torch.Tensor | None = None,
     mode: str = "global",
+    memory_groups: list[int] | tuple[int, ...] | None = None,
+    modality_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss: num_memories * sum_m f_m * P_m (1.0 when perfectly balanced
     with k = 1; k when balanced with top-k).
@@ -59,8 +78,12 @@ def load_balancing_loss(
     router_logits: one (B, T, M) tensor per layer (tuple/list) or a single tensor.
     attention_mask: (B, T_total) 0/1; its last T columns are used.
     mode: "global" pools all layers' tokens (as the reference); "layerwise" averages per-layer losses.
+    memory_groups / modality_ids (B, T): with modality groups, each group is balanced over its own memories
+    and its own tokens, and the groups' losses are averaged over the groups present.
     Returns a 0-d float32 tensor.
     """
+    if memory_groups is not None:
+        return _grouped_balance(router_logits, topk, attention_mask, mode, memory_groups, modality_ids)
     if mode not in AUX_LOSS_MODES:
         raise ValueError(f"mode must be one of {AUX_LOSS_MODES}, got {mode!r}")
     layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
@@ -73,6 +96,25 @@ def load_balancing_loss(
     logits = torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in layers])
     mask = torch.cat([mk.reshape(-1) for mk in masks])
     return _balance(logits, mask, num_memories, topk)
+
+
+def _grouped_balance(router_logits, topk, attention_mask, mode, memory_groups, modality_ids) -> torch.Tensor:
+    layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
+    if modality_ids is None:
+        modality_ids = torch.zeros(layers[0].shape[:2], dtype=torch.long, device=layers[0].device)
+    T = layers[0].shape[1]
+    modality_ids = modality_ids[:, -T:]
+    token_mask = _token_mask(layers[0], attention_mask)
+    losses, present = [], []
+    start = 0
+    for group, size in enumerate(memory_groups):
+        in_group = token_mask * (modality_ids == group).float()
+        sub = [lg[..., start : start + size] for lg in layers]
+        losses.append(load_balancing_loss(sub, size, min(topk, size), in_group, mode))
+        present.append((in_group.sum() > 0).float())
+        start += size
+    present = torch.stack(present)
+    return (torch.stack(losses) * present).sum() / present.sum().clamp(min=1.0)
 
 
 def _token_mask(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -90,3 +90,19 @@ def test_plan_with_documents_restarts_each_segment():
     # token order inside (document, memory) segments follows time
     buf = plan.dispatch(torch.arange(T, dtype=torch.float64).view(1, T, 1, 1))[:, 0]
     assert buf[plan.starts[4] : plan.starts[5]].tolist() == [6.0, 8.0]  # document 2 (t = 4..8), memory 0
+
+
+def test_grouped_balance_is_the_mean_of_each_groups_own_loss():
+    from memmix.routing import allowed_memories
+
+    logits = torch.randn(2, 9, 6)
+    modality = (torch.rand(2, 9) > 0.5).long()
+    got = load_balancing_loss(logits, 6, 2, memory_groups=[4, 2], modality_ids=modality)
+    per_group = []
+    for g, (lo, hi) in enumerate([(0, 4), (4, 6)]):
+        keep = (modality == g).float()
+        per_group.append(_loop_balance(logits[..., lo:hi], keep, hi - lo, 2))
+    torch.testing.assert_close(got, sum(per_group) / 2)
+    allowed = allowed_memories(modality, [4, 2])
+    d = route(logits, 2, allowed)
+    assert ((d.indices >= 4) == modality.bool().unsqueeze(-1)).all()

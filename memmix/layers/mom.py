@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from memmix import ops
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
-from memmix.routing import DispatchPlan, plan_dispatch, route
+from memmix.routing import DispatchPlan, allowed_memories, plan_dispatch, route
 
 MEMORY_RULES = ("gated_delta", "delta", "gla", "linear")
 _USES_BETA = {"gated_delta": True, "delta": True, "gla": False, "linear": False}
@@ -92,9 +92,12 @@ class MixtureOfMemories(nn.Module):
         norm_eps: float = 1e-5,
         impl: str = "auto",
         layer_idx: int | None = None,
+        memory_groups: list[int] | None = None,
     ):
         super().__init__()
         _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
+        _check_groups(memory_groups, num_memories, topk)
+        self.memory_groups = None if memory_groups is None else [int(n) for n in memory_groups]
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_k_dim = head_dim
@@ -171,12 +174,14 @@ class MixtureOfMemories(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         state: MoMState | None = None,
         use_cache: bool = False,
+        modality_ids: torch.Tensor | None = None,
     ) -> MoMLayerOutput:
         """hidden_states (B, T, D); attention_mask (B, T_total) 0/1, last T columns used; cu_seqlens
-        (N + 1,) int64 for a packed batch (B == 1); state from an earlier call. See MoMState."""
+        (N + 1,) int64 for a packed batch (B == 1); state from an earlier call (see MoMState);
+        modality_ids (B, T or T_total) int64 group of each token when memory_groups is set (default 0)."""
         B, T, _ = hidden_states.shape
         valid = self._valid_tokens(hidden_states, attention_mask, cu_seqlens)
-        decision = route(self.gate(hidden_states), self.topk)
+        decision = route(self.gate(hidden_states), self.topk, self._allowed(modality_ids, B, T, hidden_states.device))
         memory_ids, slot_weights = self._slots(decision.indices, decision.weights)
         if T == 1 and cu_seqlens is None:
             return self._decode_step(hidden_states, valid, decision, memory_ids, slot_weights, state, use_cache)
@@ -244,6 +249,18 @@ class MixtureOfMemories(nn.Module):
             new_state = MoMState(memory.index_copy(0, picked, after.to(memory.dtype)).view_as(state.memory),
                                  conv.view_as(state.conv), self.num_memories)
         return MoMLayerOutput(o, decision.logits, new_state)
+
+    def _allowed(self, modality_ids, B: int, T: int, device) -> torch.Tensor | None:
+        """(B, T, M) bool memories open to each token under modality groups, or None without groups."""
+        if self.memory_groups is None:
+            if modality_ids is not None:
+                raise ValueError("modality_ids needs memory_groups in the layer/config; got memory_groups=None")
+            return None
+        if modality_ids is None:
+            modality_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        if modality_ids.dim() != 2 or modality_ids.shape[0] != B or modality_ids.shape[1] < T:
+            raise ValueError(f"modality_ids must be (batch, >= seq_len) = ({B}, >= {T}), got {tuple(modality_ids.shape)}")
+        return allowed_memories(modality_ids[:, -T:].long(), self.memory_groups)
 
     def _output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Mixed memory outputs (B, T, Vd) -> output-gated RMSNorm per head -> o_proj: (B, T, D)."""
@@ -390,3 +407,15 @@ def _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, 
         raise ValueError(f"conv_size must be an integer >= 2, got {conv_size!r}")
     if expand_v <= 0 or head_dim * expand_v != int(head_dim * expand_v):
         raise ValueError(f"expand_v must be positive with head_dim * expand_v an integer, got {expand_v!r}")
+
+
+def _check_groups(memory_groups, num_memories: int, topk: int) -> None:
+    if memory_groups is None:
+        return
+    sizes = list(memory_groups)
+    if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes) or sum(sizes) != num_memories:
+        raise ValueError(
+            f"memory_groups must be positive group sizes summing to num_memories={num_memories}, got {memory_groups!r}"
+        )
+    if topk > min(sizes):
+        raise ValueError(f"topk must be <= the smallest memory group ({min(sizes)}) with memory_groups, got {topk}")

@@ -233,3 +233,31 @@ def test_decode_step_with_padding_leaves_that_state_alone():
     changed = (out.state.memory[1] != state.memory[1]).flatten(1).any(-1)
     picked = layer.gate(step[1, 0]).topk(layer.topk).indices.tolist() + [layer.num_memories]
     assert sorted(torch.nonzero(changed).flatten().tolist()) == sorted(picked)
+
+
+def test_memory_groups_keep_each_modality_in_its_own_memories():
+    layer = make_layer(num_memories=6, topk=2, memory_groups=[4, 2])
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    modality = (torch.rand(2, 30) > 0.6).long()
+    out = layer(x, modality_ids=modality, use_cache=True)
+    picks = layer.gate(x).masked_fill(
+        (torch.tensor([0, 0, 0, 0, 1, 1]) != modality.unsqueeze(-1)), float("-inf")).topk(2).indices
+    assert ((picks >= 4) == modality.bool().unsqueeze(-1)).all()
+    # a text-only run never touches the image memories (indices 4, 5)
+    text_only = layer(x, modality_ids=torch.zeros_like(modality), use_cache=True)
+    assert text_only.state.memory[:, 4:6].abs().max() == 0
+    assert out.state.memory[:, 4:6].abs().max() > 0
+    # image tokens do not change what text tokens see in text memories... only the shared memory mixes modalities
+    layer_ns = make_layer(num_memories=6, topk=2, memory_groups=[4, 2], shared_mem=False)
+    base = layer_ns(x, modality_ids=modality).hidden_states
+    x2 = x.clone()
+    x2[modality.bool()] += torch.randn_like(x2[modality.bool()])
+    moved = layer_ns(x2, modality_ids=modality).hidden_states
+    text = ~modality.bool()
+    assert rel_err(moved[text], base[text]) < 1e-12
+
+
+@pytest.mark.parametrize("groups, match", [([4, 1], "memory_groups"), ([3, 1], "smallest")])
+def test_bad_memory_groups(groups, match):
+    with pytest.raises(ValueError, match=match):
+        make_layer(num_memories=sum(groups) if match == "smallest" else 4, topk=2, memory_groups=groups)
