@@ -1,0 +1,16 @@
+"""Stateless memory-rule ops (pure PyTorch, any device; Triton kernels under memmix.ops.triton).
+
+All rules share one calling convention (flash-linear-attention layout), see memmix.ops.common:
+
+    o, final_state = rule(q, k, v[, g][, beta], *, scale=None, initial_state=None, output_final_state=False,
+                          cu_seqlens=None, use_qk_l2norm=False, impl="auto")
+
+impl: "recurrent" (step loop, the readable reference), "chunk" (chunkwise-parallel, chunks of 64),
+"triton" (memmix.ops.triton kernels, CUDA only) or "auto": on CUDA the Triton kernel when
+memmix.ops.triton provides the rule, else "chunk"; on CPU "recurrent" for T <= 8 (decode steps), else "chunk".
+"""
+from memmix.ops.common import l2norm
+from memmix.ops.delta_rule import delta_rule, gated_delta_rule
+from memmix.ops.linear_attention import gated_linear_attention, linear_attention
+
+__all__ = ["delta_rule", "gated_delta_rule", "gated_linear_attention", "l2norm", "linear_attention"]
