@@ -1,0 +1,194 @@
+"""Hugging Face configuration of the Mixture-of-Memories causal language model (and its hybrids)."""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from memmix.layers.mlp import default_intermediate_size
+from memmix.layers.mom import MEMORY_RULES
+from memmix.ops.common import IMPLS
+from memmix.routing import AUX_LOSS_MODES
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+class MoMConfig(PretrainedConfig):
+    """Configuration of `MoMModel` / `MoMForCausalLM`; every argument is validated here.
+
+    Layers listed in `attn_layers` are causal softmax attention (RoPE, GQA, optional sliding window); every
+    other layer is a MixtureOfMemories layer. `attn_layers = list(range(num_hidden_layers))` is the Transformer
+    baseline. `intermediate_size=None` takes fla's GatedMLP default, int(hidden_size * 8 / 3) rounded up to a
+    multiple of 256, so that converted flash-linear-attention checkpoints line up. Attention layers use
+    head_dim = hidden_size // attn_num_heads; `attn_num_heads=None` means `num_heads`, `attn_num_kv_heads=None`
+    means `attn_num_heads`.
+    """
+
+    model_type = "memmix_mom"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 24,
+        intermediate_size: int | None = None,
+        num_heads: int = 4,
+        head_dim: int = 256,
+        expand_v: float = 1.0,
+        num_memories: int = 4,
+        topk: int = 2,
+        shared_mem: bool = True,
+        single_kv_proj: bool = False,
+        memory_rule: str = "gated_delta",
+        use_output_gate: bool = True,
+        conv_size: int = 4,
+        norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        aux_loss_scale: float = 0.01,
+        aux_loss_mode: str = "global",
+        impl: str = "auto",
+        attn_layers: list[int] | tuple[int, ...] | None = None,
+        attn_num_heads: int | None = None,
+        attn_num_kv_heads: int | None = None,
+        rope_theta: float = 10000.0,
+        attn_window_size: int | None = None,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
+        **kwargs,
+    ):
+        _check_int("vocab_size", vocab_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_hidden_layers", num_hidden_layers, 1)
+        if intermediate_size is None:
+            intermediate_size = default_intermediate_size(hidden_size)
+        _check_int("intermediate_size", intermediate_size, 1)
+        _check_int("num_heads", num_heads, 1)
+        _check_int("head_dim", head_dim, 1)
+        _check_positive("expand_v", expand_v)
+        value_head_dim = head_dim * expand_v
+        if value_head_dim != int(value_head_dim) or value_head_dim < 1:
+            raise ValueError(
+                f"expand_v must make head_dim * expand_v a positive integer, got head_dim={head_dim}, "
+                f"expand_v={expand_v}"
+            )
+        _check_int("num_memories", num_memories, 1)
+        if not _is_int(topk) or not 1 <= topk <= num_memories:
+            raise ValueError(f"topk must be in [1, num_memories={num_memories}], got {topk!r}")
+        for name, flag in (
+            ("shared_mem", shared_mem),
+            ("single_kv_proj", single_kv_proj),
+            ("use_output_gate", use_output_gate),
+            ("tie_word_embeddings", tie_word_embeddings),
+            ("use_cache", use_cache),
+        ):
+            _check_bool(name, flag)
+        _check_choice("memory_rule", memory_rule, MEMORY_RULES)
+        _check_int("conv_size", conv_size, 2)
+        _check_positive("norm_eps", norm_eps)
+        _check_positive("initializer_range", initializer_range)
+        _check_positive("aux_loss_scale", aux_loss_scale, allow_zero=True)
+        _check_choice("aux_loss_mode", aux_loss_mode, AUX_LOSS_MODES)
+        _check_choice("impl", impl, IMPLS)
+        attn_layers = _checked_attn_layers(attn_layers, num_hidden_layers)
+        attn_num_heads = num_heads if attn_num_heads is None else attn_num_heads
+        _check_int("attn_num_heads", attn_num_heads, 1)
+        if attn_layers and (hidden_size % attn_num_heads != 0 or (hidden_size // attn_num_heads) % 2 != 0):
+            raise ValueError(
+                f"attn_num_heads must divide hidden_size={hidden_size} into an even head size (RoPE), "
+                f"got {attn_num_heads}"
+            )
+        attn_num_kv_heads = attn_num_heads if attn_num_kv_heads is None else attn_num_kv_heads
+        if not _is_int(attn_num_kv_heads) or attn_num_kv_heads < 1 or attn_num_heads % attn_num_kv_heads != 0:
+            raise ValueError(
+                f"attn_num_kv_heads must be a positive divisor of attn_num_heads={attn_num_heads}, "
+                f"got {attn_num_kv_heads!r}"
+            )
+        _check_positive("rope_theta", rope_theta)
+        if attn_window_size is not None:
+            _check_int("attn_window_size", attn_window_size, 1)
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.intermediate_size = intermediate_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.expand_v = expand_v
+        self.num_memories = num_memories
+        self.topk = topk
+        self.shared_mem = shared_mem
+        self.single_kv_proj = single_kv_proj
+        self.memory_rule = memory_rule
+        self.use_output_gate = use_output_gate
+        self.conv_size = conv_size
+        self.norm_eps = norm_eps
+        self.initializer_range = initializer_range
+        self.aux_loss_scale = aux_loss_scale
+        self.aux_loss_mode = aux_loss_mode
+        self.impl = impl
+        self.attn_layers = attn_layers
+        self.attn_num_heads = attn_num_heads
+        self.attn_num_kv_heads = attn_num_kv_heads
+        self.rope_theta = rope_theta
+        self.attn_window_size = attn_window_size
+        self.use_cache = use_cache
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def is_attention_layer(self, layer_idx: int) -> bool:
+        """True where layer `layer_idx` is softmax attention rather than a MoM layer."""
+        return layer_idx in self.attn_layers
+
+    @property
+    def num_mom_layers(self) -> int:
+        return self.num_hidden_layers - len(self.attn_layers)
+
+
+def _checked_attn_layers(attn_layers, num_hidden_layers: int) -> list[int]:
+    """Sorted list of distinct layer indices in [0, num_hidden_layers)."""
+    if attn_layers is None:
+        return []
+    if not isinstance(attn_layers, (list, tuple)):
+        raise ValueError(f"attn_layers must be a list of layer indices, got {attn_layers!r}")
+    for index in attn_layers:
+        if not _is_int(index) or not 0 <= index < num_hidden_layers:
+            raise ValueError(
+                f"attn_layers indices must be integers in [0, num_hidden_layers={num_hidden_layers}), got {index!r}"
+            )
+    if len(set(attn_layers)) != len(attn_layers):
+        raise ValueError(f"attn_layers must not repeat an index, got {list(attn_layers)}")
+    return sorted(attn_layers)

@@ -1,0 +1,53 @@
+"""Tiny float64 MoM / hybrid models for the model tests."""
+from __future__ import annotations
+
+import torch
+
+from memmix.models import MoMConfig, MoMForCausalLM
+
+VOCAB = 41
+
+
+def tiny_config(**overrides) -> MoMConfig:
+    """A 2-layer config small enough for fast CPU tests; keyword arguments override any field."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        intermediate_size=24,
+        num_heads=2,
+        head_dim=4,
+        num_memories=3,
+        topk=2,
+        conv_size=3,
+        attn_num_heads=2,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    kwargs.update(overrides)
+    return MoMConfig(**kwargs)
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> MoMForCausalLM:
+    """Random tiny MoMForCausalLM in eval mode; weights are perturbed so every parameter matters."""
+    torch.manual_seed(seed)
+    model = MoMForCausalLM(tiny_config(**overrides)).to(dtype).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):  # norms start at 1: make them non-trivial
+                param.add_(0.1 * torch.randn_like(param))
+            elif param.dim() >= 2:
+                param.mul_(10.0)  # std 0.2 weights: routing and memories actually vary with the input
+    return model
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """(batch, length) int64 token ids in [1, VOCAB) (0 is the pad id)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=generator)
+
+
+def output_cache(output):
+    """The cache of a model output, whatever transformers calls the field."""
+    return output.cache
