@@ -114,6 +114,8 @@ class MixtureOfMemories(nn.Module):
         self.impl = impl
         self.layer_idx = layer_idx
         self.num_slots_memories = num_memories + int(shared_mem)  # M + S
+        # decode steps write the picked memories back into the given state's tensors (CUDA-graph decoding)
+        self.inplace_decode = False
         rows = 1 if single_kv_proj else self.num_slots_memories  # P
 
         self.gate = nn.Linear(hidden_size, num_memories, bias=False)
@@ -243,11 +245,16 @@ class MixtureOfMemories(nn.Module):
         o = self._output(x, o.sum(2))
         new_state = None
         if use_cache:
-            after = torch.where(keep.view(-1, 1, 1, 1), after, before)
+            after = torch.where(keep.view(-1, 1, 1, 1), after, before).to(memory.dtype)
             new_tails = torch.where(keep.view(-1, 1, 1), window[:, 1:].to(state.conv.dtype), tails)
-            conv = state.conv.reshape(B * P, W - 1, -1).index_copy(0, picked, new_tails)
-            new_state = MoMState(memory.index_copy(0, picked, after.to(memory.dtype)).view_as(state.memory),
-                                 conv.view_as(state.conv), self.num_memories)
+            conv = state.conv.reshape(B * P, W - 1, -1)
+            if self.inplace_decode:
+                memory.index_copy_(0, picked, after)
+                conv.index_copy_(0, picked, new_tails)
+                new_state = state
+            else:
+                new_state = MoMState(memory.index_copy(0, picked, after).view_as(state.memory),
+                                     conv.index_copy(0, picked, new_tails).view_as(state.conv), self.num_memories)
         return MoMLayerOutput(o, decision.logits, new_state)
 
     def _allowed(self, modality_ids, B: int, T: int, device) -> torch.Tensor | None:

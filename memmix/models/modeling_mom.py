@@ -22,6 +22,7 @@ from memmix.layers.mom import MixtureOfMemories
 from memmix.layers.norms import RMSNorm
 from memmix.models.cache import MoMCache
 from memmix.models.configuration_mom import MoMConfig
+from memmix.models.cuda_graph import CudaGraphDecoder, can_graph_decode
 from memmix.routing import load_balancing_loss
 
 # transformers >= 5.2x renamed the output field `past_key_values` to `cache` (and generate() reads `cache`);
@@ -305,6 +306,9 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MoMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # decode steps on CUDA replay a captured graph (memmix.models.cuda_graph); False opts out
+        self.cuda_graph_decoding = True
+        self._graph_decoders: dict = {}
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -338,6 +342,13 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
     ) -> MoMCausalLMOutput | tuple:
         """As MoMModel.forward, plus labels (B, T) int64 (-100 = ignored; shifted inside, never predicted across
         cu_seqlens boundaries or onto padded positions) and logits_to_keep (0 = all, n = last n positions)."""
+        step_cache = _one_cache(past_key_values, cache)
+        flags = dict(labels=labels, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, use_cache=use_cache,
+                     output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
+                     position_ids=position_ids)
+        if can_graph_decode(self, input_ids, step_cache, flags):
+            logits = self._graph_decoder(step_cache, input_ids.shape[0]).step(input_ids, attention_mask, step_cache)
+            return MoMCausalLMOutput(logits=logits, **_cache_kwargs(step_cache))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -383,6 +394,14 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+
+    def _graph_decoder(self, cache: MoMCache, batch_size: int) -> CudaGraphDecoder:
+        """The captured decode step for this batch size (captured on first use)."""
+        key = (batch_size, self.lm_head.weight.device, self.lm_head.weight.dtype)
+        if key not in self._graph_decoders:
+            self._graph_decoders[key] = CudaGraphDecoder(self, cache, batch_size)
+        return self._graph_decoders[key]
 
 
 def causal_lm_loss(
