@@ -1,0 +1,70 @@
+"""Triton GPU kernels for the memory rules (chunked gated delta rule, forward and backward).
+
+The hook for memmix.ops: `get_kernel(rule)` returns the kernel of a rule, or None when Triton is missing or
+the rule has no kernel. Kernels take the public op's arguments with `scale` resolved:
+
+    kernel(q, k, v[, g], beta, scale=..., initial_state=..., output_final_state=..., cu_seqlens=...,
+           use_qk_l2norm=...) -> (o, final_state)
+
+Importing this package never imports Triton; the kernels load on first use.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+KERNEL_RULES = ("gated_delta_rule", "delta_rule")
+
+
+def triton_importable() -> bool:
+    """True when the triton package is installed."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def is_available(*tensors: torch.Tensor) -> bool:
+    """True when Triton imports and the given tensors (or, with none given, the default device) are on CUDA.
+
+    Under TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests) CPU tensors count too.
+    """
+    if not triton_importable():
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    if not tensors:
+        return torch.cuda.is_available()
+    return all(x.is_cuda for x in tensors)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, use_qk_l2norm=False):
+    """Gated delta rule on the Triton kernels (g None: delta rule); see gated_delta_rule.chunk_gated_delta_rule."""
+    from memmix.ops.triton.gated_delta_rule import chunk_gated_delta_rule as run
+    return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+
+
+def _gated_delta_rule_kernel(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                             cu_seqlens=None, use_qk_l2norm=False):
+    """memmix.ops kernel contract for the gated delta rule."""
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                  use_qk_l2norm)
+
+
+def _delta_rule_kernel(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
+                       cu_seqlens=None, use_qk_l2norm=False):
+    """memmix.ops kernel contract for the delta rule (no decay)."""
+    return chunk_gated_delta_rule(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                  use_qk_l2norm)
+
+
+def get_kernel(rule: str) -> Optional[Callable]:
+    """The Triton kernel for `rule`, or None when Triton is not installed or the rule has no kernel."""
+    if rule not in KERNEL_RULES or not triton_importable():
+        return None
+    return _gated_delta_rule_kernel if rule == "gated_delta_rule" else _delta_rule_kernel
+
+
+__all__ = ["KERNEL_RULES", "chunk_gated_delta_rule", "get_kernel", "is_available"]

@@ -1,0 +1,197 @@
+"""Forward Triton kernels of the chunked gated delta rule (chunk size C = 64).
+
+Per chunk and head, with local cumulative log decay b (b_t = g_1 + ... + g_t inside the chunk), decay
+matrix G[t, s] = exp(b_t - b_s) for s <= t (0 above), and incoming state S (K x V):
+
+    A = strict_lower(beta_t G[t, s] k_t.k_s)          T = (I + A)^-1            (UT transform)
+    W = T diag(beta exp(b)) K                          U0 = T diag(beta) V
+    U = U0 - W S                                       (the chunk's delta updates)
+    O = diag(scale exp(b)) Q S + M U,                  M = scale * G * (Q K^T)
+    S' = exp(b_C) S + (diag(exp(b_C - b)) K)^T U
+
+Kernels:
+  wy_prepare_kernel   grid (chunks, H): b, T, M, W, U0 of one chunk (parallel over chunks).
+  state_pass_kernel   grid (N, H, V tiles): the sequential pass over one sequence's chunks; writes O (forward)
+                      or the per-chunk states and U (backward recompute), and the final state.
+
+Token-major layouts: q, k, W (tokens, H, K); v, U0, U, o (tokens, H, V); g, beta, b (tokens, H);
+T, M (tokens, H, C) float32; per-chunk states (chunks, H, K, V). Chunk j covers tokens
+[chunk_start[j], chunk_end[j]) of one sequence; an empty entry (start == end) is a grid slot left unused.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptr, tok, valid, stride, cols, ncols):
+    """Rows `tok` (tokens, masked by `valid`) x columns `cols` (< ncols) of a token-major array, as float32."""
+    offs = tok[:, None].to(tl.int64) * stride + cols[None, :]
+    mask = valid[:, None] & (cols[None, :] < ncols)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_tile_transposed(ptr, tok, valid, stride, cols, ncols):
+    """Columns `cols` x rows `tok` of a token-major array, i.e. load_tile(...)^T as its own load, float32."""
+    offs = cols[:, None] + tok[None, :].to(tl.int64) * stride
+    mask = (cols[:, None] < ncols) & valid[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, value, tok, valid, stride, cols, ncols):
+    """Store `value` (rows tok x cols) into a token-major array, cast to its element type."""
+    offs = tok[:, None].to(tl.int64) * stride + cols[None, :]
+    mask = valid[:, None] & (cols[None, :] < ncols)
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_state(ptr, rows, cols, K, V):
+    """(BK, BV) float32 tile of a (K, V) state starting at ptr."""
+    mask = (rows[:, None] < K) & (cols[None, :] < V)
+    return tl.load(ptr + rows[:, None] * V + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_state(ptr, value, rows, cols, K, V):
+    """Store a (BK, BV) tile into a (K, V) state starting at ptr, cast to its element type."""
+    mask = (rows[:, None] < K) & (cols[None, :] < V)
+    tl.store(ptr + rows[:, None] * V + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def chunk_decay(b, rows):
+    """(C, C) float32 G[t, s] = exp(b_t - b_s) for s <= t, else 0 (masked before exp: no overflow)."""
+    causal = rows[:, None] >= rows[None, :]
+    return tl.where(causal, tl.exp(tl.where(causal, b[:, None] - b[None, :], 0.0)), 0.0)
+
+
+@triton.jit
+def load_log_decay(g_ptr, tok, valid, H, HAS_G: tl.constexpr):
+    """(C,) local cumulative log decay b (0 without g); padded rows repeat the last valid value."""
+    if HAS_G:
+        g = tl.load(g_ptr + tok.to(tl.int64) * H, mask=valid, other=0.0).to(tl.float32)
+        return tl.cumsum(g, 0)
+    else:
+        return tl.zeros(tok.shape, dtype=tl.float32)
+
+
+@triton.jit
+def unit_lower_inverse(a, rows, C: tl.constexpr):
+    """(I + a)^-1 for a strictly lower-triangular (C, C) float32 a, by forward substitution on rows."""
+    t = -a  # row i of the strict part: t_i = -a_i - sum_{j<i} a_ij t_j, rows in order
+    for i in range(1, C):
+        is_row = rows[:, None] == i
+        row = tl.sum(tl.where(is_row, t, 0.0), 0)  # (C,) = -a_i, zero from column i on
+        row = row + tl.sum(row[:, None] * t, 0)
+        t = tl.where(is_row, row[None, :], t)
+    return t + tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def wy_prepare_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, b_ptr, tinv_ptr, m_ptr, w_ptr, u0_ptr,
+                      chunk_start_ptr, chunk_end_ptr, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
+    """One chunk and head: b, T = (I + A)^-1, M, W = T diag(beta exp(b)) K, U0 = T diag(beta) V."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
+    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    if eos <= bos:
+        return
+    dt = k_ptr.dtype.element_ty
+    rows = tl.arange(0, C)
+    tok = bos + rows
+    valid = rows < eos - bos
+    beta = tl.load(beta_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b = load_log_decay(g_ptr + i_h, tok, valid, H, HAS_G)
+    if HAS_G:
+        tl.store(b_ptr + tok.to(tl.int64) * H + i_h, b, mask=valid)
+
+    kk = tl.zeros((C, C), dtype=tl.float32)
+    qk = tl.zeros((C, C), dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols = i_k * BK + tl.arange(0, BK)
+        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, cols, K).to(dt)
+        # K^T as its own load, and the launcher turns software pipelining off for this kernel: on Triton 3.6 /
+        # H100, dot(k, trans(k)) here with 3-stage pipelining gave wrong bf16 results at K = 256 (T 3e-2 off,
+        # exact at K <= 128 and in float32). Both changes went in together; which one matters is not isolated.
+        k_t = load_tile_transposed(k_ptr + i_h * K, tok, valid, H * K, cols, K).to(dt)
+        q = load_tile(q_ptr + i_h * K, tok, valid, H * K, cols, K).to(dt)
+        kk += tl.dot(k, k_t, input_precision=PREC)
+        qk += tl.dot(q, k_t, input_precision=PREC)
+    decay = chunk_decay(b, rows)  # (C, C)
+    strict = rows[:, None] > rows[None, :]
+    a = tl.where(strict, beta[:, None] * decay * kk, 0.0)
+    store_tile(m_ptr + i_h * C, qk * decay * scale, tok, valid, H * C, rows, C)
+    tinv = unit_lower_inverse(a, rows, C)
+    store_tile(tinv_ptr + i_h * C, tinv, tok, valid, H * C, rows, C)
+
+    tinv_dt = tinv.to(dt)
+    k_weight = beta * tl.exp(b)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols = i_k * BK + tl.arange(0, BK)
+        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, cols, K)
+        w = tl.dot(tinv_dt, (k * k_weight[:, None]).to(dt), input_precision=PREC)
+        store_tile(w_ptr + i_h * K, w, tok, valid, H * K, cols, K)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        cols = i_v * BV + tl.arange(0, BV)
+        v = load_tile(v_ptr + i_h * V, tok, valid, H * V, cols, V)
+        u0 = tl.dot(tinv_dt, (v * beta[:, None]).to(dt), input_precision=PREC)
+        store_tile(u0_ptr + i_h * V, u0, tok, valid, H * V, cols, V)
+
+
+@triton.jit
+def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, states_ptr, u_ptr, ht_ptr,
+                      cu_seqlens_ptr, chunk_offsets_ptr, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
+                      STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr,
+                      PREC: tl.constexpr):
+    """One sequence, head and V tile: walk the chunks in order carrying the state S (BK >= K, BV)."""
+    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dt = k_ptr.dtype.element_ty
+    bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int32)
+    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
+    rows = tl.arange(0, C)
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    nh = i_n * H + i_h
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_H0:
+        state = load_state(h0_ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
+
+    for j in range(0, tl.cdiv(eos - bos, C)):
+        tok = bos + j * C + rows
+        valid = tok < eos
+        last = tl.minimum(bos + j * C + C, eos) - 1
+        if STORE_STATES:
+            chunk_head = (first_chunk + j) * H + i_h
+            store_state(states_ptr + chunk_head * K * V, state, kcols, vcols, K, V)
+        w = load_tile(w_ptr + i_h * K, tok, valid, H * K, kcols, K).to(dt)  # (C, BK)
+        u0 = load_tile(u0_ptr + i_h * V, tok, valid, H * V, vcols, V)  # (C, BV)
+        u = u0 - tl.dot(w, state.to(dt), input_precision=PREC)  # (C, BV)
+        if STORE_STATES:
+            store_tile(u_ptr + i_h * V, u, tok, valid, H * V, vcols, V)
+        if HAS_G:
+            b = tl.load(b_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0)
+            b_last = tl.load(b_ptr + last.to(tl.int64) * H + i_h)
+        else:
+            b = tl.zeros((C,), dtype=tl.float32)
+            b_last = tl.sum(b, 0)  # 0.0 as a float32 scalar
+        if OUTPUT:
+            q = load_tile(q_ptr + i_h * K, tok, valid, H * K, kcols, K)
+            m = load_tile(m_ptr + i_h * C, tok, valid, H * C, rows, C)
+            o = tl.dot((q * (scale * tl.exp(b))[:, None]).to(dt), state.to(dt), input_precision=PREC)
+            o += tl.dot(m.to(dt), u.to(dt), input_precision=PREC)
+            store_tile(o_ptr + i_h * V, o, tok, valid, H * V, vcols, V)
+        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, kcols, K)
+        k_to_end = (k * tl.exp(b_last - b)[:, None]).to(dt)
+        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), u.to(dt), input_precision=PREC)
+
+    if STORE_FINAL:
+        store_state(ht_ptr + nh.to(tl.int64) * K * V, state, kcols, vcols, K, V)

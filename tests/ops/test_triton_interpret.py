@@ -1,0 +1,168 @@
+"""The Triton kernels run by Triton's CPU interpreter, checked against the float64 step loop.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so the kernels run in a child process: this
+file, run as a script, computes every case and prints one JSON object of relative errors (output, final
+state and every gradient); the tests below start it once and check each case's errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# name -> shapes and options; lengths: a packed varlen batch (B = 1); "hook": call through get_kernel(rule).
+CASES = {
+    "dense_T1": dict(B=2, T=1, H=2, K=16, V=16),
+    "dense_T63": dict(B=2, T=63, H=2, K=32, V=32),
+    "dense_T65_no_initial_state": dict(B=1, T=65, H=2, K=32, V=16, initial_state=False),
+    "dense_T130": dict(B=1, T=130, H=1, K=16, V=16),
+    "varlen_empty_and_length1": dict(lengths=[5, 0, 1, 70, 64], H=2, K=16, V=16),
+    "delta_rule_varlen_small_dims": dict(lengths=[0, 1, 130], H=2, K=8, V=40, gated=False, hook=True),
+    "l2norm_scale_no_final_state": dict(B=2, T=40, H=2, K=16, V=16, use_qk_l2norm=True, scale=0.3,
+                                        output_final_state=False, hook=True),
+    "float16": dict(B=1, T=65, H=2, K=32, V=32, dtype="float16"),
+}
+# bf16 is left to the GPU tests: the interpreter's tl.dot mishandles bfloat16 operands (Triton 3.9).
+TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
+
+
+def _inputs(case: dict, seed: int) -> dict:
+    """Random float64 inputs for one case (keys q, k, v, g, beta, initial_state, cu_seqlens)."""
+    gen = torch.Generator().manual_seed(seed)
+    H, K, V = case["H"], case["K"], case["V"]
+    lengths = case.get("lengths")
+    B, T = (1, sum(lengths)) if lengths else (case["B"], case["T"])
+    num_seqs = len(lengths) if lengths else B
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    inputs = {"q": rand(B, T, H, K), "k": rand(B, T, H, K) * K ** -0.5, "v": rand(B, T, H, V),
+              "g": -(0.01 + 0.99 * torch.rand(B, T, H, generator=gen, dtype=torch.float64)),
+              "beta": torch.rand(B, T, H, generator=gen, dtype=torch.float64),
+              "initial_state": rand(num_seqs, H, K, V)}
+    if not case.get("gated", True):
+        inputs["g"] = None
+    if not case.get("initial_state", True):
+        inputs["initial_state"] = None
+    inputs["cu_seqlens"] = torch.tensor([0] + lengths).cumsum(0) if lengths else None
+    return inputs
+
+
+def _run(fn, inputs: dict, case: dict, upstream: dict) -> dict:
+    """Call a rule implementation; return {"o", "final_state", "d<name>"...} in float64."""
+    names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if inputs[n] is not None]
+    kwargs = dict(scale=case.get("scale"), initial_state=inputs["initial_state"], cu_seqlens=inputs["cu_seqlens"],
+                  output_final_state=case.get("output_final_state", True),
+                  use_qk_l2norm=case.get("use_qk_l2norm", False))
+    args = [inputs[n] for n in ("q", "k", "v", "g", "beta") if inputs[n] is not None]
+    o, final_state = fn(*args, **kwargs)
+    loss = (o.double() * upstream["o"]).sum()
+    if final_state is not None:
+        loss = loss + (final_state.double() * upstream["final_state"]).sum()
+    grads = torch.autograd.grad(loss, [inputs[n] for n in names])
+    out = {"o": o.double(), "final_state": final_state}
+    out.update({"d" + n: grad.double() for n, grad in zip(names, grads)})
+    return out
+
+
+def _rel_err(actual, expected) -> float:
+    if actual is None and expected is None:
+        return 0.0
+    diff = (actual.double() - expected.double()).norm().item()
+    ref = expected.double().norm().item()
+    return diff / ref if ref > 0 else diff
+
+
+def run_case(name: str, seed: int) -> dict:
+    """Relative errors of the Triton kernel vs the float64 step loop for CASES[name]."""
+    from memmix.ops import delta_rule, gated_delta_rule
+    from memmix.ops.triton import chunk_gated_delta_rule, get_kernel
+
+    case = CASES[name]
+    gated = case.get("gated", True)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    reference_inputs = _inputs(case, seed)
+    kernel_inputs = {n: (x if x is None or n == "cu_seqlens" else x.to(dtype)) for n, x in reference_inputs.items()}
+    for inputs in (reference_inputs, kernel_inputs):
+        for n, x in inputs.items():
+            if x is not None and n != "cu_seqlens":
+                x.requires_grad_(True)
+
+    rule = gated_delta_rule if gated else delta_rule
+
+    def reference(*args, **kwargs):
+        return rule(*args, impl="recurrent", **kwargs)
+
+    if case.get("hook"):
+        kernel = get_kernel("gated_delta_rule" if gated else "delta_rule")
+    elif gated:
+        kernel = chunk_gated_delta_rule
+    else:
+        def kernel(q, k, v, beta, **kwargs):
+            return chunk_gated_delta_rule(q, k, v, None, beta, **kwargs)
+
+    v = reference_inputs["v"]
+    num_seqs = v.shape[0] if reference_inputs["cu_seqlens"] is None else len(reference_inputs["cu_seqlens"]) - 1
+    gen = torch.Generator().manual_seed(seed + 1)
+    upstream = {"o": torch.randn(v.shape, generator=gen, dtype=torch.float64),
+                "final_state": torch.randn(num_seqs, case["H"], case["K"], case["V"], generator=gen,
+                                           dtype=torch.float64)}
+    expected = _run(reference, reference_inputs, case, upstream)
+    actual = _run(kernel, kernel_inputs, case, upstream)
+    return {key: _rel_err(actual[key], expected[key]) for key in expected}
+
+
+def _main() -> None:
+    results = {name: run_case(name, seed) for seed, name in enumerate(CASES)}
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpret_results() -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_step_loop_under_interpreter(interpret_results, name):
+    errors = interpret_results[name]
+    case = CASES[name]
+    expected_keys = {"o", "final_state", "dq", "dk", "dv", "dbeta"}
+    expected_keys |= {"dg"} if case.get("gated", True) else set()
+    expected_keys |= {"dinitial_state"} if case.get("initial_state", True) else set()
+    assert set(errors) == expected_keys
+    tolerance = TOLERANCE[case.get("dtype", "float32")]
+    bad = {key: err for key, err in errors.items() if not err <= tolerance}
+    assert not bad, f"relative errors above {tolerance}: {bad}"
+
+
+def test_get_kernel_covers_the_delta_rules_only():
+    from memmix.ops.triton import get_kernel, triton_importable
+
+    if not triton_importable():
+        assert get_kernel("gated_delta_rule") is None
+        return
+    assert callable(get_kernel("gated_delta_rule")) and callable(get_kernel("delta_rule"))
+    assert get_kernel("linear_attention") is None
+
+
+def test_head_dim_above_256_is_rejected():
+    pytest.importorskip("triton")
+    from memmix.ops.triton import chunk_gated_delta_rule
+
+    q = torch.zeros(1, 4, 1, 272)
+    v = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="<= 256"):
+        chunk_gated_delta_rule(q, q, v, None, torch.zeros(1, 4, 1))
+
+
+if __name__ == "__main__":
+    _main()
