@@ -69,8 +69,9 @@ def can_graph_decode(model, input_ids, cache, flags: dict) -> bool:
         return False
     if input_ids.dim() != 2 or input_ids.shape[1] != 1 or not input_ids.is_cuda or torch.is_grad_enabled():
         return False
-    if any(flags.get(name) for name in ("labels", "inputs_embeds", "cu_seqlens", "output_hidden_states",
-                                        "output_router_logits", "position_ids")):
+    if any(flags.get(name) is not None for name in ("labels", "inputs_embeds", "cu_seqlens")):
+        return False
+    if flags.get("output_hidden_states") or flags.get("output_router_logits"):
         return False
     if flags.get("use_cache") is False or cache is None or not hasattr(cache, "layer_states"):
         return False
