@@ -1,0 +1,47 @@
+"""Load a corpus for training or evaluation from any supported data path."""
+from __future__ import annotations
+
+from memmix.data.errors import InputError
+from memmix.data.packing import TokenCorpus, tokenize_documents
+from memmix.data.shards import open_shards
+from memmix.data.sources import detect_format, iter_documents
+from memmix.data.tokenizer import tokenizer_spec_name
+
+
+def load_corpus(
+    path: str,
+    tokenizer,
+    tokenizer_spec: str = "byte",
+    data_format: str = "auto",
+    text_field: str = "text",
+    split: str = "train",
+    doc_separator: str | None = None,
+    verify_shards: bool = True,
+) -> TokenCorpus:
+    """Token shards are memory-mapped (and checked against the tokenizer); text is tokenised in memory."""
+    if not path:
+        raise InputError("no training data given; pass --data PATH (text file/folder, JSONL, dataset or shards)")
+    fmt = detect_format(path) if data_format == "auto" else data_format
+    if fmt == "shards":
+        return _corpus_from_shards(path, tokenizer, tokenizer_spec, verify_shards)
+    tokens, offsets = tokenize_documents(iter_documents(path, data_format, text_field, split, doc_separator), tokenizer)
+    if len(tokens) == 0:
+        raise InputError(f"data '{path}' holds no text (every document is empty); pass a path with text in it")
+    return TokenCorpus([(tokens, offsets)], tokenizer_spec_name(tokenizer_spec), tokenizer.vocab_size, path)
+
+
+def _corpus_from_shards(path: str, tokenizer, tokenizer_spec: str, verify: bool) -> TokenCorpus:
+    shards = open_shards(path, verify)
+    meta = shards[0].meta
+    name = tokenizer_spec_name(tokenizer_spec)
+    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint or meta["vocab_size"] != tokenizer.vocab_size:
+        raise InputError(
+            f"shards at '{path}' were tokenised with '{meta['tokenizer']}' (vocab {meta['vocab_size']}) but "
+            f"--tokenizer '{name}' is another vocabulary (vocab {tokenizer.vocab_size}); pass the tokenizer the "
+            "shards were made with, or re-run `memmix prepare`"
+        )
+    parts = [(s.tokens, s.doc_offsets) for s in shards]
+    corpus = TokenCorpus(parts, meta["tokenizer"], meta["vocab_size"], path, meta)
+    if corpus.num_tokens == 0:
+        raise InputError(f"shards at '{path}' hold no tokens; re-run `memmix prepare` on non-empty data")
+    return corpus

@@ -1,0 +1,134 @@
+"""Where documents come from: text files or folders, JSONL, Hugging Face `datasets`.
+
+Every source yields documents as `str`. A plain text file is one document unless `doc_separator`
+splits it; a JSONL line is one document (its `text_field`); a `datasets` row is one document.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+from memmix.data.errors import InputError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+DATA_FORMATS = ("auto", "text", "jsonl", "hf", "shards")
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            "reading a Hugging Face dataset needs the `datasets` package: pip install datasets"
+        ) from None
+    return datasets
+
+
+def is_hf_saved_dataset(path: str) -> bool:
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in markers)
+
+
+def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Files under a folder (recursively, sorted) whose names end with one of `suffixes`."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.endswith(suffixes) and not f.startswith(".")]
+    return found
+
+
+def iter_text_file(path: str, doc_separator: str | None = None) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    parts = text.split(doc_separator) if doc_separator else [text]
+    yield from (p for p in parts if p.strip())
+
+
+def iter_jsonl_file(path: str, text_field: str = "text") -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{line_no} is not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict) or text_field not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise InputError(
+                    f"{path}:{line_no} has no field '{text_field}' (it has {keys}); pass --text-field NAME"
+                )
+            if row[text_field]:
+                yield str(row[text_field])
+
+
+def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "train") -> Iterator[str]:
+    """A `datasets` dataset saved with `save_to_disk`, or a hub name `NAME` / `NAME:CONFIG` (needs network)."""
+    datasets = _import_datasets()
+    if os.path.isdir(name_or_path):
+        ds = datasets.load_from_disk(name_or_path)
+    else:
+        name, _, config_name = name_or_path.partition(":")
+        try:
+            ds = datasets.load_dataset(name, config_name or None, split=split)
+        except Exception as exc:  # offline, unknown name, ...: one line instead of a long traceback
+            raise InputError(
+                f"could not load dataset '{name_or_path}' from the Hugging Face hub ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); when offline, save it with "
+                "`save_to_disk` elsewhere and pass that folder"
+            ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise InputError(f"dataset '{name_or_path}' has no split '{split}' (it has {sorted(ds)}); pass --split")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise InputError(
+            f"dataset '{name_or_path}' has no column '{text_field}' (it has {ds.column_names}); pass --text-field"
+        )
+    for row in ds:
+        if row[text_field]:
+            yield str(row[text_field])
+
+
+def detect_format(path: str) -> str:
+    """'text' | 'jsonl' | 'hf' | 'shards' for a data path (see DATA_FORMATS)."""
+    from memmix.data.shards import SHARD_SUFFIX, is_shard_file
+
+    if path.startswith("hf:"):
+        return "hf"
+    if not os.path.exists(path):
+        raise InputError(f"data path '{path}' does not exist; pass an existing file or folder (or hf:NAME for the hub)")
+    if os.path.isfile(path):
+        if is_shard_file(path):
+            return "shards"
+        return "jsonl" if path.endswith(JSONL_SUFFIXES) else "text"
+    if is_hf_saved_dataset(path):
+        return "hf"
+    if list_files(path, (SHARD_SUFFIX,)):
+        return "shards"
+    return "text"  # a folder of text and/or JSONL files
+
+
+def iter_documents(
+    path: str, data_format: str = "auto", text_field: str = "text", split: str = "train", doc_separator: str | None = None
+) -> Iterator[str]:
+    """Documents (str) from a data path; see the module docstring for what a document is."""
+    if data_format not in DATA_FORMATS:
+        raise InputError(f"--data-format must be one of {DATA_FORMATS}, got '{data_format}'")
+    fmt = detect_format(path) if data_format == "auto" else data_format
+    if fmt == "hf":
+        yield from iter_hf_dataset(path.removeprefix("hf:"), text_field, split)
+        return
+    if fmt == "shards":
+        raise InputError(f"'{path}' holds token shards, not text; use it as --data for `memmix train`/`memmix eval`")
+    if not os.path.exists(path):
+        raise InputError(f"data path '{path}' does not exist; pass an existing file or folder")
+    files = [path] if os.path.isfile(path) else list_files(path, TEXT_SUFFIXES + JSONL_SUFFIXES)
+    if not files:
+        raise InputError(f"no .txt/.md/.jsonl files under '{path}'; pass a file or a folder that holds some")
+    for file in files:
+        is_jsonl = fmt == "jsonl" or (data_format == "auto" and file.endswith(JSONL_SUFFIXES))
+        yield from (iter_jsonl_file(file, text_field) if is_jsonl else iter_text_file(file, doc_separator))

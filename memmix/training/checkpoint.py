@@ -1,0 +1,183 @@
+"""Training checkpoints: written atomically, loadable on any world size.
+
+A checkpoint is one `torch.save` file `out_dir/checkpoints/step_XXXXXXXX.pt` holding full (unsharded)
+model and optimiser state dicts keyed by parameter name, the scheduler, the data position
+(`rows_consumed`), RNG states and the configs. Each file is written under a temporary name, fsync'ed
+and renamed; the pointer file `latest` is updated the same way afterwards. A crash at any moment leaves
+the previous checkpoint and pointer intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from memmix.data.errors import InputError
+
+FORMAT = "memmix-train-checkpoint"
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to `path` via a temporary file + fsync + os.replace (never a half-written `path`)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """Unsharded state dict on CPU (complete on rank 0 under FSDP; collective: call on every rank)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimiser state keyed by parameter name (collective under FSDP)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_training_state(model, optimizer, checkpoint: dict) -> None:
+    """Put a checkpoint's full model/optimiser state into a (possibly DDP/FSDP-wrapped) model, on every rank."""
+    check_state_dict_shapes(model, checkpoint["model"], checkpoint.get("path", "checkpoint"))
+    set_model_state_dict(model, checkpoint["model"], options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+
+
+def check_state_dict_shapes(model: torch.nn.Module, state: dict, source: str) -> None:
+    """InputError naming the first mismatching parameter, before torch raises a long one."""
+    own = {name: tuple(p.shape) for name, p in get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [n for n in own if n in state and tuple(state[n].shape) != own[n]]
+    if missing or unexpected or bad:
+        what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected else
+                f"'{bad[0]}' is {tuple(state[bad[0]].shape)} there but {own[bad[0]]} here")
+        raise InputError(f"{source} does not fit this model ({what}); use the same --model and --model-overrides "
+                         "it was trained with")
+
+
+class CheckpointDir:
+    """The checkpoints of one run: `<out_dir>/checkpoints/step_XXXXXXXX.pt` plus a `latest` pointer."""
+
+    def __init__(self, out_dir: str, keep: int = 2):
+        self.dir = os.path.join(out_dir, "checkpoints")
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(int(m.group(1)) for f in os.listdir(self.dir) if (m := _STEP_FILE.match(f)))
+
+    def path_for(self, step: int) -> str:
+        return os.path.join(self.dir, f"step_{step:08d}.pt")
+
+    def latest(self) -> str | None:
+        """The checkpoint the `latest` pointer names, else the highest-numbered one, else None."""
+        pointer = os.path.join(self.dir, "latest")
+        if os.path.exists(pointer):
+            with open(pointer, encoding="utf-8") as f:
+                path = os.path.join(self.dir, f.read().strip())
+            if os.path.exists(path):
+                return path
+        steps = self.steps()
+        return self.path_for(steps[-1]) if steps else None
+
+    def save(self, state: dict, step: int) -> str:
+        os.makedirs(self.dir, exist_ok=True)
+        path = self.path_for(step)
+        atomic_save(dict(state, format=FORMAT, format_version=FORMAT_VERSION, step=step), path)
+        atomic_write_text(os.path.join(self.dir, "latest"), os.path.basename(path) + "\n")
+        for old in self.steps()[: -self.keep]:
+            if old != step:
+                os.remove(self.path_for(old))
+        return path
+
+
+def load_checkpoint(path: str) -> dict:
+    """A training checkpoint as a dict (tensors on CPU); InputError if it is missing or not one."""
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint '{path}' does not exist; pass a step_*.pt file or a run's --out-dir")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated / not a torch file
+        raise InputError(f"checkpoint '{path}' could not be read ({type(exc).__name__}); it is damaged or not a "
+                         "checkpoint: pass another one (older ones sit next to it)") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise InputError(f"'{path}' is not a memmix training checkpoint; pass a step_*.pt file from `memmix train`")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run folder / checkpoints folder -> its latest checkpoint."""
+    if os.path.isdir(path):
+        for out_dir in (path, os.path.dirname(os.path.normpath(path))):
+            latest = CheckpointDir(out_dir).latest()
+            if latest:
+                return latest
+        raise InputError(f"no checkpoints under '{path}'; pass a step_*.pt file or the --out-dir of a run")
+    return path

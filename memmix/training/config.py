@@ -1,0 +1,176 @@
+"""`TrainConfig`: every setting of `memmix train`, loadable from YAML/JSON and overridable by flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+
+from memmix.data.errors import InputError
+
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Field names are also the config-file keys and, with '-' for '_', the flags."""
+
+    # model
+    model: str = field(default="tiny", metadata={"help": "model preset (mom-340m, gdn-340m, attention-340m, tiny, ...)"})
+    model_overrides: dict = field(default_factory=dict, metadata={"help": "JSON dict of MoMConfig fields to override"})
+    vocab_size: int = field(default=0, metadata={"help": "model vocabulary; 0 = tokenizer's, rounded up to a multiple of 64"})
+    # data
+    data: str = field(default="", metadata={"help": "training data: text file/folder, JSONL, saved dataset, hf:NAME, or shards"})
+    val_data: str = field(default="", metadata={"help": "held-out data for periodic validation loss (optional)"})
+    data_format: str = field(default="auto", metadata={"help": "auto | text | jsonl | hf | shards"})
+    text_field: str = field(default="text", metadata={"help": "JSONL / dataset field holding the text"})
+    split: str = field(default="train", metadata={"help": "dataset split (hf datasets)"})
+    doc_separator: str = field(default="", metadata={"help": "split plain-text files into documents at this string"})
+    tokenizer: str = field(default="byte", metadata={"help": "'byte' (built in) or a local Hugging Face tokenizer folder"})
+    verify_shards: bool = field(default=True, metadata={"help": "check shard checksums when opening them"})
+    shuffle: bool = field(default=True, metadata={"help": "shuffle rows each epoch"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per row"})
+    micro_batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per GPU"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    # optimisation
+    max_steps: int = field(default=1000, metadata={"help": "optimiser steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables clipping"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass"})
+    seed: int = 0
+    parallel: str = field(default="auto", metadata={"help": "auto | none | ddp | fsdp (under torchrun)"})
+    # output
+    out_dir: str = field(default="runs/train", metadata={"help": "checkpoints, logs and the final model go here"})
+    log_every: int = field(default=10, metadata={"help": "steps between log lines"})
+    save_every: int = field(default=500, metadata={"help": "steps between checkpoints (and one at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    eval_every: int = field(default=0, metadata={"help": "steps between validation runs (0 = never)"})
+    eval_batches: int = field(default=8, metadata={"help": "micro-batches per validation run"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out-dir from its latest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start over even if --out-dir holds a run"})
+    save_hf: bool = field(default=True, metadata={"help": "save a Hugging Face model folder (out_dir/final) at the end"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "log_every", "save_every",
+                    "keep_checkpoints", "eval_batches")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise InputError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise InputError("grad_clip and weight_decay must be >= 0")
+        for name, allowed in (("parallel", PARALLEL_MODES), ("precision", PRECISIONS),
+                              ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise InputError(f"model_overrides must be a JSON object, got {self.model_overrides!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def read_config_file(path: str) -> dict:
+    """YAML or JSON file -> dict of TrainConfig fields (keys may use '-' or '_')."""
+    if not os.path.isfile(path):
+        raise InputError(f"config file '{path}' does not exist; pass an existing YAML or JSON file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as exc:  # yaml/json syntax errors
+        raise InputError(f"config file '{path}' could not be parsed: {str(exc).splitlines()[0]}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError(f"config file '{path}' must hold a mapping of settings, got {type(raw).__name__}")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise InputError(f"config file '{path}': unknown setting '{key}'{hint}; see `memmix train --help`")
+        values[name] = _coerce(name, value, path)
+    return values
+
+
+def _coerce(name: str, value, path: str):
+    """YAML reads `1e-3` as a string and users write `8.0` for ints: convert where it is unambiguous."""
+    kind = FIELDS[name].type
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if kind == "str" and isinstance(value, (str, int, float)):
+            return str(value)
+        if kind in ("bool", "dict") and isinstance(value, {"bool": bool, "dict": dict}[kind]):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise InputError(f"config file '{path}': setting '{name}' must be a {kind}, got {value!r}")
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults are suppressed so only flags given override the file."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif f.type in ("dict", dict):
+            parser.add_argument(flag, type=_json_dict, default=argparse.SUPPRESS, metavar="JSON", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < flags."""
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update({name: getattr(args, name) for name in FIELDS if hasattr(args, name)})
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:
+        raise InputError(f"bad setting: {exc}") from None

@@ -1,0 +1,312 @@
+"""The training loop of `memmix train`: one straight function from data to checkpoints.
+
+Single process, or one process per GPU under `torchrun` (DDP or FSDP2). A step consumes
+`world_size * grad_accum * micro_batch_size` rows of `seq_len` tokens; each micro-batch is packed into one
+sequence with `cu_seqlens`, so memories reset at every document start and row end.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from memmix.data.corpus import load_corpus
+from memmix.data.errors import InputError
+from memmix.data.packing import BatchSource, PackedRows
+from memmix.data.tokenizer import load_tokenizer
+from memmix.training.checkpoint import (
+    CheckpointDir,
+    atomic_write_text,
+    full_model_state,
+    full_optimizer_state,
+    load_checkpoint,
+    load_training_state,
+    rng_state,
+    set_rng_state,
+)
+from memmix.training.config import TrainConfig
+from memmix.training.distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    shutdown_distributed,
+    wrap_model,
+)
+from memmix.training.metrics import MetricsLog, progress_bar
+from memmix.training.optim import build_optimizer, cosine_schedule
+from memmix.training.presets import build_model, check_preset, preset_config_kwargs, PRESETS
+
+
+def model_spec(config: TrainConfig, vocab_size: int, tokenizer) -> dict:
+    """What rebuilds a checkpoint's model and tokenizer; all but the tokenizer's path must match to resume."""
+    spec = {"model": config.model, "vocab_size": vocab_size, "model_overrides": dict(config.model_overrides),
+            "tokenizer": config.tokenizer, "tokenizer_fingerprint": tokenizer.fingerprint}
+    if config.model in PRESETS:
+        spec["model_config"] = preset_config_kwargs(config.model, vocab_size, config.model_overrides)
+    return spec
+
+
+def check_same_spec(saved: dict, current: dict, path: str) -> None:
+    saved, current = dict(saved, tokenizer=None), dict(current, tokenizer=None)  # a moved tokenizer folder is fine
+    if saved == current:
+        return
+    a, b = saved.get("model_config", saved), current.get("model_config", current)
+    diffs = [f"{k}={a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diffs += [f"{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in ("model", "tokenizer_fingerprint")
+              if saved.get(k) != current.get(k)]
+    raise InputError(f"checkpoint '{path}' is from another configuration ({'; '.join(diffs[:3])}); resume with "
+                     "the settings it was trained with, or start a new run with another --out-dir")
+
+
+def resolve_vocab_size(config: TrainConfig, tokenizer) -> int:
+    if config.vocab_size == 0:
+        return int(math.ceil(tokenizer.vocab_size / 64) * 64)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise InputError(f"--vocab-size {config.vocab_size} is smaller than the vocabulary of tokenizer "
+                         f"'{config.tokenizer}' ({tokenizer.vocab_size}); pass --vocab-size 0 (automatic) or larger")
+    return config.vocab_size
+
+
+def find_resume_checkpoint(config: TrainConfig) -> str | None:
+    """-> the checkpoint to resume from, or None; refuses to start over an existing run unless asked to."""
+    latest = CheckpointDir(config.out_dir, config.keep_checkpoints).latest()
+    if config.resume:
+        if latest is None:
+            raise InputError(f"--resume: no checkpoint in '{config.out_dir}'; drop --resume to start a new run")
+        return latest
+    if latest is not None and not config.overwrite:
+        raise InputError(f"'{config.out_dir}' already holds a run (checkpoint {os.path.basename(latest)}); pass "
+                         "--resume to continue it, --overwrite to start over, or another --out-dir")
+    return None
+
+
+def clear_out_dir(config: TrainConfig, info: DistInfo) -> None:
+    """With --overwrite, remove the old run's checkpoints and logs (only once everything else was checked)."""
+    barrier(info)  # every rank has looked for checkpoints before rank 0 deletes them
+    if info.is_main:
+        if config.overwrite and not config.resume:
+            shutil.rmtree(os.path.join(config.out_dir, "checkpoints"), ignore_errors=True)
+            shutil.rmtree(os.path.join(config.out_dir, "tensorboard"), ignore_errors=True)
+            metrics = os.path.join(config.out_dir, "metrics.jsonl")
+            if os.path.exists(metrics):
+                os.remove(metrics)
+        os.makedirs(config.out_dir, exist_ok=True)
+    barrier(info)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_context(config: TrainConfig, device: torch.device):
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def grad_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP and FSDP2)."""
+    if hasattr(model, "no_sync") and not enabled:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip to `max_norm` (0 = only measure); returns the total norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The model's loss (next-token CE within documents + its auxiliary loss) on one packed micro-batch."""
+    return model(input_ids=input_ids, cu_seqlens=cu_seqlens, labels=input_ids, use_cache=False).loss
+
+
+@torch.no_grad()
+def validation_loss(model, source: BatchSource, config: TrainConfig, info: DistInfo, autocast) -> float:
+    """Mean loss over the first `eval_batches` micro-batches of the validation data (split over ranks)."""
+    model.eval()
+    per_rank = math.ceil(config.eval_batches / info.world_size)
+    losses = []
+    for i in range(per_rank):
+        input_ids, cu = source.micro_batch(0, i, info.rank, info.world_size)
+        with autocast:
+            losses.append(float(lm_loss(model, input_ids.to(info.device), cu.to(info.device))))
+    model.train()
+    return mean_across_ranks(sum(losses) / len(losses), info)
+
+
+def save_checkpoint(ckpts: CheckpointDir, model, optimizer, scheduler, state: dict, info: DistInfo) -> None:
+    """Gather full state dicts (collective) and let rank 0 write them atomically."""
+    model_state = full_model_state(model)
+    optim_state = full_optimizer_state(model, optimizer)
+    if info.is_main:
+        ckpts.save(dict(state, model=model_state, optimizer=optim_state, scheduler=scheduler.state_dict(),
+                        rng=rng_state()), state["step"])
+    barrier(info)
+
+
+def save_hf_folder(model: nn.Module, raw_model: nn.Module, tokenizer, path: str, info: DistInfo) -> None:
+    """model.save_pretrained + tokenizer into `path`, replacing it atomically (rank 0 writes)."""
+    state = full_model_state(model)
+    if info.is_main and hasattr(raw_model, "save_pretrained"):
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw_model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        old = f"{path}.old{os.getpid()}"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+
+
+def train(config: TrainConfig, step_callback: Callable[[int, float], None] | None = None) -> dict:
+    """Run (or resume) a training run; joins/leaves the process group under torchrun.
+
+    step_callback(step, loss) is called after every optimiser step (tests use it to interrupt a run).
+    Returns {"step", "loss", "out_dir", "tokens"} (loss of the last step, mean over ranks).
+    """
+    owns_process_group = not torch.distributed.is_initialized()  # a caller's group is left for the caller to end
+    info = init_distributed(config.device)
+    try:
+        return _train(config, info, step_callback)
+    finally:
+        if owns_process_group:
+            shutdown_distributed()
+
+
+def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
+    check_preset(config.model)
+    resume_path = find_resume_checkpoint(config)
+    seed_everything(config.seed)
+
+    # data
+    tokenizer = load_tokenizer(config.tokenizer)
+    corpus = load_corpus(config.data, tokenizer, config.tokenizer, config.data_format, config.text_field,
+                         config.split, config.doc_separator or None, config.verify_shards)
+    source = BatchSource(PackedRows(corpus, config.seq_len), config.micro_batch_size, config.seed, config.shuffle)
+    val_source = None
+    if config.val_data and config.eval_every:
+        val_corpus = load_corpus(config.val_data, tokenizer, config.tokenizer, config.data_format, config.text_field,
+                                 config.split, config.doc_separator or None, config.verify_shards)
+        val_source = BatchSource(PackedRows(val_corpus, config.seq_len), config.micro_batch_size, shuffle=False)
+
+    # model, optimiser, schedule
+    vocab_size = resolve_vocab_size(config, tokenizer)
+    spec = model_spec(config, vocab_size, tokenizer)
+    raw_model = build_model(config.model, vocab_size, config.model_overrides, tokenizer.eos_token_id)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_same_spec(checkpoint["model_spec"], spec, resume_path)
+    clear_out_dir(config, info)  # every check passed: only now may an old run be replaced
+    if config.gradient_checkpointing:
+        if not hasattr(raw_model, "gradient_checkpointing_enable"):
+            raise InputError(f"model '{config.model}' does not support --gradient-checkpointing")
+        raw_model.gradient_checkpointing_enable()
+    raw_model.to(info.device)
+    parallel = config.parallel if config.parallel != "auto" else ("ddp" if info.enabled else "none")
+    model = wrap_model(raw_model, parallel, info)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    scheduler = cosine_schedule(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+
+    step, rows_consumed, tokens_seen = 0, 0, 0
+    if checkpoint is not None:
+        load_training_state(model, optimizer, checkpoint)
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # --max-steps may have changed
+            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        step, rows_consumed, tokens_seen = checkpoint["step"], checkpoint["rows_consumed"], checkpoint["tokens_seen"]
+        set_rng_state(checkpoint["rng"])
+        del checkpoint
+
+    ckpts = CheckpointDir(config.out_dir, config.keep_checkpoints)
+    log = MetricsLog(config.out_dir, config.tensorboard, resume_step=step if resume_path else None) if info.is_main else None
+    if info.is_main:
+        atomic_write_text(os.path.join(config.out_dir, "train_config.json"), json.dumps(config.to_dict(), indent=2))
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        log.log({"kind": "start", "step": step, "params": n_params, "world_size": info.world_size,
+                 "parallel": parallel, "train_tokens": corpus.num_tokens, "resumed_from": resume_path})
+        if config.progress:
+            rows = info.world_size * config.grad_accum * config.micro_batch_size
+            print(f"memmix train: {config.model} ({n_params / 1e6:.1f}M parameters) on {info.world_size} x "
+                  f"{info.device.type} ({parallel}); {corpus.num_tokens:,} tokens in {source.rows.num_rows:,} rows "
+                  f"of {config.seq_len}; {rows * config.seq_len:,} tokens per step"
+                  + (f"; resuming at step {step}" if resume_path else ""), file=sys.stderr)
+    autocast = autocast_context(config, info.device)
+    rows_per_step = info.world_size * config.grad_accum * config.micro_batch_size
+    bar = progress_bar(config.max_steps, step, config.progress and info.is_main)
+    model.train()
+    loss_value, window_tokens, window_start = float("nan"), 0, time.perf_counter()
+
+    while step < config.max_steps:
+        # one optimiser step over grad_accum micro-batches
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(config.grad_accum):
+            input_ids, cu_seqlens = source.micro_batch(rows_consumed, micro, info.rank, info.world_size)
+            input_ids, cu_seqlens = input_ids.to(info.device), cu_seqlens.to(info.device)  # (1, B*L), (N+1,)
+            with grad_sync(model, micro == config.grad_accum - 1), autocast:
+                loss = lm_loss(model, input_ids, cu_seqlens)
+            (loss / config.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_gradients(model, config.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        rows_consumed += rows_per_step
+        tokens_seen += rows_per_step * config.seq_len
+        window_tokens += rows_per_step * config.seq_len
+
+        loss_value = mean_across_ranks(loss_sum.item() / config.grad_accum, info)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or check the data")
+        if info.is_main:
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_tokens / max(elapsed, 1e-9)
+                log.log({"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                         "tokens": tokens_seen, "tokens_per_s": tok_s})
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+                window_tokens, window_start = 0, time.perf_counter()
+        if val_source is not None and step % config.eval_every == 0:
+            val = validation_loss(model, val_source, config, info, autocast)
+            if info.is_main:
+                log.log({"kind": "val", "step": step, "loss": val, "ppl": math.exp(min(val, 50.0))})
+        if step % config.save_every == 0 or step == config.max_steps:
+            state = {"step": step, "rows_consumed": rows_consumed, "tokens_seen": tokens_seen, "model_spec": spec,
+                     "train_config": config.to_dict()}
+            save_checkpoint(ckpts, model, optimizer, scheduler, state, info)
+        if step_callback is not None:
+            step_callback(step, loss_value)
+
+    bar.close()
+    if config.save_hf:
+        save_hf_folder(model, raw_model, tokenizer, os.path.join(config.out_dir, "final"), info)
+    if info.is_main:
+        log.log({"kind": "end", "step": step, "loss": loss_value if math.isfinite(loss_value) else None,
+                 "tokens": tokens_seen})
+        log.close()
+    return {"step": step, "loss": loss_value, "out_dir": config.out_dir, "tokens": tokens_seen}

@@ -1,0 +1,20 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import standin_model  # noqa: E402
+
+from train_helpers import write_corpus  # noqa: E402
+
+
+@pytest.fixture
+def corpus_path(tmp_path):
+    return write_corpus(tmp_path / "corpus.jsonl")
+
+
+@pytest.fixture
+def standin():
+    return standin_model.register()
