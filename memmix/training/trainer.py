@@ -287,8 +287,11 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
             if step % config.log_every == 0 or step == config.max_steps:
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_tokens / max(elapsed, 1e-9)
-                log.log({"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                         "tokens": tokens_seen, "tokens_per_s": tok_s})
+                record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": tokens_seen, "tokens_per_s": tok_s}
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                log.log(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
                 window_tokens, window_start = 0, time.perf_counter()
         if val_source is not None and step % config.eval_every == 0:
