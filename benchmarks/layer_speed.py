@@ -1,5 +1,5 @@
-"""Speed and peak memory of one token-mixing layer: our MoM, our single-memory layer, flash-linear-attention's
-MomAttention and GatedDeltaNet (when importable), and softmax attention through PyTorch SDPA.
+"""Speed and peak memory of one token-mixing layer: our MoM, our single-memory layer, our B'MOJO,
+flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and softmax attention (PyTorch SDPA).
 
     python benchmarks/layer_speed.py                      # the issue's shape on CUDA, T = 2048, 8192, 32768
     python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memmix.layers import MixtureOfMemories  # noqa: E402
+from memmix.layers import BMojo, MixtureOfMemories  # noqa: E402
 
 
 class SDPAttention(nn.Module):
@@ -52,6 +52,11 @@ def build_layers(args) -> tuple[dict, list[str]]:
         "memmix MoM (4 mem, top-2, shared)": (ours, lambda m, x: m(x).hidden_states),
         "memmix single memory (GDN)": (single, lambda m, x: m(x).hidden_states),
         "SDPA attention": (SDPAttention(args.hidden, H), lambda m, x: m(x)),
+        "memmix B'MOJO (window 512, store 256)": (
+            BMojo(args.hidden, num_heads=H, head_dim=K, window_size=512, chunk_size=64, eidetic_size=256,
+                  eidetic_per_chunk=4, impl=args.impl),
+            lambda m, x: m(x).hidden_states,
+        ),
     }
     if args.device == "cuda" and not args.no_fla:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from memmix.models.cache import MoMCache
+from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.configuration_mom import MoMConfig
 from memmix.models.modeling_mom import (
     MoMBlock,
@@ -28,7 +29,12 @@ def _register_auto_classes() -> None:
 
 _register_auto_classes()
 
+from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel  # noqa: E402  (registers memmix_bmojo)
+
 __all__ = [
+    "BMojoConfig",
+    "BMojoForCausalLM",
+    "BMojoModel",
     "MoMBlock",
     "MoMCache",
     "MoMCausalLMOutput",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from memmix.layers.mom import MoMState
+from memmix.layers.attention import AttentionState
 
 
 class MoMCache(Cache):
@@ -119,7 +119,7 @@ class MoMCache(Cache):
 
     @property
     def is_linear(self) -> list[bool]:
-        return [isinstance(s, MoMState) for s in self.layer_states]
+        return [s is not None and not isinstance(s, AttentionState) for s in self.layer_states]
 
     @property
     def is_dummy(self) -> list[bool]:

@@ -2,7 +2,8 @@
 
 The 340M/1.3B shapes follow the MoM paper: hidden 1024/2048, 24 layers, 4 heads of 256, 4 memories,
 top-2 routing and a shared memory. `gdn-*` is the same stack with one always-selected memory (a Gated
-DeltaNet); `attention-*` replaces every layer with softmax attention (head size 64).
+DeltaNet); `attention-*` replaces every layer with softmax attention (head size 64); `bmojo-*` are the
+B'MOJO models of memmix.models.configuration_bmojo.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import difflib
 from collections.abc import Callable
 
 from memmix.data.errors import InputError
+from memmix.models.configuration_bmojo import BMOJO_PRESETS
 
 _MOM = dict(num_memories=4, topk=2, shared_mem=True, memory_rule="gated_delta")
 _GDN = dict(num_memories=1, topk=1, shared_mem=False, memory_rule="gated_delta")
@@ -38,11 +40,11 @@ CUSTOM_MODELS: dict[str, Callable] = {}
 
 
 def preset_names() -> list[str]:
-    return sorted(PRESETS) + sorted(CUSTOM_MODELS)
+    return sorted(PRESETS) + sorted(BMOJO_PRESETS) + sorted(CUSTOM_MODELS)
 
 
 def check_preset(name: str) -> None:
-    if name in PRESETS or name in CUSTOM_MODELS:
+    if name in PRESETS or name in BMOJO_PRESETS or name in CUSTOM_MODELS:
         return
     close = difflib.get_close_matches(name, preset_names(), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
@@ -60,6 +62,13 @@ def build_model(name: str, vocab_size: int, overrides: dict | None = None, eos_t
     check_preset(name)
     if name in CUSTOM_MODELS:
         return CUSTOM_MODELS[name](vocab_size, dict(overrides or {}))
+    if name in BMOJO_PRESETS:
+        from memmix.models.modeling_bmojo import build_bmojo_preset
+
+        try:
+            return build_bmojo_preset(name, vocab_size, overrides, eos_token_id=eos_token_id)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"bad --model-overrides for preset '{name}': {exc}") from None
     from memmix.models import MoMConfig, MoMForCausalLM
 
     special = dict(eos_token_id=eos_token_id, bos_token_id=None, pad_token_id=eos_token_id)

@@ -67,3 +67,21 @@ def test_every_preset_is_a_valid_model_config_and_tiny_ones_run():
         assert torch.isfinite(loss) and model.config.eos_token_id == 256
     with pytest.raises(InputError, match="bad --model-overrides"):
         build_model("tiny", 320, {"topk": 9})
+
+
+def test_bmojo_presets_build_and_run():
+    import torch
+
+    from memmix.models import BMojoForCausalLM
+    from memmix.models.configuration_bmojo import BMOJO_PRESETS
+    from memmix.training.presets import build_model, preset_names
+
+    assert set(BMOJO_PRESETS) <= set(preset_names())
+    check_preset("bmojo-340m")
+    model = build_model("bmojo-tiny", 320, eos_token_id=256)
+    assert isinstance(model, BMojoForCausalLM) and model.config.eos_token_id == 256
+    ids = torch.randint(0, 320, (1, 9))
+    loss = model(input_ids=ids, cu_seqlens=torch.tensor([0, 4, 9]), labels=ids, use_cache=False).loss
+    assert torch.isfinite(loss)
+    with pytest.raises(InputError, match="bad --model-overrides"):
+        build_model("bmojo-tiny", 320, {"window_size": -1})
