@@ -30,6 +30,8 @@ def _add_recall(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-test", dest="num_test", type=int, help="test sequences per (seq_len, num_kv_pairs)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--threads", dest="num_threads", type=int,
+                   help="CPU threads (default 1: these tiny models gain little from more; 0 = torch's default)")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="write all settings and results here")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", help="write a PNG of accuracy against num_kv_pairs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
@@ -38,7 +40,7 @@ def _add_recall(sub: argparse._SubParsersAction) -> None:
 
 
 _RECALL_OPTIONS = {"seq_lens": "--seq-len", "num_kv_pairs": "--num-kv-pairs", "d_models": "--d-model",
-                   "num_layers": "--layers"}
+                   "num_layers": "--layers", "num_threads": "--threads"}
 _RECALL_LIST_FIELDS = ("seq_lens", "num_kv_pairs", "d_models")
 
 
@@ -61,7 +63,7 @@ def _recall_settings(args: argparse.Namespace):
         if raw is not None:
             values[name] = _recall_int_list(name, raw)
     for name in ("num_layers", "head_dim", "steps", "lr", "batch_size", "vocab_size", "num_train", "num_test",
-                 "seed", "device"):
+                 "seed", "device", "num_threads"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return RecallSettings(**values)
