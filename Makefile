@@ -15,11 +15,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/memmix recall
 
+# Tests use tiny tensors and some start two processes: one intra-op thread each keeps them off each other's cores.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not gpu"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not gpu"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
