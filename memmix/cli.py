@@ -35,8 +35,14 @@ def _add_recall(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_path", metavar="PATH", help="write all settings and results here")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", help="write a PNG of accuracy against num_kv_pairs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("--task", choices=["mqar", "mixed"], default="mqar",
+                   help="mqar: compare models on MQAR; mixed: mixed-modal recall, modality-aware against "
+                        "modality-blind memory routing (--models aware,blind[,aware+moe], --topk)")
+    p.add_argument("--topk", dest="topks", nargs="+", help="--task mixed: top-k values to compare, e.g. 1,2")
+    p.add_argument("--num-segments", dest="num_segments", type=int,
+                   help="--task mixed: segments per modality (they alternate)")
     p.error = _recall_error  # type: ignore[method-assign]  # one line, exit 2, like the checks below
-    p.set_defaults(func=_run_recall)
+    p.set_defaults(func=lambda args: _run_mixed_recall(args) if args.task == "mixed" else _run_recall(args))
 
 
 _RECALL_OPTIONS = {"seq_lens": "--seq-len", "num_kv_pairs": "--num-kv-pairs", "d_models": "--d-model",
@@ -96,6 +102,40 @@ def _run_recall(args: argparse.Namespace) -> int:
     if args.plot_path:
         recall.plot_accuracy(report, args.plot_path)
     print(recall.summary_line(report))
+    return 0
+
+
+def _run_mixed_recall(args: argparse.Namespace) -> int:
+    """`memmix recall --task mixed`: memmix.evaluation.mixed_recall with the recall options that apply."""
+    import torch
+    from memmix.evaluation import mixed_recall as mixed
+    from memmix.evaluation.recall import RecallSettingError, write_json_atomic
+
+    options = {**_RECALL_OPTIONS, "topks": "--topk", "num_segments": "--num-segments"}
+    if args.preset != "default" or args.plot_path:
+        _recall_error("--preset and --plot apply to --task mqar only")
+    values = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
+    try:
+        if args.models is not None:
+            values["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        for name in ("seq_lens", "num_kv_pairs", "d_models", "topks"):
+            if getattr(args, name) is not None:
+                values[name] = [int(x) for chunk in getattr(args, name) for x in chunk.split(",") if x.strip()]
+        for name in ("num_layers", "head_dim", "steps", "lr", "batch_size", "vocab_size", "num_train", "num_test",
+                     "seed", "device", "num_threads", "num_segments"):
+            if getattr(args, name) is not None:
+                values[name] = getattr(args, name)
+        settings = mixed.MixedRecallSettings(**values)
+        mixed.validate_mixed_settings(settings)
+    except RecallSettingError as err:
+        _recall_error(f"{options.get(err.setting, '--' + err.setting.replace('_', '-'))}: {err.detail}")
+    except ValueError as err:
+        _recall_error(f"{options.get(name, '--' + name)}: expected integers separated by commas ({err})")
+    report = mixed.run_mixed_recall(settings, progress=args.progress)
+    print(mixed.format_mixed_table(report))
+    if args.json_path:
+        write_json_atomic(args.json_path, report.as_dict())
+    print(mixed.mixed_summary_line(report))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from memmix.layers.mlp import default_intermediate_size
+from memmix.layers.moe import FFN_ROUTINGS
 from memmix.layers.mom import MEMORY_RULES
 from memmix.ops.common import IMPLS
 from memmix.routing import AUX_LOSS_MODES
@@ -47,6 +48,15 @@ class MoMConfig(PretrainedConfig):
     multiple of 256, so that converted flash-linear-attention checkpoints line up. Attention layers use
     head_dim = hidden_size // attn_num_heads; `attn_num_heads=None` means `num_heads`, `attn_num_kv_heads=None`
     means `attn_num_heads`.
+
+    Modalities (MoMa, arXiv 2407.21770): `memory_groups` (e.g. {"text": 4, "image": 2}, sizes summing to
+    num_memories, topk <= the smallest) splits the routed memories into modality groups, in dict order: group g
+    holds the next `memory_groups[g]` memories and a token of modality g (the model's `modality_ids`) is routed
+    only among them; the shared memory stays common. `ffn_experts` (same group names and order, or None = dense
+    SwiGLU MLP) turns every block's MLP into a `ModalityMoE` with `ffn_routing` ("token_choice" | "expert_choice"),
+    `ffn_topk` and `ffn_capacity_factor`; expert choice trains its auxiliary causal router with a BCE loss scaled
+    by `ffn_aux_router_loss_scale` and uses it at inference. `generation_modality` is the modality of the tokens
+    that `generate()` appends (overridable per call).
     """
 
     model_type = "memmix_mom"
@@ -83,6 +93,14 @@ class MoMConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
         eos_token_id: int | None = 2,
+        memory_groups: dict[str, int] | None = None,
+        generation_modality: int = 0,
+        ffn_experts: dict[str, int] | None = None,
+        ffn_routing: str = "token_choice",
+        ffn_topk: int = 1,
+        ffn_capacity_factor: float = 1.0,
+        ffn_aux_router_loss_scale: float = 1.0,
+        modalities: list[str] | None = None,
         **kwargs,
     ):
         _check_int("vocab_size", vocab_size, 1)
@@ -135,6 +153,29 @@ class MoMConfig(PretrainedConfig):
         _check_positive("rope_theta", rope_theta)
         if attn_window_size is not None:
             _check_int("attn_window_size", attn_window_size, 1)
+        modalities = _checked_modalities(modalities, memory_groups, ffn_experts)
+        memory_groups = _checked_groups("memory_groups", memory_groups, modalities)
+        if memory_groups is not None:
+            sizes = list(memory_groups.values())
+            if sum(sizes) != num_memories:
+                raise ValueError(f"memory_groups sizes must sum to num_memories={num_memories}, got {memory_groups}")
+            if topk > min(sizes):
+                raise ValueError(f"topk must be <= the smallest memory group ({min(sizes)}), got {topk}")
+        ffn_experts = _checked_groups("ffn_experts", ffn_experts, modalities)
+        _check_choice("ffn_routing", ffn_routing, FFN_ROUTINGS)
+        smallest_expert_group = min(ffn_experts.values()) if ffn_experts is not None else 1
+        if not _is_int(ffn_topk) or not 1 <= ffn_topk <= smallest_expert_group:
+            raise ValueError(
+                f"ffn_topk must be in [1, smallest expert group={smallest_expert_group}], got {ffn_topk!r}"
+            )
+        _check_positive("ffn_capacity_factor", ffn_capacity_factor)
+        _check_positive("ffn_aux_router_loss_scale", ffn_aux_router_loss_scale, allow_zero=True)
+        num_modalities = max(1, len(modalities))
+        if not _is_int(generation_modality) or not 0 <= generation_modality < num_modalities:
+            raise ValueError(
+                f"generation_modality must be an integer in [0, {num_modalities}) (one per modality group), "
+                f"got {generation_modality!r}"
+            )
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -161,6 +202,14 @@ class MoMConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attn_window_size = attn_window_size
         self.use_cache = use_cache
+        self.modalities = modalities
+        self.memory_groups = memory_groups
+        self.generation_modality = generation_modality
+        self.ffn_experts = ffn_experts
+        self.ffn_routing = ffn_routing
+        self.ffn_topk = ffn_topk
+        self.ffn_capacity_factor = ffn_capacity_factor
+        self.ffn_aux_router_loss_scale = ffn_aux_router_loss_scale
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -176,6 +225,57 @@ class MoMConfig(PretrainedConfig):
     @property
     def num_mom_layers(self) -> int:
         return self.num_hidden_layers - len(self.attn_layers)
+
+    @property
+    def num_modalities(self) -> int:
+        """Number of modality groups (1 without groups: every token is modality 0)."""
+        return max(1, len(self.modalities))
+
+    @property
+    def memory_group_sizes(self) -> list[int] | None:
+        """memory_groups as the layer's list of group sizes, or None."""
+        return None if self.memory_groups is None else list(self.memory_groups.values())
+
+    @property
+    def ffn_expert_groups(self) -> list[int] | None:
+        """ffn_experts as ModalityMoE's list of experts per group, or None (dense MLP)."""
+        return None if self.ffn_experts is None else list(self.ffn_experts.values())
+
+
+def _checked_modalities(modalities, memory_groups, ffn_experts) -> list[str]:
+    """The modality names in group order: `modalities` if given (a saved config: JSON sorts dict keys), else
+    the key order of memory_groups / ffn_experts; [] without groups."""
+    given = memory_groups if memory_groups is not None else ffn_experts
+    if modalities is None or (not modalities and given is None):  # a saved config without groups holds []
+        both = isinstance(memory_groups, dict) and isinstance(ffn_experts, dict)
+        if both and list(memory_groups) != list(ffn_experts):
+            raise ValueError(
+                f"ffn_experts must name the same modalities in the same order as memory_groups "
+                f"{list(memory_groups)}, got {list(ffn_experts)}"
+            )
+        return list(given) if isinstance(given, dict) else []
+    if not isinstance(modalities, (list, tuple)) or not isinstance(given, dict) or sorted(modalities) != sorted(given):
+        raise ValueError(f"modalities must list the group names of memory_groups / ffn_experts, got {modalities!r}")
+    return list(modalities)
+
+
+def _checked_groups(name: str, groups, modalities: list[str]) -> dict[str, int] | None:
+    """A non-empty {modality name: positive count} dict in the order of `modalities`, or None."""
+    if groups is None:
+        return None
+    if (
+        not isinstance(groups, dict)
+        or not groups
+        or any(not isinstance(k, str) or not k for k in groups)
+        or any(not _is_int(n) or n < 1 for n in groups.values())
+    ):
+        raise ValueError(
+            f"{name} must be a non-empty dict of modality name -> positive integer count "
+            f"(e.g. {{'text': 4, 'image': 2}}), got {groups!r}"
+        )
+    if sorted(groups) != sorted(modalities):
+        raise ValueError(f"{name} must name the same modalities as the other groups {modalities}, got {list(groups)}")
+    return {key: groups[key] for key in modalities}
 
 
 def _checked_attn_layers(attn_layers, num_hidden_layers: int) -> list[int]:

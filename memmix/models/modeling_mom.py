@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from memmix.layers.attention import CausalSelfAttention
 from memmix.layers.mlp import SwiGLUMLP
+from memmix.layers.moe import ModalityMoE, MoEOutput
 from memmix.layers.mom import MixtureOfMemories
 from memmix.layers.norms import RMSNorm
 from memmix.models.cache import MoMCache
@@ -36,7 +37,9 @@ _STACKED_PROJECTIONS = ("k_proj", "v_proj", "b_proj", "a_proj")
 @dataclass
 class MoMModelOutput(ModelOutput):
     """last_hidden_state (B, T, D); cache (MoMCache); hidden_states: tuple of (B, T, D), embeddings first;
-    router_logits: tuple over MoM layers of (B, T, M) float32."""
+    router_logits: tuple over MoM layers of (B, T, M) float32; with `ffn_experts`: ffn_router_logits, tuple over
+    layers of (B, T, E) float32, and ffn_aux_router_loss (0-d, expert choice in training: the auxiliary routers'
+    BCE, mean over layers)."""
 
     last_hidden_state: torch.Tensor | None = None
     if _NEW_CACHE_NAME:
@@ -45,12 +48,17 @@ class MoMModelOutput(ModelOutput):
         past_key_values: MoMCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+    ffn_router_logits: tuple[torch.Tensor, ...] | None = None
+    ffn_aux_router_loss: torch.Tensor | None = None
 
 
 @dataclass
 class MoMCausalLMOutput(ModelOutput):
     """loss (0-d, CE + aux_loss_scale * aux_loss in training); logits (B, T, V); cache; hidden_states;
-    aux_loss (0-d float32 load-balancing loss); router_logits: tuple over MoM layers of (B, T, M)."""
+    aux_loss (0-d float32 load-balancing loss, per modality group with memory_groups); router_logits: tuple over
+    MoM layers of (B, T, M). With `ffn_experts`, ffn_aux_loss (0-d): expert choice: the auxiliary routers' BCE
+    (training only; loss adds ffn_aux_router_loss_scale * it); token choice: the experts' per-group
+    load-balancing loss (loss adds aux_loss_scale * it)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -61,6 +69,7 @@ class MoMCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+    ffn_aux_loss: torch.Tensor | None = None
 
 
 if not _NEW_CACHE_NAME:
@@ -106,9 +115,20 @@ class MoMBlock(nn.Module):
                 norm_eps=config.norm_eps,
                 impl=config.impl,
                 layer_idx=layer_idx,
+                memory_groups=config.memory_group_sizes,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        if config.ffn_experts is None:
+            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        else:  # MoMa: modality-grouped experts
+            self.mlp = ModalityMoE(
+                config.hidden_size,
+                config.intermediate_size,
+                config.ffn_expert_groups,
+                routing=config.ffn_routing,
+                topk=config.ffn_topk,
+                capacity_factor=config.ffn_capacity_factor,
+            )
 
     def forward(
         self,
@@ -118,9 +138,16 @@ class MoMBlock(nn.Module):
         state=None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        return_moe: bool = False,
     ):
-        """hidden_states (B, T, D) -> (hidden_states (B, T, D), router_logits (B, T, M) or None, new state)."""
+        """hidden_states (B, T, D) -> (hidden_states (B, T, D), router_logits (B, T, M) or None, new state), plus
+        the MoE output (MoEOutput, or None for a dense MLP) when return_moe.
+
+        modality_ids (B, >= T) int64: the last T columns are these tokens' modalities (memory groups, experts)."""
         mixer_kwargs = {"position_ids": position_ids} if self.is_attention else {}
+        if not self.is_attention and self.attn.memory_groups is not None:
+            mixer_kwargs["modality_ids"] = modality_ids
         mixed = self.attn(
             self.attn_norm(hidden_states),
             attention_mask=attention_mask,
@@ -130,7 +157,14 @@ class MoMBlock(nn.Module):
             **mixer_kwargs,
         )
         hidden_states = hidden_states + mixed.hidden_states
-        hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        moe = None
+        if isinstance(self.mlp, ModalityMoE):
+            moe = self.mlp(self.mlp_norm(hidden_states), modality_ids, attention_mask)
+            hidden_states = hidden_states + moe.hidden_states
+        else:
+            hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        if return_moe:
+            return hidden_states, mixed.router_logits, mixed.state, moe
         return hidden_states, mixed.router_logits, mixed.state
 
 
@@ -164,6 +198,9 @@ class MoMPreTrainedModel(PreTrainedModel):
             for name, param in module.named_parameters():
                 if name.split(".")[0] in _STACKED_PROJECTIONS and param.dim() == 3:
                     init.normal_(param, mean=0.0, std=std)
+        elif isinstance(module, ModalityMoE):  # stacked expert weights, like the dense MLP's Linear weights
+            for param in (module.w_gate, module.w_up, module.w_down):
+                init.normal_(param, mean=0.0, std=std)
 
     def recurrent_state_size(self, context_length: int | None = None, include_conv: bool = True) -> int:
         """Floats of generation state per sequence: MoM memories (+ conv tails), plus KV of attention layers.
@@ -218,16 +255,20 @@ class MoMModel(MoMPreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         cache: MoMCache | None = None,
+        modality_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoMModelOutput | tuple:
         """input_ids (B, T) int64 or inputs_embeds (B, T, D); attention_mask (B, T_total) 0/1 with the last T
         columns for these tokens; cu_seqlens int64 (N+1,) for a packed batch (B == 1, no cache);
         past_key_values / cache: MoMCache from a previous call; position_ids (B, T) override the attention
-        layers' RoPE positions (by default they count real tokens, continuing after the cache)."""
+        layers' RoPE positions (by default they count real tokens, continuing after the cache);
+        modality_ids (B, T_total) int64 in [0, num_modalities), the last T columns for these tokens (needs
+        memory_groups or ffn_experts; default: every token is modality 0)."""
         cache = _one_cache(past_key_values, cache)
         hidden_states = self._embed(input_ids, inputs_embeds)
         batch_size, seq_len, _ = hidden_states.shape
         _check_masks(attention_mask, cu_seqlens, batch_size, seq_len)
+        _check_modality_ids(modality_ids, self.config, batch_size, seq_len)
         if cu_seqlens is not None:
             attention_mask = None  # checked to be all ones; the layers take one or the other
         if use_cache is None:
@@ -238,24 +279,28 @@ class MoMModel(MoMPreTrainedModel):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
 
         all_hidden_states = () if output_hidden_states else None
-        router_logits = ()
+        router_logits, ffn_router_logits, ffn_aux_losses = (), (), []
         for idx, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             state = cache.get_layer_state(idx) if cache is not None else None
             if checkpointing:
-                hidden_states, logits = self._checkpointed(
-                    block, hidden_states, attention_mask, cu_seqlens, position_ids
+                hidden_states, logits, moe = self._checkpointed(
+                    block, hidden_states, attention_mask, cu_seqlens, position_ids, modality_ids
                 )
                 new_state = None
             else:
-                hidden_states, logits, new_state = block(
-                    hidden_states, attention_mask, cu_seqlens, state, use_cache, position_ids
+                hidden_states, logits, new_state, moe = block(
+                    hidden_states, attention_mask, cu_seqlens, state, use_cache, position_ids, modality_ids, True
                 )
             if use_cache:
                 cache.set_layer_state(idx, new_state)
             if logits is not None:
                 router_logits += (logits,)
+            if moe is not None:
+                ffn_router_logits += (moe.router_logits,)
+                if moe.aux_router_loss is not None:
+                    ffn_aux_losses.append(moe.aux_router_loss)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -266,6 +311,8 @@ class MoMModel(MoMPreTrainedModel):
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
             router_logits=router_logits if output_router_logits and router_logits else None,
+            ffn_router_logits=ffn_router_logits if output_router_logits and ffn_router_logits else None,
+            ffn_aux_router_loss=torch.stack(ffn_aux_losses).mean() if ffn_aux_losses else None,
             **_cache_kwargs(cache if use_cache else None),
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -286,15 +333,24 @@ class MoMModel(MoMPreTrainedModel):
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         return self.embeddings(input_ids)
 
-    def _checkpointed(self, block: MoMBlock, hidden_states, attention_mask, cu_seqlens, position_ids):
-        """Run `block` under activation checkpointing (training without cache)."""
+    def _checkpointed(self, block: MoMBlock, hidden_states, attention_mask, cu_seqlens, position_ids, modality_ids):
+        """Run `block` under activation checkpointing (training without cache): (hidden, router logits, MoEOutput)."""
+        has_moe = isinstance(block.mlp, ModalityMoE)
+        # which optional tensors the block returns: memory router logits, expert router logits, aux-router loss
+        present = [not block.is_attention, has_moe, has_moe and block.mlp.routing == "expert_choice"]
 
         def run(hidden):
-            out, logits, _ = block(hidden, attention_mask, cu_seqlens, None, False, position_ids)
-            return (out,) if logits is None else (out, logits)
+            out, logits, _, moe = block(
+                hidden, attention_mask, cu_seqlens, None, False, position_ids, modality_ids, return_moe=True
+            )
+            extras = [logits] + ([moe.router_logits, moe.aux_router_loss] if has_moe else [None, None])
+            return (out, *[t for t, keep in zip(extras, present) if keep])
 
-        outputs = self._gradient_checkpointing_func(run, hidden_states)
-        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
+        outputs = list(self._gradient_checkpointing_func(run, hidden_states))
+        hidden = outputs.pop(0)
+        logits, moe_logits, aux = [outputs.pop(0) if keep else None for keep in present]
+        moe = MoEOutput(None, moe_logits, aux) if has_moe else None
+        return hidden, logits, moe
 
 
 class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
@@ -338,6 +394,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         cache: MoMCache | None = None,
+        modality_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoMCausalLMOutput | tuple:
         """As MoMModel.forward, plus labels (B, T) int64 (-100 = ignored; shifted inside, never predicted across
@@ -346,7 +403,9 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         flags = dict(labels=labels, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, use_cache=use_cache,
                      output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
                      position_ids=position_ids)
-        if can_graph_decode(self, input_ids, step_cache, flags):
+        # modality routing and the experts' data-dependent token lists are not graphed
+        graphable = modality_ids is None and self.config.ffn_experts is None
+        if graphable and can_graph_decode(self, input_ids, step_cache, flags):
             logits = self._graph_decoder(step_cache, input_ids.shape[0]).step(input_ids, attention_mask, step_cache)
             return MoMCausalLMOutput(logits=logits, **_cache_kwargs(step_cache))
         outputs = self.model(
@@ -360,6 +419,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             output_router_logits=True,  # needed for the aux loss; returned only if asked for
             return_dict=True,
             cache=_one_cache(past_key_values, cache),
+            modality_ids=modality_ids,
         )
         hidden_states = outputs.last_hidden_state
         if labels is None and logits_to_keep > 0:
@@ -367,22 +427,18 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)  # (B, T, V)
 
         router_logits = outputs.router_logits
-        aux_loss = None
-        if router_logits is not None and (labels is not None or output_router_logits):
-            seq_len = router_logits[0].shape[1]
-            token_mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
-            aux_loss = load_balancing_loss(
-                router_logits,
-                self.config.num_memories,
-                self.config.topk,
-                attention_mask=token_mask,
-                mode=self.config.aux_loss_mode,
-            )
+        aux_loss = ffn_aux_loss = None
+        if labels is not None or output_router_logits:
+            aux_loss, ffn_aux_loss = self._aux_losses(outputs, attention_mask, modality_ids)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, attention_mask, cu_seqlens)
             if self.training and aux_loss is not None and self.config.aux_loss_scale > 0:
                 loss = loss + self.config.aux_loss_scale * aux_loss.to(loss.dtype)
+            if self.training and ffn_aux_loss is not None:
+                scale = self.config.ffn_aux_router_loss_scale if self.config.ffn_routing == "expert_choice" else (
+                    self.config.aux_loss_scale)
+                loss = loss + scale * ffn_aux_loss.to(loss.dtype)
 
         output = MoMCausalLMOutput(
             loss=loss,
@@ -390,10 +446,63 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             aux_loss=aux_loss,
             router_logits=router_logits if output_router_logits else None,
+            ffn_aux_loss=ffn_aux_loss,
             **_cache_kwargs(outputs.cache),
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def generate(self, inputs=None, *args, modality_ids=None, generation_modality=None, **kwargs):
+        """GenerationMixin.generate with modalities: `modality_ids` (B, T_prompt) int64 gives the prompt tokens'
+        modalities (default all 0); every generated token gets `generation_modality` (default
+        config.generation_modality). Beams and num_return_sequences repeat modality_ids with the prompt."""
+        if generation_modality is None:
+            generation_modality = self.config.generation_modality
+        if not isinstance(generation_modality, int) or not 0 <= generation_modality < self.config.num_modalities:
+            raise ValueError(
+                f"generation_modality must be an integer in [0, {self.config.num_modalities}), "
+                f"got {generation_modality!r}"
+            )
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if modality_ids is None and generation_modality != 0 and prompt is not None:
+            modality_ids = torch.zeros(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+        if modality_ids is not None:
+            kwargs.update(modality_ids=modality_ids, generation_modality=generation_modality)
+        return super().generate(inputs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, modality_ids=None, generation_modality: int = 0, **kwargs):
+        """The HF inputs, plus modality_ids for the whole current sequence (B, T_current): the prompt's
+        modality_ids, then `generation_modality` for every token generated since (the model uses the last T)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if modality_ids is not None:
+            model_inputs["modality_ids"] = _extend_modality_ids(modality_ids, input_ids.shape[1], generation_modality)
+        return model_inputs
+
+    def _aux_losses(self, outputs: MoMModelOutput, attention_mask, modality_ids):
+        """(memories' load-balancing loss or None, experts' auxiliary loss or None), balanced per modality group.
+
+        Experts: expert choice's auxiliary-router BCE (present in training), or token choice's load balance."""
+        config = self.config
+        aux_loss = ffn_aux_loss = None
+        masks = {}
+        for name, logits in (("memories", outputs.router_logits), ("experts", outputs.ffn_router_logits)):
+            if logits is not None:
+                seq_len = logits[0].shape[1]
+                masks[name] = attention_mask[:, -seq_len:] if attention_mask is not None else None
+        if outputs.router_logits is not None:
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, config.num_memories, config.topk, attention_mask=masks["memories"],
+                mode=config.aux_loss_mode, memory_groups=config.memory_group_sizes, modality_ids=modality_ids,
+            )
+        if config.ffn_routing == "expert_choice":
+            ffn_aux_loss = outputs.ffn_aux_router_loss
+        elif outputs.ffn_router_logits is not None:
+            ffn_aux_loss = load_balancing_loss(
+                outputs.ffn_router_logits, sum(config.ffn_expert_groups), config.ffn_topk,
+                attention_mask=masks["experts"], mode=config.aux_loss_mode, memory_groups=config.ffn_expert_groups,
+                modality_ids=modality_ids,
+            )
+        return aux_loss, ffn_aux_loss
 
 
     def _graph_decoder(self, cache: MoMCache, batch_size: int) -> CudaGraphDecoder:
@@ -447,6 +556,38 @@ def _usable_cache(cache, use_cache: bool, num_layers: int) -> MoMCache | None:
     return cache
 
 
+def _extend_modality_ids(modality_ids: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    """(B, P) prompt modalities -> (B, length), the new columns set to `fill`."""
+    if modality_ids.shape[1] > length:
+        raise ValueError(f"modality_ids covers {modality_ids.shape[1]} tokens but the sequence has only {length}")
+    extra = modality_ids.new_full((modality_ids.shape[0], length - modality_ids.shape[1]), fill)
+    return torch.cat([modality_ids, extra], dim=1)
+
+
+def _check_modality_ids(modality_ids, config: MoMConfig, batch_size: int, seq_len: int) -> None:
+    """Validate modality_ids (B, >= T) integer in [0, num_modalities) at the model boundary."""
+    if modality_ids is None:
+        return
+    if config.memory_groups is None and config.ffn_experts is None:
+        raise ValueError("modality_ids needs modality groups: set memory_groups and/or ffn_experts in the config")
+    if (
+        modality_ids.dim() != 2
+        or modality_ids.shape[0] != batch_size
+        or modality_ids.shape[1] < seq_len
+        or modality_ids.is_floating_point()
+    ):
+        raise ValueError(
+            f"modality_ids must be an integer tensor of shape (B={batch_size}, T_total >= {seq_len}), "
+            f"got {modality_ids.dtype} {tuple(modality_ids.shape)}"
+        )
+    ids = modality_ids[:, -seq_len:]
+    if bool(((ids < 0) | (ids >= config.num_modalities)).any()):
+        raise ValueError(
+            f"modality_ids must be in [0, {config.num_modalities}) (modalities {config.modalities}), "
+            f"got values in [{int(ids.min())}, {int(ids.max())}]"
+        )
+
+
 def _check_masks(attention_mask, cu_seqlens, batch_size: int, seq_len: int) -> None:
     """Validate the 2-D padding mask and the packed-batch offsets at the model boundary."""
     if attention_mask is not None:
@@ -459,7 +600,11 @@ def _check_masks(attention_mask, cu_seqlens, batch_size: int, seq_len: int) -> N
         return
     if batch_size != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (documents packed along time), got batch size {batch_size}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device.type != "cpu":
+        return  # reading values on an accelerator would synchronise the host on every training step
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
         raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at T={seq_len}, got {cu_seqlens.tolist()}")
     if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
         raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")
