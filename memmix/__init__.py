@@ -1,8 +1,19 @@
-"""memmix: linear-time sequence models with several memories."""
+"""memmix: linear-time sequence models with several memories (MoM, B'MOJO, modality-aware routing).
+
+Importing memmix registers "memmix_mom" and "memmix_bmojo" with transformers' Auto* classes.
+"""
 __version__ = "0.1.0"
 
-# Models (importing them registers "memmix_mom" with transformers' Auto* classes).
-from memmix.models import MoMCache, MoMConfig, MoMForCausalLM, MoMModel  # noqa: E402
-# B'MOJO (importing it registers "memmix_bmojo" with the Auto* classes).
-from memmix.models.configuration_bmojo import BMojoConfig  # noqa: E402
-from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel  # noqa: E402
+from memmix import ops  # noqa: E402
+from memmix.models import (  # noqa: E402
+    BMojoConfig,
+    BMojoForCausalLM,
+    BMojoModel,
+    MoMCache,
+    MoMConfig,
+    MoMForCausalLM,
+    MoMModel,
+)
+
+__all__ = ["BMojoConfig", "BMojoForCausalLM", "BMojoModel", "MoMCache", "MoMConfig", "MoMForCausalLM", "MoMModel",
+           "ops"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from memmix.routing import load_balancing_loss, plan_dispatch, route
 

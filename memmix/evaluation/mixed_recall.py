@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from memmix.data.mixed_recall import MODALITIES, MixedRecallData, make_mixed_recall_splits, max_mixed_kv_pairs
 from memmix.data.mqar import IGNORE_INDEX
-from memmix.evaluation.recall import RecallSettingError, StateSize, count_parameters, mom_family_state_size
+from memmix.evaluation.recall import RecallSettingError, StateSize, count_parameters, fit, mom_family_state_size
 from memmix.routing import allowed_memories, route
 
 GROUPS = {"text": 2, "image": 2}
@@ -136,18 +136,6 @@ def build_mixed_model(variant: MixedVariant, topk: int, d_model: int, s: MixedRe
 # ----------------------------------------------------------------------------------------------- train / evaluate
 
 
-def _batches(train: dict[int, MixedRecallData], batch_size: int, seed: int):
-    """Endless batches: seq_lens in turn, each a fresh shuffle of its examples every epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    orders = {t: torch.empty(0, dtype=torch.long) for t in train}
-    while True:
-        for seq_len, data in sorted(train.items()):
-            if len(orders[seq_len]) < batch_size:
-                orders[seq_len] = torch.cat([orders[seq_len], torch.randperm(len(data), generator=generator)])
-            index, orders[seq_len] = orders[seq_len][:batch_size], orders[seq_len][batch_size:]
-            yield data.subset(index)
-
-
 def _model_inputs(batch: MixedRecallData, uses_modality: bool, device) -> dict[str, torch.Tensor]:
     inputs = {"input_ids": batch.input_ids.to(device)}
     if uses_modality:
@@ -158,25 +146,7 @@ def _model_inputs(batch: MixedRecallData, uses_modality: bool, device) -> dict[s
 def train_mixed(model: nn.Module, train: dict[int, MixedRecallData], s: MixedRecallSettings, uses_modality: bool,
                 on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """AdamW + warm-up/cosine for s.steps steps; returns every step's loss. on_step(step, loss)."""
-    from memmix.training.optim import build_optimizer, cosine_schedule
-
-    optimizer = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay)
-    schedule = cosine_schedule(optimizer, warmup_steps=int(s.warmup_fraction * s.steps), total_steps=s.steps)
-    model.train()
-    losses = []
-    batches = _batches(train, s.batch_size, s.seed)
-    for step in range(s.steps):
-        batch = next(batches)
-        out = model(**_model_inputs(batch, uses_modality, s.device), labels=batch.labels.to(s.device))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-    return losses
+    return fit(model, train, s, lambda batch: _model_inputs(batch, uses_modality, s.device), on_step)
 
 
 @torch.no_grad()

@@ -274,15 +274,17 @@ def count_parameters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- train / evaluate
 
 
-def _optimizer_and_schedule(model: nn.Module, s: RecallSettings):
+def _optimizer_and_schedule(model: nn.Module, s: Any):
     from memmix.training.optim import build_optimizer, cosine_schedule
 
     optimizer = build_optimizer(model, lr=s.lr, weight_decay=s.weight_decay)
     return optimizer, cosine_schedule(optimizer, warmup_steps=int(s.warmup_fraction * s.steps), total_steps=s.steps)
 
 
-def _batches(train: dict[int, MQARData], batch_size: int, seed: int):
-    """Endless training batches: seq_lens in turn, each a fresh shuffle of its examples every epoch."""
+def endless_batches(train: dict[int, Any], batch_size: int, seed: int):
+    """Endless training batches: seq_lens in turn, each a fresh shuffle of its examples every epoch.
+
+    train: seq_len -> a data set with len() and subset(index) (MQARData, MixedRecallData)."""
     generator = torch.Generator().manual_seed(seed)
     orders = {t: torch.empty(0, dtype=torch.long) for t in train}
     while True:
@@ -297,13 +299,22 @@ def train_model(model: nn.Module, train: dict[int, MQARData], s: RecallSettings,
                 on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``model`` on MQAR for ``s.steps`` steps; returns the loss of every step. on_step(step, loss)."""
     device = torch.device(s.device)
+    return fit(model, train, s, lambda batch: {"input_ids": batch.input_ids.to(device)}, on_step)
+
+
+def fit(model: nn.Module, train: dict[int, Any], s: Any, model_inputs: Callable[[Any], dict],
+        on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """AdamW + warm-up/cosine for s.steps steps on endless_batches(train); model(**model_inputs(batch), labels).
+
+    s: settings with lr, weight_decay, warmup_fraction, steps, batch_size, seed, device. Returns every step's loss.
+    """
     optimizer, schedule = _optimizer_and_schedule(model, s)
     model.train()
     losses = []
-    batches = _batches(train, s.batch_size, s.seed)
+    batches = endless_batches(train, s.batch_size, s.seed)
     for step in range(s.steps):
         batch = next(batches)
-        out = model(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device))
+        out = model(**model_inputs(batch), labels=batch.labels.to(s.device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

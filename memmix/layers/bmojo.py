@@ -452,7 +452,7 @@ class BMojo(nn.Module):
     def step(self, x: torch.Tensor, valid: torch.Tensor, state: BMojoState) -> tuple[torch.Tensor, BMojoState]:
         """One token per sequence: x (B, D), valid (B,) bool -> out (B, D) and the new state (pads: unchanged)."""
         B = x.shape[0]
-        H, Dh, w, C = self.num_heads, self.head_dim, self.window_size, self.chunk_size
+        H, Dh, w = self.num_heads, self.head_dim, self.window_size
         dtype = state.memory.dtype
         conv_in = self._conv_inputs(x)  # (B, 3 H Dh)
         window = torch.cat([state.conv.to(conv_in.dtype), conv_in[:, None]], dim=1)  # (B, W, 3 H Dh)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from memmix.layers.bmojo import EVICTIONS, FADING_RULES, check_bmojo_args
+from memmix.layers.bmojo import check_bmojo_args
 from memmix.layers.mlp import default_intermediate_size
 
 IMPLS = ("auto", "recurrent", "chunk", "triton")
