@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix import ops
+from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import RMSNorm
 from memmix.ops.common import _segment_index, pad_packed
 
@@ -217,7 +218,7 @@ class BMojo(nn.Module):
         """hidden_states (B, T, D); attention_mask (B, T_total) 0/1, last T columns used (pads touch nothing);
         cu_seqlens int64 (N + 1,) for packed documents (B == 1, no state); state from an earlier call."""
         B, T, _ = hidden_states.shape
-        valid = self._valid_tokens(hidden_states, attention_mask, cu_seqlens)
+        valid = valid_tokens(hidden_states, attention_mask, cu_seqlens)
         if state is not None:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with a state")
@@ -228,22 +229,6 @@ class BMojo(nn.Module):
         out, new_state = self._chunked(x, lengths, use_cache)
         return BMojoLayerOutput(unpack(out), new_state)
 
-    def _valid_tokens(self, x: torch.Tensor, attention_mask, cu_seqlens) -> torch.Tensor:
-        """(B, T) bool: real tokens."""
-        B, T, _ = x.shape
-        if cu_seqlens is not None:
-            if attention_mask is not None:
-                raise ValueError("pass either attention_mask or cu_seqlens, not both")
-            if B != 1:
-                raise ValueError(f"cu_seqlens needs a packed batch of size 1, got batch size {B}")
-        if attention_mask is None:
-            return torch.ones(B, T, dtype=torch.bool, device=x.device)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-            raise ValueError(f"attention_mask must be 2-D (batch, >= seq_len) = ({B}, >= {T}) with 0 at padding, "
-                             f"got shape {tuple(attention_mask.shape)}")
-        return attention_mask[:, -T:].to(x.device).bool()
-
-    # ------------------------------------------------------------------------------------------ shared pieces
     def _conv_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., 3 H Dh): the q, k, v projections before the convolution."""
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix import ops
+from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 from memmix.routing import DispatchPlan, allowed_memories, plan_dispatch, route
 
@@ -182,7 +183,7 @@ class MixtureOfMemories(nn.Module):
         (N + 1,) int64 for a packed batch (B == 1); state from an earlier call (see MoMState);
         modality_ids (B, T or T_total) int64 group of each token when memory_groups is set (default 0)."""
         B, T, _ = hidden_states.shape
-        valid = self._valid_tokens(hidden_states, attention_mask, cu_seqlens)
+        valid = valid_tokens(hidden_states, attention_mask, cu_seqlens)
         decision = route(self.gate(hidden_states), self.topk, self._allowed(modality_ids, B, T, hidden_states.device))
         memory_ids, slot_weights = self._slots(decision.indices, decision.weights)
         if T == 1 and cu_seqlens is None:
@@ -278,23 +279,6 @@ class MixtureOfMemories(nn.Module):
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(B, T, self.value_dim))
-
-    def _valid_tokens(self, x: torch.Tensor, attention_mask, cu_seqlens) -> torch.Tensor:
-        """(B, T) bool: real tokens."""
-        B, T, _ = x.shape
-        if cu_seqlens is not None:
-            if attention_mask is not None:
-                raise ValueError("pass either attention_mask or cu_seqlens, not both")
-            if B != 1:
-                raise ValueError(f"cu_seqlens needs a packed batch of size 1, got batch size {B}")
-        if attention_mask is None:
-            return torch.ones(B, T, dtype=torch.bool, device=x.device)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-            raise ValueError(
-                f"attention_mask must be 2-D (batch, >= seq_len) = ({B}, >= {T}) with 0 at padding, "
-                f"got shape {tuple(attention_mask.shape)}"
-            )
-        return attention_mask[:, -T:].bool()
 
     def _slots(self, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the shared memory (id M, weight 1) to every token's top-k picks: (B, T, S) each."""
