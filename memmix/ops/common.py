@@ -190,6 +190,12 @@ def unpad_packed(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> t
 
 # --------------------------------------------------------------------------- chunk helpers
 
+def fit_chunk_size(chunk_size: int, seq_len: int) -> int:
+    """The chunk size for a sequence of seq_len tokens: chunk_size, or the power of two >= seq_len (at least 8) when
+    that is smaller, so that short inputs do not pay for (C, C) intra-chunk matrices mostly made of padding."""
+    return min(chunk_size, max(8, 1 << max(seq_len - 1, 0).bit_length()))
+
+
 def split_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """(N, L, H, ...) -> (N, H, NC, C, ...), zero-padded at the end to NC * C >= L tokens."""
     N, L, H = x.shape[:3]

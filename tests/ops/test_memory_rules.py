@@ -12,7 +12,7 @@ VARLEN = [0, 1, 65, 0, 130, 63, 64, 0]
 
 
 @pytest.mark.parametrize("rule", ALL_RULES)
-@pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
+@pytest.mark.parametrize("T", [1, 7, 9, 17, 33, 63, 64, 65, 130])  # short T: chunks of 8, 16, 32
 @pytest.mark.parametrize("use_qk_l2norm", [False, True])
 def test_chunk_matches_recurrent_dense(rule, T, use_qk_l2norm):
     inputs = make_inputs(rule, B=2, T=T, seed=T)

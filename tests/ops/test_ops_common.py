@@ -105,3 +105,9 @@ def test_every_rule_validates(rule):
         call(rule, inputs, impl="naive")
     with pytest.raises(ValueError, match="initial_state"):
         call(rule, {**inputs, "initial_state": torch.zeros(3, 2, 8, 6, dtype=torch.float64)})
+
+
+def test_fit_chunk_size_shrinks_only_for_short_inputs():
+    from memmix.ops.common import fit_chunk_size
+
+    assert [fit_chunk_size(64, L) for L in (0, 1, 8, 9, 17, 32, 33, 64, 65, 4096)] == [8, 8, 8, 16, 32, 32, 64, 64, 64, 64]
