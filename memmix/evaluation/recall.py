@@ -46,7 +46,7 @@ class RecallSettings:
     d_models: list[int] = field(default_factory=lambda: [64])
     num_layers: int = 2
     head_dim: int = 8  # small heads: 8 pairs already fill one 8 x 8 memory
-    steps: int = 1500
+    steps: int = 4500
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05  # of steps, linear warm-up before the cosine decay
