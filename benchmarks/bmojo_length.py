@@ -13,12 +13,11 @@ accuracy at every length; compare generalisation (acc@4x vs acc@1x) only between
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 import time
 
 import torch
+from common import write_json_atomic
 
 from memmix.data.mqar import IGNORE_INDEX, generate_mqar, split_seed
 from memmix.models import MoMConfig, MoMForCausalLM
@@ -87,16 +86,6 @@ def accuracy(model: torch.nn.Module, data, batch_size: int = 64) -> float:
         correct += int((predicted[mask] == target[mask]).sum())
         total += int(mask.sum())
     return correct / total
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ prefill-only forward of the same prompt (median of --repeats). Prompts with batc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import write_json_atomic  # noqa: E402
 from memmix import MoMConfig, MoMForCausalLM  # noqa: E402
 
 
@@ -136,11 +136,7 @@ def main(argv=None) -> int:
     for note in notes:
         print("note:", note)
     payload = {"device": device_name, "torch": torch.__version__, "args": vars(args), "notes": notes, "rows": rows}
-    target = Path(args.json)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
+    write_json_atomic(args.json, payload)
     print(f"device: {device_name}; wrote {args.json}")
     return 0
 

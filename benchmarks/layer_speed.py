@@ -10,11 +10,8 @@ triton.testing.do_bench on CUDA (warm-up included) or of perf_counter repeats on
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cpu_median_ms, write_json_atomic  # noqa: E402
 from memmix.layers import BMojo, MixtureOfMemories  # noqa: E402
 
 
@@ -91,13 +89,7 @@ def median_ms(fn, device: str, repeats: int) -> float:
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=25, rep=max(repeats * 10, 100), return_mode="median"))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return cpu_median_ms(fn, warmup=1, repeats=repeats)
 
 
 def measure(module, call, x: torch.Tensor, device: str, repeats: int) -> dict:
@@ -164,7 +156,7 @@ def main(argv=None) -> int:
     for note in notes:
         print("note:", note)
     payload = {"device": device_name, "torch": torch.__version__, "args": vars(args), "notes": notes, "rows": rows}
-    _write_json(args.json, payload)
+    write_json_atomic(args.json, payload)
     print(f"device: {device_name}; wrote {args.json}")
     return 0
 
@@ -177,14 +169,6 @@ def _print_row(row: dict, tokens: int) -> None:
     ktok = tokens / row["forward_backward_ms"]
     print(f"{row['layer']:<36} {row['batch']:>3}x{row['seq_len']:<6} fwd {row['forward_ms']:8.2f} ms  "
           f"fwd+bwd {row['forward_backward_ms']:8.2f} ms  ({ktok:7.1f}k tok/s)  peak {peak} MiB")
-
-
-def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,11 @@ Prints a table (medians after warm-up, milliseconds) and writes the rows as JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
-import tempfile
-import time
 
 import torch
+from common import cpu_median_ms, write_json_atomic
 
 from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, l2norm, linear_attention
 
@@ -38,18 +35,6 @@ def make_args(rule: str, B: int, T: int, H: int, K: int, V: int, requires_grad: 
     return [x.requires_grad_(requires_grad) for x in args]
 
 
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def time_rule(rule: str, impl: str, T: int, backward: bool, args: argparse.Namespace) -> float:
     """Median ms of one forward (or forward + backward) of `rule` with `impl`."""
     fn = RULES[rule][0]
@@ -63,17 +48,7 @@ def time_rule(rule: str, impl: str, T: int, backward: bool, args: argparse.Names
         o, state = fn(*inputs, impl=impl, output_final_state=True)
         (o.sum() + state.sum()).backward()
 
-    return median_ms(forward_backward if backward else forward, args.warmup, args.repeats)
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write payload as JSON to path via a temporary file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    return cpu_median_ms(forward_backward if backward else forward, args.warmup, args.repeats)
 
 
 def main(argv=None) -> None:

@@ -10,12 +10,11 @@ the float32 PyTorch chunk form on the same bf16 inputs. Prints a table and write
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
+from common import write_json_atomic
 
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "ops_gpu.json")
 
@@ -112,14 +111,6 @@ def time_impl(fn, inputs: dict) -> tuple[float, float]:
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main() -> None:
