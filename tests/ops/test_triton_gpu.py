@@ -18,6 +18,8 @@ CASES = {
     "varlen_empty_len1": dict(lengths=[0, 1, 200, 63, 64, 129, 0, 500], H=2, K=64, V=128),
     "delta_rule_varlen": dict(lengths=[1, 0, 190, 77], H=2, K=128, V=64, gated=False),
     "l2norm_scale": dict(B=2, T=150, H=2, K=64, V=64, use_qk_l2norm=True, scale=0.2),
+    # -g ~ 2 per token: partial last chunks decay past exp(-88) (padded rows once overflowed to NaN gradients)
+    "strong_decay_partial_chunks": dict(lengths=[50, 70, 1271], H=2, K=64, V=64, log_decay=(1.8, 2.2)),
 }
 
 
@@ -28,18 +30,20 @@ def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _inputs(case: dict, dtype: torch.dtype, seed: int) -> dict:
-    """Random inputs in `dtype` on CUDA: unit-norm k (as after l2norm), g in [-1, -0.01], beta in (0, 1)."""
+    """Random inputs in `dtype` on CUDA: unit-norm k (as after l2norm), -g uniform in case["log_decay"]
+    (default [0.01, 1]), beta in (0, 1)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     H, K, V = case["H"], case["K"], case["V"]
     lengths = case.get("lengths")
     B, T = (1, sum(lengths)) if lengths else (case["B"], case["T"])
     num_seqs = len(lengths) if lengths else B
+    lo, hi = case.get("log_decay", (0.01, 1.0))
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32)
 
     inputs = {"q": rand(B, T, H, K), "k": F.normalize(rand(B, T, H, K), dim=-1), "v": rand(B, T, H, V),
-              "g": -(0.01 + 0.99 * torch.rand(B, T, H, generator=gen, device="cuda")),
+              "g": -(lo + (hi - lo) * torch.rand(B, T, H, generator=gen, device="cuda")),
               "beta": torch.rand(B, T, H, generator=gen, device="cuda"),
               "initial_state": rand(num_seqs, H, K, V)}
     if not case.get("gated", True):

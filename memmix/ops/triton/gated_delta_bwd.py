@@ -91,8 +91,11 @@ def chunk_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, u_ptr, du
     chunk_head = i_c.to(tl.int64) * H + i_h
     beta = tl.load(beta_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0).to(tl.float32)
     if HAS_G:
-        b = tl.load(b_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0)
         b_last = tl.load(b_ptr + (eos - 1).to(tl.int64) * H + i_h)
+        # padded rows repeat the last valid b (as in the forward's cumsum): with 0 there, exp(b_pad - b_t) in
+        # chunk_decay overflows once a partial chunk decays past exp(-88), and inf * 0 turns the dots into NaN
+        b = tl.load(b_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0)
+        b = tl.where(valid, b, b_last)
     else:
         b = tl.zeros((C,), dtype=tl.float32)
         b_last = tl.sum(b, 0)  # 0.0 as a float32 scalar
