@@ -10,9 +10,12 @@ matrix G[t, s] = exp(b_t - b_s) for s <= t (0 above), and incoming state S (K x 
     S' = exp(b_C) S + (diag(exp(b_C - b)) K)^T U
 
 Kernels:
-  wy_prepare_kernel   grid (chunks, H): b, T, M, W, U0 of one chunk (parallel over chunks).
-  state_pass_kernel   grid (N, H, V tiles): the sequential pass over one sequence's chunks; writes O (forward)
-                      or the per-chunk states and U (backward recompute), and the final state.
+  wy_prepare_kernel    grid (chunks, H): b, T, M, W, U0 of one chunk (parallel over chunks); T by a blocked
+                       inverse (unit_lower_inverse).
+  state_pass_kernel    grid (N, H, V tiles): the sequential pass over one sequence's chunks; stores the per-chunk
+                       incoming states and U (forward and backward recompute) or, for inputs of one chunk per
+                       sequence, writes O itself; and the final state.
+  chunk_output_kernel  grid (chunks, H, V tiles): O of one chunk from its stored state and U (parallel).
 
 Token-major layouts: q, k, W (tokens, H, K); v, U0, U, o (tokens, H, V); g, beta, b (tokens, H);
 T, M (tokens, H, C) float32; per-chunk states (chunks, H, K, V). Chunk j covers tokens
@@ -80,15 +83,44 @@ def load_log_decay(g_ptr, tok, valid, H, HAS_G: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse(a, rows, C: tl.constexpr):
-    """(I + a)^-1 for a strictly lower-triangular (C, C) float32 a, by forward substitution on rows."""
-    t = -a  # row i of the strict part: t_i = -a_i - sum_{j<i} a_ij t_j, rows in order
-    for i in range(1, C):
-        is_row = rows[:, None] == i
-        row = tl.sum(tl.where(is_row, t, 0.0), 0)  # (C,) = -a_i, zero from column i on
-        row = row + tl.sum(row[:, None] * t, 0)
-        t = tl.where(is_row, row[None, :], t)
-    return t + tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+def load_log_decay_stored(b_ptr, tok, valid, H, HAS_G: tl.constexpr):
+    """(C,) b as wy_prepare_kernel stored it (0 without g)."""
+    if HAS_G:
+        return tl.load(b_ptr + tok.to(tl.int64) * H, mask=valid, other=0.0)
+    else:
+        return tl.zeros(tok.shape, dtype=tl.float32)
+
+
+@triton.jit
+def unit_lower_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower-triangular (C, C) float32 a, C a multiple of 16, blocked by 16 rows.
+
+    The C/16 diagonal blocks are inverted together by forward substitution (15 steps on a (C/16, 16, 16)
+    tile, instead of C - 1 steps on the whole (C, C) tile). With D their block-diagonal inverse,
+    D (I + a) = I + N where N = D strict_block_lower(a) is nilpotent (N^4 = 0 for four blocks), so
+    (I + a)^-1 = (I - N + N^2 - N^3) D: four (C, C) dots, exact block by block (N's diagonal blocks are 0).
+    """
+    NB: tl.constexpr = C // 16
+    tl.static_assert(C % 16 == 0 and NB <= 4, "the series below is exact for at most four 16-row blocks")
+    blocks = tl.arange(0, NB)
+    r16 = tl.arange(0, 16)
+    same_block = blocks[:, None, None, None] == blocks[None, None, :, None]  # (NB, 1, NB, 1)
+    diag = tl.sum(tl.where(same_block, tl.reshape(a, (NB, 16, NB, 16)), 0.0), 2)  # (NB, 16, 16)
+    t = -diag  # row i of each block's strict part: t_i = -a_i - sum_{j<i} a_ij t_j, rows in order
+    row_index = r16[None, :, None]
+    for i in range(1, 16):
+        is_row = row_index == i
+        row = tl.sum(tl.where(is_row, t, 0.0), 1)  # (NB, 16) = -a_i, zero from column i on
+        row = row + tl.sum(row[:, :, None] * t, 1)
+        t = tl.where(is_row, row[:, None, :], t)
+    t = t + tl.where(row_index == r16[None, None, :], 1.0, 0.0)
+    d = tl.reshape(tl.where(same_block, t[:, :, None, :], 0.0), (C, C))  # block-diagonal (C, C)
+    rows = tl.arange(0, C)
+    block_below = (rows[:, None] // 16) > (rows[None, :] // 16)
+    n = tl.dot(d, tl.where(block_below, a, 0.0), input_precision=PREC)
+    t_full = d - tl.dot(n, d, input_precision=PREC)  # Horner: D - N (D - N (D - N D))
+    t_full = d - tl.dot(n, t_full, input_precision=PREC)
+    return d - tl.dot(n, t_full, input_precision=PREC)
 
 
 @triton.jit
@@ -127,21 +159,21 @@ def wy_prepare_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, b_ptr, tinv_ptr, m_p
     strict = rows[:, None] > rows[None, :]
     a = tl.where(strict, beta[:, None] * decay * kk, 0.0)
     store_tile(m_ptr + i_h * C, qk * decay * scale, tok, valid, H * C, rows, C)
-    tinv = unit_lower_inverse(a, rows, C)
+    tinv = unit_lower_inverse(a, C, PREC)
     store_tile(tinv_ptr + i_h * C, tinv, tok, valid, H * C, rows, C)
 
-    tinv_dt = tinv.to(dt)
-    k_weight = beta * tl.exp(b)
+    # The row weights of K and V act as column weights of T: T diag(x) K = (T diag(x)) K, so the (C, BK) and
+    # (C, BV) tiles go to the dot in their own dtype (no float32 copies) and the weights touch one (C, C) tile.
+    t_k = (tinv * (beta * tl.exp(b))[None, :]).to(dt)
+    t_v = (tinv * beta[None, :]).to(dt)
     for i_k in range(0, tl.cdiv(K, BK)):
         cols = i_k * BK + tl.arange(0, BK)
-        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, cols, K)
-        w = tl.dot(tinv_dt, (k * k_weight[:, None]).to(dt), input_precision=PREC)
-        store_tile(w_ptr + i_h * K, w, tok, valid, H * K, cols, K)
+        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, cols, K).to(dt)
+        store_tile(w_ptr + i_h * K, tl.dot(t_k, k, input_precision=PREC), tok, valid, H * K, cols, K)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols = i_v * BV + tl.arange(0, BV)
-        v = load_tile(v_ptr + i_h * V, tok, valid, H * V, cols, V)
-        u0 = tl.dot(tinv_dt, (v * beta[:, None]).to(dt), input_precision=PREC)
-        store_tile(u0_ptr + i_h * V, u0, tok, valid, H * V, cols, V)
+        v = load_tile(v_ptr + i_h * V, tok, valid, H * V, cols, V).to(dt)
+        store_tile(u0_ptr + i_h * V, tl.dot(t_v, v, input_precision=PREC), tok, valid, H * V, cols, V)
 
 
 @triton.jit
@@ -184,14 +216,44 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
             b = tl.zeros((C,), dtype=tl.float32)
             b_last = tl.sum(b, 0)  # 0.0 as a float32 scalar
         if OUTPUT:
-            q = load_tile(q_ptr + i_h * K, tok, valid, H * K, kcols, K)
+            q = load_tile(q_ptr + i_h * K, tok, valid, H * K, kcols, K).to(dt)
             m = load_tile(m_ptr + i_h * C, tok, valid, H * C, rows, C)
-            o = tl.dot((q * (scale * tl.exp(b))[:, None]).to(dt), state.to(dt), input_precision=PREC)
+            o = tl.dot(q, state.to(dt), input_precision=PREC) * (scale * tl.exp(b))[:, None]
             o += tl.dot(m.to(dt), u.to(dt), input_precision=PREC)
             store_tile(o_ptr + i_h * V, o, tok, valid, H * V, vcols, V)
-        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, kcols, K)
-        k_to_end = (k * tl.exp(b_last - b)[:, None]).to(dt)
-        state = state * tl.exp(b_last) + tl.dot(tl.trans(k_to_end), u.to(dt), input_precision=PREC)
+        # the decay to the chunk's end weighs U's rows rather than K's: K stays in its dtype, (C, BV) float32 work
+        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, kcols, K).to(dt)  # (C, BK)
+        u_to_end = (u * tl.exp(b_last - b)[:, None]).to(dt)
+        state = state * tl.exp(b_last) + tl.dot(tl.trans(k), u_to_end, input_precision=PREC)
 
     if STORE_FINAL:
         store_state(ht_ptr + nh.to(tl.int64) * K * V, state, kcols, vcols, K, V)
+
+
+@triton.jit
+def chunk_output_kernel(q_ptr, b_ptr, m_ptr, states_ptr, u_ptr, o_ptr, chunk_start_ptr, chunk_end_ptr, scale,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
+    """One chunk, head and V tile: O = diag(scale exp(b)) Q S + M U from the chunk's stored state S and U."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
+    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    if eos <= bos:
+        return
+    dt = q_ptr.dtype.element_ty
+    rows = tl.arange(0, C)
+    tok = bos + rows
+    valid = rows < eos - bos
+    vcols = i_v * BV + tl.arange(0, BV)
+    chunk_head = i_c.to(tl.int64) * H + i_h
+    b = load_log_decay_stored(b_ptr + i_h, tok, valid, H, HAS_G)
+    m = load_tile(m_ptr + i_h * C, tok, valid, H * C, rows, C).to(dt)  # (C, C)
+    u = load_tile(u_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)  # (C, BV)
+    qs = tl.zeros((C, BV), dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        kcols = i_k * BK + tl.arange(0, BK)
+        q = load_tile(q_ptr + i_h * K, tok, valid, H * K, kcols, K).to(dt)  # (C, BK)
+        s = load_state(states_ptr + chunk_head * K * V, kcols, vcols, K, V).to(dt)  # (BK, BV)
+        qs += tl.dot(q, s, input_precision=PREC)
+    o = qs * (scale * tl.exp(b))[:, None] + tl.dot(m, u, input_precision=PREC)
+    store_tile(o_ptr + i_h * V, o, tok, valid, H * V, vcols, V)

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
-from memmix.ops.triton.gated_delta_fwd import state_pass_kernel, wy_prepare_kernel
+from memmix.ops.triton.gated_delta_fwd import chunk_output_kernel, state_pass_kernel, wy_prepare_kernel
 
 CHUNK_SIZE = 64
 MAX_HEAD_DIM = 256
@@ -86,13 +86,15 @@ class ChunkLayout:
 
     cu_seqlens: (N + 1,) int64 sequence bounds; chunk_offsets: (N + 1,) index of each sequence's first chunk;
     chunk_start, chunk_end: (num_chunks,) int32 token bounds per chunk slot (start == end: unused slot).
+    max_seq_len: host-side upper bound on the longest sequence (T for a dense batch, all tokens for varlen).
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, num_tokens: int, num_chunks_bound: int):
+    def __init__(self, cu_seqlens: torch.Tensor, max_seq_len: int, num_chunks_bound: int):
         C = CHUNK_SIZE
         self.cu_seqlens = cu_seqlens
         self.num_seqs = cu_seqlens.numel() - 1
         self.num_chunks = num_chunks_bound
+        self.max_seq_len = max_seq_len
         counts = (cu_seqlens[1:] - cu_seqlens[:-1] + C - 1) // C  # (N,)
         self.chunk_offsets = torch.cat([cu_seqlens.new_zeros(1), counts.cumsum(0)])  # (N + 1,)
         slot = torch.arange(num_chunks_bound, device=cu_seqlens.device)
@@ -110,7 +112,7 @@ class ChunkLayout:
         C = CHUNK_SIZE
         if cu_seqlens is None:
             cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
-            return cls(cu, batch * seq_len, batch * triton.cdiv(seq_len, C))
+            return cls(cu, seq_len, batch * triton.cdiv(seq_len, C))
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         num_seqs = cu.numel() - 1
         return cls(cu, seq_len, (seq_len + num_seqs * (C - 1)) // C)  # sum ceil(L_i / C) <= this
@@ -135,24 +137,41 @@ def _prepare(q, k, v, g, beta, scale, layout):
     return b, tinv, m, w, u0
 
 
-def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output, store_final):
-    """Sequential pass: (o, final state) when `output`, else (per-chunk states, U) for the backward."""
+def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, store_final):
+    """Sequential pass over the chunks: (o, states, u, final state), the unused ones None.
+
+    output_in_loop: o is computed inside the pass; else the per-chunk incoming states (chunks, H, K, V) like k
+    and U (like v) are stored, for chunk_output_kernel or the backward.
+    """
     num_tokens, H, K = k.shape
     V = u0.shape[-1]
     N = layout.num_seqs
-    o = torch.empty_like(u0) if output else None
-    states = None if output else k.new_empty(layout.num_chunks, H, K, V)
-    u = None if output else torch.empty_like(u0)
+    o = torch.empty_like(u0) if output_in_loop else None
+    states = None if output_in_loop else k.new_empty(layout.num_chunks, H, K, V)
+    u = None if output_in_loop else torch.empty_like(u0)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_final else None
     dummy = u0
     _launch(state_pass_kernel, lambda cfg: (N, H, triton.cdiv(V, cfg["BV"])),
-            (q, k, w, u0, b, m, h0 if h0 is not None else dummy, o if output else dummy,
+            (q, k, w, u0, b, m, h0 if h0 is not None else dummy, o if o is not None else dummy,
              states if states is not None else dummy, u if u is not None else dummy,
              ht if ht is not None else dummy, layout.cu_seqlens, layout.chunk_offsets, scale),
             dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
-                 OUTPUT=output, STORE_STATES=not output, PREC=_dot_precision(k.dtype)),
+                 OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, PREC=_dot_precision(k.dtype)),
             _state_config(K, V))
-    return (o, ht) if output else (states, u)
+    return o, states, u, ht
+
+
+def _output(q, b, m, states, u, scale, layout, *, has_g):
+    """o (like u) of every chunk in parallel from the stored per-chunk states and U."""
+    num_tokens, H, K = q.shape
+    V = u.shape[-1]
+    o = torch.empty_like(u)
+    if layout.num_chunks > 0:
+        _launch(chunk_output_kernel, lambda cfg: (layout.num_chunks, H, triton.cdiv(V, cfg["BV"])),
+                (q, b, m, states, u, o, layout.chunk_start, layout.chunk_end, scale),
+                dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(q.dtype)),
+                _chunk_config(K, V))
+    return o
 
 
 def _state_grad(q, k, w, b, m, do, dht, scale, layout, *, has_g, want_dh0):
@@ -195,11 +214,19 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout):
+        has_g = g is not None
         b, tinv, m, w, u0 = _prepare(q, k, v, g, beta, scale, layout)
-        o, ht = _state_pass(q, k, w, u0, b, m, initial_state, scale, layout, has_g=g is not None,
-                            output=True, store_final=output_final_state)
+        # O = diag(scale exp(b)) Q S + M U needs each chunk's incoming state S. Inside the sequential pass it doubles
+        # the dots of every step of the chain (and adds Q and M, ~40% of its loads at K = V = 256); storing S (K x V
+        # per chunk, in k's dtype like the backward recompute) and U moves it to a parallel kernel. With at most one
+        # chunk per sequence there is no chain to shorten, so the pass computes O itself and writes no states.
+        in_loop = layout.max_seq_len <= CHUNK_SIZE
+        o, states, u, ht = _state_pass(q, k, w, u0, b, m, initial_state, scale, layout, has_g=has_g,
+                                       output_in_loop=in_loop, store_final=output_final_state)
+        if not in_loop:
+            o = _output(q, b, m, states, u, scale, layout, has_g=has_g)
         ctx.save_for_backward(q, k, v, beta, initial_state, b, tinv, m, w, u0)
-        ctx.scale, ctx.layout, ctx.has_g = scale, layout, g is not None
+        ctx.scale, ctx.layout, ctx.has_g = scale, layout, has_g
         ctx.g_dtype = None if g is None else g.dtype
         return o, ht
 
@@ -209,8 +236,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         scale, layout, has_g = ctx.scale, ctx.layout, ctx.has_g
         do = do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        states, u = _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output=False,
-                                store_final=False)
+        _, states, u, _ = _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output_in_loop=False,
+                                      store_final=False)
         du, dstates, dh0 = _state_grad(q, k, w, b, m, do, dht, scale, layout, has_g=has_g,
                                        want_dh0=h0 is not None)
         dq, dk, dv, dbeta, dg = _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout,
