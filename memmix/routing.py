@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from memmix.ops.segments import SegmentRows
+
 LAYOUTS = ("packed", "dense")
 AUX_LOSS_MODES = ("global", "layerwise")
 
@@ -180,6 +182,26 @@ class DispatchPlan:
         """Weighted sum over each token's slots: (buffer_len, C), (B, T, S) -> (B, T, C)."""
         out = self.collect(buffer)
         return (out * slot_weights.unsqueeze(-1).to(out.dtype)).sum(dim=2)
+
+    def segment_rows(self, memory_ids: torch.Tensor) -> SegmentRows:
+        """Row tables for memmix.ops.segments ("packed" layout): memory_ids (B, T, S) as given to plan_dispatch."""
+        if self.layout != "packed":
+            raise ValueError("segment_rows needs the 'packed' layout")
+        S = memory_ids.shape[-1]
+        num_slots = self.dest.numel()
+        slot_of_row = torch.empty_like(self.dest).index_copy_(
+            0, self.dest, torch.arange(num_slots, device=self.dest.device))
+        row = torch.arange(self.buffer_len, device=self.dest.device)
+        row_segment = torch.bucketize(row, self.starts[1:], right=True)  # (L,) in [0, R]; R = trash
+        return SegmentRows(
+            row_token=(slot_of_row // S).int(),
+            row_memory=memory_ids.reshape(-1)[slot_of_row].int(),
+            row_segment=row_segment.int(),
+            row_position=(row - self.starts[row_segment]).int(),
+            slot_row=self.dest.view(-1, S).int(),
+            slot_memory=memory_ids.reshape(-1, S).int(),
+            num_segments=self.num_segments,
+        )
 
     def filled_rows(self) -> torch.Tensor:
         """(buffer_len,) bool: rows holding a real slot (the rest are identity steps)."""

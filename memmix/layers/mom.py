@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix import ops
+from memmix.ops import triton as triton_ops
+from memmix.ops.segments import FeatureGroups, segment_combine, segment_conv
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 from memmix.routing import DispatchPlan, allowed_memories, plan_dispatch, route
@@ -194,20 +196,15 @@ class MixtureOfMemories(nn.Module):
         if state is not None and state.memory.shape[0] != N:
             raise ValueError(f"state holds {state.memory.shape[0]} sequences but the input has {N}")
 
-        conv_in, gates_in = self._slot_projections(hidden_states, memory_ids)
         tails = None if state is None else state.conv.reshape(plan.num_segments, self.conv_size - 1, -1)
-        conv_out, new_tails = self._segment_conv(plan, plan.dispatch(conv_in), tails)
-        q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta, g = self._gates(plan.dispatch(gates_in))
-        if plan.layout == "dense":  # unused cells must leave the state unchanged
-            filled = plan.filled_rows().unsqueeze(-1)
-            k = k * filled
-            beta = None if beta is None else beta * filled
-            g = None if g is None else g * filled
-
         initial = None if state is None else state.memory.reshape(plan.num_segments, *state.memory.shape[2:])
-        o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache)
-        o = self._output(hidden_states, plan.combine(o.reshape(plan.buffer_len, -1), slot_weights))
+        if self._fused_dispatch(plan, hidden_states, tails):
+            o, final, new_tails = self._memories_fused(hidden_states, memory_ids, slot_weights, valid, plan, tails,
+                                                       initial, use_cache)
+        else:
+            o, final, new_tails = self._memories(hidden_states, memory_ids, slot_weights, plan, tails, initial,
+                                                 use_cache)
+        o = self._output(hidden_states, o)
 
         new_state = None
         if use_cache:
@@ -216,6 +213,62 @@ class MixtureOfMemories(nn.Module):
             conv = new_tails.reshape(N, P, self.conv_size - 1, -1)
             new_state = MoMState(memory, conv.to(memory.dtype), self.num_memories)
         return MoMLayerOutput(o, decision.logits, new_state)
+
+    def _fused_dispatch(self, plan: DispatchPlan, x: torch.Tensor, tails: torch.Tensor | None) -> bool:
+        """Use the Triton segment kernels: packed layout, impl auto/triton, Triton on x's device, and no
+        gradient wanted for the incoming conv tails (the PyTorch path differentiates those)."""
+        return (plan.layout == "packed" and self.impl in ("auto", "triton") and triton_ops.is_available(x)
+                and not (tails is not None and tails.requires_grad))
+
+    def _memories(self, x, memory_ids, slot_weights, plan, tails, initial, use_cache):
+        """PyTorch path: dispatch copies, one conv1d over the segment buffer, recurrence, combine.
+
+        Returns the mixed outputs (B, T, Vd), the final states (R, H, K, V) or None, the new tails (R, W-1, C).
+        """
+        conv_in, gates_in = self._slot_projections(x, memory_ids)
+        conv_out, new_tails = self._segment_conv(plan, plan.dispatch(conv_in), tails)
+        q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta, g = self._gates(plan.dispatch(gates_in))
+        if plan.layout == "dense":  # unused cells must leave the state unchanged
+            filled = plan.filled_rows().unsqueeze(-1)
+            k = k * filled
+            beta = None if beta is None else beta * filled
+            g = None if g is None else g * filled
+        o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache)
+        return plan.combine(o.reshape(plan.buffer_len, -1), slot_weights), final, new_tails
+
+    def _memories_fused(self, x, memory_ids, slot_weights, valid, plan, tails, initial, use_cache):
+        """Triton path: q, k, v gathered and convolved straight from the projections (memmix.ops.segments),
+        recurrence, fused weighted combine. Same returns as _memories."""
+        B, T, D = x.shape
+        rows = plan.segment_rows(memory_ids)
+        q_src = self.q_proj(x).reshape(B * T, self.key_dim)
+        kv_src = F.linear(x, self._stacked_kv_weight().reshape(-1, D)).view(B * T, self.k_proj.shape[0], -1)
+        groups = FeatureGroups(self.num_heads, self.head_k_dim, self.head_v_dim,
+                               kv_src.shape[-1] - self.key_dim - self.value_dim, self.conv_size)
+        q, k, v, gates = segment_conv(q_src, kv_src, self._conv_weight(), rows, groups,
+                                      None if tails is None else tails.detach())
+        beta, g = self._gates(gates)
+        o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache, normalized=True)
+        weights = (slot_weights * valid.unsqueeze(-1)).reshape(B * T, -1)
+        mixed = segment_combine(o.reshape(plan.buffer_len, -1), rows.slot_row, weights).view(B, T, -1)
+        new_tails = self._last_inputs(plan, rows, q_src, kv_src, tails) if use_cache else None
+        return mixed, final, new_tails
+
+    def _last_inputs(self, plan, rows, q_src, kv_src, tails) -> torch.Tensor:
+        """(R, W-1, C) the last W-1 conv inputs of every segment, reaching into the old tails when a segment
+        is shorter than that."""
+        W, R = self.conv_size, plan.num_segments
+        position = plan.counts[:R].unsqueeze(1) + torch.arange(W - 1, device=q_src.device)  # in [tails; segment]
+        row = (plan.starts[:R].unsqueeze(1) + position - (W - 1)).clamp(0, max(plan.buffer_len - 1, 0))
+        tok, mem = rows.row_token[row].long(), rows.row_memory[row].long()
+        if kv_src.shape[1] == 1:
+            mem = torch.zeros_like(mem)
+        inputs = torch.cat([q_src[tok], kv_src[tok, mem, : self.key_dim + self.value_dim]], dim=-1)
+        if tails is None:
+            tails = inputs.new_zeros(R, W - 1, inputs.shape[-1])
+        old = tails.to(inputs.dtype).gather(1, position.clamp(max=W - 2).unsqueeze(-1).expand_as(inputs))
+        return torch.where((position >= W - 1).unsqueeze(-1), inputs, old)
 
     def _decode_step(self, x, valid, decision, memory_ids, slot_weights, state, use_cache) -> MoMLayerOutput:
         """One token per sequence: gather the picked memories' states and conv tails, step, scatter back.
@@ -232,7 +285,7 @@ class MixtureOfMemories(nn.Module):
         picked = (torch.arange(B, device=x.device).unsqueeze(1) * P + memory_ids[:, 0]).reshape(-1)  # (B*S,)
         tails = state.conv.reshape(B * P, W - 1, -1).index_select(0, picked)  # (B*S, W-1, C)
         window = torch.cat([tails.to(conv_in.dtype), conv_in.reshape(B * S, 1, -1)], dim=1)  # (B*S, W, C)
-        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]  # (C, W)
+        weight = self._conv_weight()  # (C, W)
         conv_out = F.silu((window * weight.t().to(window.dtype)).sum(1))  # (B*S, C)
         q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta, g = self._gates(gates_in.reshape(B * S, -1))
@@ -294,9 +347,8 @@ class MixtureOfMemories(nn.Module):
         One wide product over all memories' weights, then a gather of each slot's memory.
         """
         B, T, S = memory_ids.shape
-        weights = [self.k_proj, self.v_proj] + [w for w in (self.b_proj, self.a_proj) if w is not None]
         rows = self.k_proj.shape[0]
-        wide = torch.cat(weights, dim=1)  # (P, C, D)
+        wide = self._stacked_kv_weight()  # (P, C, D)
         proj = F.linear(x, wide.reshape(-1, wide.shape[-1])).view(B, T, rows, -1)  # (B, T, P, C)
         if rows == 1:
             proj = proj.expand(B, T, S, proj.shape[-1])
@@ -305,6 +357,15 @@ class MixtureOfMemories(nn.Module):
         kv, gates = proj.split([self.key_dim + self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], -1)
         q = self.q_proj(x).unsqueeze(2).expand(B, T, S, self.key_dim)
         return torch.cat([q, kv], dim=-1), gates
+
+    def _stacked_kv_weight(self) -> torch.Tensor:
+        """(P, Kd + Vd + n_gates * H, D): every memory's k, v, beta, decay projections, one row per memory."""
+        weights = [self.k_proj, self.v_proj] + [w for w in (self.b_proj, self.a_proj) if w is not None]
+        return torch.cat(weights, dim=1)
+
+    def _conv_weight(self) -> torch.Tensor:
+        """(2 Kd + Vd, W) depthwise conv weights of q, k, v."""
+        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
 
     def _segment_conv(
         self, plan: DispatchPlan, x: torch.Tensor, tails: torch.Tensor | None
@@ -329,7 +390,7 @@ class MixtureOfMemories(nn.Module):
         )  # (R, W-1)
         if tails is not None:
             ext = ext.index_copy(0, tail_rows.reshape(-1), tails.reshape(-1, C).to(ext.dtype))
-        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).to(ext.dtype)
+        weight = self._conv_weight().unsqueeze(1).to(ext.dtype)  # (C, 1, W)
         y = F.conv1d(ext.t().unsqueeze(0), weight, padding=W - 1, groups=C)[0, :, :ext_len].t()
         out = F.silu(y.index_select(0, shifted))
         new_tails = ext.index_select(0, (tail_rows + plan.counts.unsqueeze(1)).reshape(-1)).view(R, W - 1, C)
@@ -347,8 +408,9 @@ class MixtureOfMemories(nn.Module):
             g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
         return beta, g
 
-    def _recurrence(self, plan: DispatchPlan, q, k, v, g, beta, initial, use_cache: bool):
-        """Run the memory rule over every segment in one call. Returns o (buffer_len, H, V), final (R, H, K, V)."""
+    def _recurrence(self, plan: DispatchPlan, q, k, v, g, beta, initial, use_cache: bool, normalized=False):
+        """Run the memory rule over every segment in one call (normalized: q, k already L2-normalised).
+        Returns o (buffer_len, H, V), final (R, H, K, V)."""
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         if plan.layout == "dense":
             shape, L = (plan.num_segments, plan.row_len), plan.num_segments * plan.row_len
@@ -361,7 +423,8 @@ class MixtureOfMemories(nn.Module):
         args = [t[:L].reshape(*shape, H, -1) for t in (q, k, v)]
         extra = [t[:L].reshape(*shape, H) for t in (g, beta) if t is not None]
         kwargs = dict(
-            initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=True, impl=self.impl
+            initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=not normalized,
+            impl=self.impl
         )
         o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
         o = o.reshape(L, H, V)

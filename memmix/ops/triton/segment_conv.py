@@ -1,0 +1,341 @@
+"""Triton kernels of memmix.ops.segments (gathered segment convolution, weighted combine) and their autograd.
+
+Launch layout: row kernels take (row tile, head) programs over the L buffer rows; token kernels take (token
+tile, head) programs and write each source gradient exactly once (no zero-fill, no atomics). One launch
+per feature group (q, k, v, gates); no host synchronisation.
+"""
+from __future__ import annotations
+
+import os
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+L2NORM_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, tails_row_stride,
+                row_tok_ptr, row_mem_ptr, rows, pos, seg, rvalid, ch, cvalid, j, num_segments,
+                W: tl.constexpr, HAS_TAILS: tl.constexpr):
+    """(BR, BC) float32 input of tap j (row r - j) for rows `rows`: the gathered row inside the segment,
+    the segment's tail before its start, zero otherwise."""
+    inside = rvalid & (pos >= j)
+    src_row = rows - j
+    tok = tl.load(row_tok_ptr + src_row, mask=inside, other=0).to(tl.int64)
+    mem = tl.load(row_mem_ptr + src_row, mask=inside, other=0).to(tl.int64)
+    offs = tok[:, None] * tok_stride + mem[:, None] * mem_stride + ch[None, :]
+    x = tl.load(src_ptr + offs, mask=inside[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+    if HAS_TAILS:
+        before = rvalid & (pos < j) & (seg < num_segments)
+        tail_row = W - 1 - (j - pos)
+        toffs = seg.to(tl.int64)[:, None] * tails_seg_stride + tail_row[:, None] * tails_row_stride + ch[None, :]
+        x += tl.load(tails_ptr + toffs, mask=before[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def segment_conv_fwd_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_ptr, tails_seg_stride,
+                            tails_row_stride, out_ptr, row_tok_ptr, row_mem_ptr, row_seg_ptr, row_pos_ptr,
+                            L, num_segments, width, eps,
+                            W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, CONV: tl.constexpr,
+                            NORM: tl.constexpr, HAS_TAILS: tl.constexpr):
+    """Rows tile x one head (width channels): out = l2norm?(silu(conv(gathered rows))) or the gathered rows."""
+    pid_r, head = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rvalid = rows < L
+    cols = tl.arange(0, BC)
+    cvalid = cols < width
+    ch = head * width + cols  # channel inside this feature group
+    pos = tl.load(row_pos_ptr + rows, mask=rvalid, other=0)
+    seg = tl.load(row_seg_ptr + rows, mask=rvalid, other=0)
+    if CONV:
+        acc = tl.zeros((BR, BC), dtype=tl.float32)
+        for j in tl.static_range(W):
+            x = _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, tails_row_stride,
+                            row_tok_ptr, row_mem_ptr, rows, pos, seg, rvalid, ch, cvalid, j, num_segments,
+                            W, HAS_TAILS)
+            wj = tl.load(w_ptr + ch * W + (W - 1 - j), mask=cvalid, other=0.0).to(tl.float32)
+            acc += x * wj[None, :]
+        y = acc * tl.sigmoid(acc)
+    else:
+        y = _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, 0, 0, row_tok_ptr, row_mem_ptr, rows,
+                        pos, seg, rvalid, ch, cvalid, 0, num_segments, W, False)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(y * y, 1) + eps)[:, None]
+    out_offs = rows.to(tl.int64)[:, None] * (tl.num_programs(1) * width) + ch[None, :]
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=rvalid[:, None] & cvalid[None, :])
+
+
+@triton.jit
+def segment_conv_bwd_rows_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_ptr, tails_seg_stride,
+                                 tails_row_stride, dout_ptr, dacc_ptr, dw_part_ptr, dw_tile_stride,
+                                 row_tok_ptr, row_mem_ptr, row_seg_ptr, row_pos_ptr, L, num_segments, width, eps,
+                                 W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NORM: tl.constexpr,
+                                 HAS_TAILS: tl.constexpr):
+    """Back through norm and SiLU to the convolution's pre-activation: dacc (rows, channels) and this row
+    tile's share of the weight gradient dw_part[tile, tap, channel]."""
+    pid_r, head = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rvalid = rows < L
+    cols = tl.arange(0, BC)
+    cvalid = cols < width
+    ch = head * width + cols
+    pos = tl.load(row_pos_ptr + rows, mask=rvalid, other=0)
+    seg = tl.load(row_seg_ptr + rows, mask=rvalid, other=0)
+    acc = tl.zeros((BR, BC), dtype=tl.float32)
+    for j in tl.static_range(W):
+        x = _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, tails_row_stride,
+                        row_tok_ptr, row_mem_ptr, rows, pos, seg, rvalid, ch, cvalid, j, num_segments, W, HAS_TAILS)
+        wj = tl.load(w_ptr + ch * W + (W - 1 - j), mask=cvalid, other=0.0).to(tl.float32)
+        acc += x * wj[None, :]
+    sig = tl.sigmoid(acc)
+    y = acc * sig
+    offs = rows.to(tl.int64)[:, None] * (tl.num_programs(1) * width) + ch[None, :]
+    mask = rvalid[:, None] & cvalid[None, :]
+    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        r = tl.rsqrt(tl.sum(y * y, 1) + eps)
+        n = y * r[:, None]
+        dy = r[:, None] * (dy - n * tl.sum(dy * n, 1)[:, None])
+    dacc = dy * sig * (1.0 + acc * (1.0 - sig))
+    tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
+    for j in tl.static_range(W):  # the taps' inputs again (cached loads) for dw
+        x = _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, tails_row_stride,
+                        row_tok_ptr, row_mem_ptr, rows, pos, seg, rvalid, ch, cvalid, j, num_segments, W, HAS_TAILS)
+        tl.store(dw_part_ptr + pid_r.to(tl.int64) * dw_tile_stride + ch * W + (W - 1 - j), tl.sum(x * dacc, 0),
+                 mask=cvalid)
+
+
+@triton.jit
+def segment_conv_bwd_tokens_kernel(dacc_ptr, w_ptr, dsrc_ptr, dsrc_tok_stride, dsrc_mem_stride,
+                                   slot_row_ptr, slot_mem_ptr, row_seg_ptr, num_tokens, L, width, num_sources,
+                                   S: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                                   CONV: tl.constexpr, SUM_SLOTS: tl.constexpr):
+    """Gradient of the gathered inputs, token-major. Row r's input feeds rows r .. r + W - 1 of its segment:
+    dx[r] = sum_j w[W-1-j] dacc[r + j]. SUM_SLOTS: one source row per token (q) takes the sum over its
+    slots; else source (token, m) for m < num_sources gets its slot's dx, zero when no slot picked m."""
+    pid_t, head = tl.program_id(0), tl.program_id(1)
+    toks = pid_t * BT + tl.arange(0, BT)
+    tvalid = toks < num_tokens
+    cols = tl.arange(0, BC)
+    cvalid = cols < width
+    ch = head * width + cols
+    dacc_stride = tl.num_programs(1) * width
+    if SUM_SLOTS:
+        total = tl.zeros((BT, BC), dtype=tl.float32)
+        for s in range(S):
+            row = tl.load(slot_row_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0)
+            total += _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, tvalid, ch, cvalid, L,
+                                     W, BT, BC, CONV)
+        offs = toks.to(tl.int64)[:, None] * dsrc_tok_stride + ch[None, :]
+        tl.store(dsrc_ptr + offs, total.to(dsrc_ptr.dtype.element_ty), mask=tvalid[:, None] & cvalid[None, :])
+    else:
+        for m in range(num_sources):
+            row = tl.zeros((BT,), dtype=tl.int32)
+            picked = tl.zeros((BT,), dtype=tl.int1)
+            for s in range(S):
+                mem = tl.load(slot_mem_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=-1)
+                slot_row = tl.load(slot_row_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0)
+                row = tl.where(mem == m, slot_row, row)
+                picked = picked | (mem == m)
+            dx = _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, picked, ch, cvalid, L,
+                                 W, BT, BC, CONV)
+            offs = toks.to(tl.int64)[:, None] * dsrc_tok_stride + m * dsrc_mem_stride + ch[None, :]
+            tl.store(dsrc_ptr + offs, dx.to(dsrc_ptr.dtype.element_ty), mask=tvalid[:, None] & cvalid[None, :])
+
+
+@triton.jit
+def _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, valid, ch, cvalid, L,
+                    W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, CONV: tl.constexpr):
+    """(BT, BC) float32 gradient of the input held by rows `row` (zero where not valid)."""
+    seg = tl.load(row_seg_ptr + row, mask=valid, other=-1)
+    dx = tl.zeros((BT, BC), dtype=tl.float32)
+    if CONV:
+        for j in tl.static_range(W):
+            target = row + j
+            same = valid & (target < L)
+            same = same & (tl.load(row_seg_ptr + target, mask=same, other=-2) == seg)
+            d = tl.load(dacc_ptr + target.to(tl.int64)[:, None] * dacc_stride + ch[None, :],
+                        mask=same[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+            wj = tl.load(w_ptr + ch * W + (W - 1 - j), mask=cvalid, other=0.0).to(tl.float32)
+            dx += d * wj[None, :]
+    else:
+        dx += tl.load(dacc_ptr + row.to(tl.int64)[:, None] * dacc_stride + ch[None, :],
+                      mask=valid[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+    return dx
+
+
+@triton.jit
+def segment_combine_fwd_kernel(rows_ptr, slot_row_ptr, weight_ptr, out_ptr, num_tokens, C,
+                               S: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """out[t, c] = sum_s weight[t, s] * rows[slot_row[t, s], c]."""
+    toks = tl.program_id(0) * BT + tl.arange(0, BT)
+    tvalid = toks < num_tokens
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = tvalid[:, None] & (cols < C)[None, :]
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for s in range(S):
+        row = tl.load(slot_row_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0).to(tl.int64)
+        w = tl.load(weight_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0.0).to(tl.float32)
+        x = tl.load(rows_ptr + row[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += w[:, None] * x
+    tl.store(out_ptr + toks.to(tl.int64)[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def segment_combine_bwd_kernel(rows_ptr, slot_row_ptr, weight_ptr, dout_ptr, drows_ptr, dweight_part_ptr,
+                               num_tokens, C, S: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """drows[slot_row[t, s]] = weight[t, s] * dout[t]; this column tile's share of dweight[t, s]."""
+    toks = tl.program_id(0) * BT + tl.arange(0, BT)
+    tvalid = toks < num_tokens
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = tvalid[:, None] & (cols < C)[None, :]
+    dout = tl.load(dout_ptr + toks.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    for s in range(S):
+        row = tl.load(slot_row_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0).to(tl.int64)
+        w = tl.load(weight_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0.0).to(tl.float32)
+        x = tl.load(rows_ptr + row[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(drows_ptr + row[:, None] * C + cols[None, :], (w[:, None] * dout).to(drows_ptr.dtype.element_ty),
+                 mask=mask)
+        part = tl.sum(x * dout, 1)  # (BT,)
+        tl.store(dweight_part_ptr + (tl.program_id(1).to(tl.int64) * num_tokens + toks) * S + s, part, mask=tvalid)
+
+
+# --------------------------------------------------------------------------- launch helpers
+
+def _launch(kernel, grid, *args, num_warps: int = 4, **constants) -> None:
+    options = {} if INTERPRET else {"num_warps": num_warps}
+    kernel[grid](*args, **constants, **options)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _warps(width: int) -> int:
+    return 8 if width > 128 else 4
+
+
+ROWS_PER_PROGRAM = 32
+TOKENS_PER_PROGRAM = 16
+
+
+def _groups(fg):
+    """(name, channel offset in the per-memory source or None for q, width per head, heads, conv, norm,
+    channel offset in the conv weight/tails)."""
+    H, K, V = fg.num_heads, fg.head_k, fg.head_v
+    return [("q", None, K, H, True, True, 0), ("k", 0, K, H, True, True, H * K),
+            ("v", H * K, V, H, True, False, 2 * H * K), ("gates", H * (K + V), fg.num_gates, 1, False, False, None)]
+
+
+class SegmentConvFunction(torch.autograd.Function):
+    """q_src (T_tok, H*K); kv_src (T_tok, P, H*K + H*V + G); weight (2HK + HV, W) -> q, k (L, H*K), v (L, H*V),
+    gates (L, G). tails (num_segments, W - 1, 2HK + HV) or None (no gradient flows to tails)."""
+
+    @staticmethod
+    def forward(ctx, q_src, kv_src, weight, tables, fg, tails):
+        L, W = tables.num_rows, fg.conv_size
+        outs = []
+        for name, offset, width, heads, conv, norm, woff in _groups(fg):
+            src, tok_stride, mem_stride = _source(q_src, kv_src, offset)
+            out = q_src.new_empty(L, heads * width)
+            t_ptr, t_seg, t_row = _tails_args(tails, woff, out)
+            if L > 0 and width > 0:
+                _launch(segment_conv_fwd_kernel, (triton.cdiv(L, ROWS_PER_PROGRAM), heads),
+                        src, tok_stride, mem_stride, weight[woff:] if conv else weight, t_ptr, t_seg, t_row, out,
+                        tables.row_token, tables.row_memory, tables.row_segment, tables.row_position,
+                        L, tables.num_segments, width, L2NORM_EPS,
+                        W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), CONV=conv, NORM=norm, HAS_TAILS=tails is not None,
+                        num_warps=_warps(width))
+            outs.append(out)
+        ctx.save_for_backward(q_src, kv_src, weight, tails)
+        ctx.tables, ctx.fg = tables, fg
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, dgates):
+        q_src, kv_src, weight, tails = ctx.saved_tensors
+        tables, fg = ctx.tables, ctx.fg
+        L, W = tables.num_rows, fg.conv_size
+        num_tokens, S = tables.slot_row.shape
+        d_q_src, d_kv_src = torch.empty_like(q_src), torch.empty_like(kv_src)
+        row_tiles = triton.cdiv(L, ROWS_PER_PROGRAM)
+        dw = torch.zeros(row_tiles, weight.shape[0], W, device=weight.device, dtype=torch.float32)
+        for (name, offset, width, heads, conv, norm, woff), dout in zip(_groups(fg), (dq, dk, dv, dgates)):
+            if width == 0:
+                continue
+            src, tok_stride, mem_stride = _source(q_src, kv_src, offset)
+            dout = torch.zeros(L, heads * width, device=q_src.device, dtype=q_src.dtype) if dout is None \
+                else dout.contiguous()
+            if conv and L > 0:
+                dacc = torch.empty_like(dout)
+                t_ptr, t_seg, t_row = _tails_args(tails, woff, dout)
+                _launch(segment_conv_bwd_rows_kernel, (row_tiles, heads),
+                        src, tok_stride, mem_stride, weight[woff:], t_ptr, t_seg, t_row, dout, dacc,
+                        dw[:, woff:], dw.stride(0), tables.row_token, tables.row_memory, tables.row_segment,
+                        tables.row_position, L, tables.num_segments, width, L2NORM_EPS,
+                        W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), NORM=norm, HAS_TAILS=tails is not None,
+                        num_warps=_warps(width))
+            else:
+                dacc = dout
+            dsrc, dtok_stride, dmem_stride = _source(d_q_src, d_kv_src, offset)
+            if num_tokens > 0:
+                _launch(segment_conv_bwd_tokens_kernel, (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), heads),
+                        dacc, weight[woff:] if conv else weight, dsrc, dtok_stride, dmem_stride,
+                        tables.slot_row, tables.slot_memory, tables.row_segment, num_tokens, L, width,
+                        kv_src.shape[1], S=S, W=W, BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv,
+                        SUM_SLOTS=_shared_source(kv_src, offset))
+        return d_q_src, d_kv_src, dw.sum(0).to(weight.dtype), None, None, None
+
+
+def _source(q_src, kv_src, offset):
+    """(pointer tensor, token stride, memory stride) of a feature group's source; memory stride 0 when every
+    memory reads the same row (q, or a single per-memory row)."""
+    if offset is None:
+        return q_src, q_src.stride(0), 0
+    return kv_src[:, :, offset:], kv_src.stride(0), kv_src.stride(1) if kv_src.shape[1] > 1 else 0
+
+
+def _shared_source(kv_src, offset) -> bool:
+    return offset is None or kv_src.shape[1] == 1
+
+
+def _tails_args(tails, woff, like):
+    if tails is None or woff is None:
+        return like, 0, 0
+    return tails[:, :, woff:], tails.stride(0), tails.stride(1)
+
+
+class SegmentCombineFunction(torch.autograd.Function):
+    """rows (L, C), slot_row (T_tok, S) int32, weight (T_tok, S) -> out (T_tok, C) in rows' dtype."""
+
+    @staticmethod
+    def forward(ctx, rows, slot_row, weight):
+        num_tokens, S = slot_row.shape
+        C = rows.shape[1]
+        out = rows.new_empty(num_tokens, C)
+        block = min(_pow2(C), 256)
+        if num_tokens > 0:
+            _launch(segment_combine_fwd_kernel, (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), triton.cdiv(C, block)),
+                    rows, slot_row, weight, out, num_tokens, C, S=S, BT=TOKENS_PER_PROGRAM, BC=block)
+        ctx.save_for_backward(rows, slot_row, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        rows, slot_row, weight = ctx.saved_tensors
+        num_tokens, S = slot_row.shape
+        C = rows.shape[1]
+        block = min(_pow2(C), 256)
+        col_tiles = triton.cdiv(C, block)
+        drows = torch.empty_like(rows)
+        dweight_part = torch.empty(col_tiles, num_tokens, S, device=rows.device, dtype=torch.float32)
+        if num_tokens > 0:
+            _launch(segment_combine_bwd_kernel, (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), col_tiles),
+                    rows, slot_row, weight, dout.contiguous(), drows, dweight_part, num_tokens, C,
+                    S=S, BT=TOKENS_PER_PROGRAM, BC=block)
+        return drows, None, dweight_part.sum(0).to(weight.dtype)
