@@ -51,3 +51,19 @@ def test_graph_generate_equals_eager_generate_with_left_padding():
     eager2 = model.generate(ids2, max_new_tokens=8, do_sample=False, pad_token_id=0)
     model.cuda_graph_decoding = True
     assert torch.equal(model.generate(ids2, max_new_tokens=8, do_sample=False, pad_token_id=0), eager2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_generate_equals_uncached_generate():
+    """Greedy tokens from the captured decode step equal those of the uncached path, which re-runs the whole
+    sequence through the chunked Triton kernels at every step (prompt of 70 > one chunk of 64)."""
+    model = _model()
+    ids = torch.randint(0, 97, (2, 70), device="cuda")
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    model.cuda_graph_decoding = True
+    graphed = model.generate(ids, **kwargs)
+    assert model._graph_decoders, "the decode steps did not go through the CUDA graph"
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert graphed.shape == (2, 82)
+    assert torch.equal(graphed, uncached)
