@@ -133,10 +133,11 @@ def main(argv=None) -> int:
                         row["error"] = f"{type(err).__name__}: {err}"[:200]
                 rows.append(row)
                 _print_row(row)
+                # rewritten after every row: a run stopped at a time limit keeps what it measured
+                write_json_atomic(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
+                                              "notes": notes, "rows": rows})
     for note in notes:
         print("note:", note)
-    payload = {"device": device_name, "torch": torch.__version__, "args": vars(args), "notes": notes, "rows": rows}
-    write_json_atomic(args.json, payload)
     print(f"device: {device_name}; wrote {args.json}")
     return 0
 
