@@ -1,5 +1,10 @@
-"""Shared test set-up: GPU tests skip cleanly without CUDA."""
+"""Shared test set-up: GPU tests skip cleanly without CUDA; Triton kernels run under the CPU interpreter."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,3 +17,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def run_under_interpreter():
+    """run(script, timeout) -> the JSON object the script prints last, run as a child process with
+    TRITON_INTERPRET=1 (it must be set before triton is imported) and one intra-op thread."""
+    pytest.importorskip("triton")
+
+    def run(script: str, timeout: int) -> dict:
+        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"interpreter run of {script} failed:\n{proc.stderr[-4000:]}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

@@ -7,9 +7,6 @@ as a script prints one JSON object of relative errors) and the tests check them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -115,12 +112,8 @@ def _main() -> None:
 
 
 @pytest.fixture(scope="module")
-def interpret_results() -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpret_results(run_under_interpreter) -> dict:
+    return run_under_interpreter(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("name", list(CASES))
