@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from memmix.ops.common import (CHUNK_SIZE, causal_decay, chunk_log_decay, fit_chunk_size, merge_chunks, run_rule,
-                               split_chunks)
+from memmix.ops.common import (CHUNK_SIZE, causal_decay, chunk_log_decay, cpu_rows, fit_chunk_size, merge_chunks,
+                               run_rule, split_chunks)
 
 
 def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
@@ -44,7 +44,7 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     so u = u_base - w S, with w and u_base from one batched triangular solve over all chunks.
     """
     L, K = q.shape[1], q.shape[-1]
-    chunk_size = fit_chunk_size(chunk_size, L)
+    chunk_size = fit_chunk_size(chunk_size, L, cpu_rows(q))
     q, k, v = (split_chunks(x, chunk_size) for x in (q, k, v))  # (N, H, NC, C, K|V)
     beta = split_chunks(beta, chunk_size)  # (N, H, NC, C)
     b = chunk_log_decay(g, q, chunk_size)  # (N, H, NC, C)

@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from memmix.ops.common import (CHUNK_SIZE, causal_decay, chunk_log_decay, fit_chunk_size, merge_chunks, run_rule,
-                               split_chunks)
+from memmix.ops.common import (CHUNK_SIZE, causal_decay, chunk_log_decay, cpu_rows, fit_chunk_size, merge_chunks,
+                               run_rule, split_chunks)
 
 
 def recurrent_gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
@@ -41,7 +41,7 @@ def chunk_gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     chunk and incoming state S:  o_i = exp(b_i) S^T q_i + sum_{j<=i} exp(b_i - b_j) (q_i.k_j) v_j.
     """
     L = q.shape[1]
-    chunk_size = fit_chunk_size(chunk_size, L)
+    chunk_size = fit_chunk_size(chunk_size, L, cpu_rows(q))
     q, k, v = (split_chunks(x, chunk_size) for x in (q, k, v))  # (N, H, NC, C, K|V)
     b = chunk_log_decay(g, q, chunk_size)  # (N, H, NC, C)
     o_intra = ((q @ k.mT) * causal_decay(b)) @ v  # (N, H, NC, C, V)

@@ -24,6 +24,20 @@ def test_chunk_matches_recurrent_dense(rule, T, use_qk_l2norm):
 
 
 @pytest.mark.parametrize("rule", ALL_RULES)
+@pytest.mark.parametrize("B", [10, 40])  # 20 and 80 (sequence, head) rows: CPU chunks of 32 and 16
+def test_chunk_matches_recurrent_with_many_rows(rule, B):
+    inputs = make_inputs(rule, B=B, T=70, seed=B, requires_grad=True)
+    ref_o, ref_s = call(rule, inputs, impl="recurrent", output_final_state=True)
+    o, s = call(rule, inputs, impl="chunk", output_final_state=True)
+    assert rel_err(o, ref_o) <= 1e-10 and rel_err(s, ref_s) <= 1e-10
+    names = grad_inputs(inputs)
+    grads = torch.autograd.grad(o.sum() + s.sum(), [inputs[n] for n in names])
+    ref_grads = torch.autograd.grad(ref_o.sum() + ref_s.sum(), [inputs[n] for n in names])
+    for name, got, ref in zip(names, grads, ref_grads):
+        assert rel_err(got, ref) <= 1e-9, name
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
 @pytest.mark.parametrize("use_qk_l2norm", [False, True])
 @pytest.mark.parametrize("initial_state", [False, True])
 def test_chunk_matches_recurrent_varlen(rule, use_qk_l2norm, initial_state):

@@ -111,3 +111,10 @@ def test_fit_chunk_size_shrinks_only_for_short_inputs():
     from memmix.ops.common import fit_chunk_size
 
     assert [fit_chunk_size(64, L) for L in (0, 1, 8, 9, 17, 32, 33, 64, 65, 4096)] == [8, 8, 8, 16, 32, 32, 64, 64, 64, 64]
+
+
+def test_fit_chunk_size_shrinks_for_many_rows():
+    from memmix.ops.common import fit_chunk_size
+
+    assert [fit_chunk_size(64, 4096, rows) for rows in (1, 16, 17, 64, 65, 1000)] == [64, 64, 32, 32, 16, 16]
+    assert fit_chunk_size(64, 9, rows=1000) == 16 and fit_chunk_size(64, 5, rows=1000) == 8
