@@ -2,6 +2,7 @@
 # The GPU checks and benchmarks in one pass on a CUDA machine, each stage under its own time limit.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [STAGE ...]
 #   stages: tests layer profile ops train gen gen-fla  (default: tests layer train gen)
+#   env: TESTS_LIMIT LAYER_LIMIT TRAIN_LIMIT TRAIN_STEPS TRAIN_PRESETS GEN_LIMIT TESTS_ARGS GEN_ARGS
 # Logs and JSON land in OUT_DIR; a stage that fails or runs out of time does not stop the next one.
 set -uo pipefail
 out="${1:-benchmarks/results}"
@@ -37,11 +38,11 @@ $py -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 'transformers', transformers.__version__)" | tee -a "$out/device.txt"
 for s in $stages; do
   case $s in
-    tests) stage gpu_tests "${TESTS_LIMIT:-240}" $py -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    tests) stage gpu_tests "${TESTS_LIMIT:-240}" $py -m pytest -q -m gpu -p no:cacheprovider --durations=20 ${TESTS_ARGS:-tests} ;;
     layer) stage layer_speed "${LAYER_LIMIT:-240}" $py benchmarks/layer_speed.py --json "$out/layer_speed.json" ;;
     profile) stage profile_layer 90 $py benchmarks/profile_layer.py --json "$out/profile_layer.json" ;;
     ops) stage ops_gpu 150 $py benchmarks/ops_gpu.py --json "$out/ops_gpu.json" ;;
-    train) for p in mom-340m gdn-340m attention-340m; do stage "train_$p" "${TRAIN_LIMIT:-100}" train_run "$p"; done ;;
+    train) for p in ${TRAIN_PRESETS:-mom-340m gdn-340m attention-340m}; do stage "train_$p" "${TRAIN_LIMIT:-100}" train_run "$p"; done ;;
     gen) stage generation "${GEN_LIMIT:-240}" $py benchmarks/generation.py --no-fla --json "$out/generation.json" \
            ${GEN_ARGS:-} ;;
     gen-fla) stage generation_fla 200 $py benchmarks/generation.py --only fla --batch-sizes 16 --prompts 512 \
