@@ -5,7 +5,8 @@ flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and s
     python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
 
 Every row processes the same number of tokens (batch = tokens // T). Timings are medians of
-triton.testing.do_bench on CUDA (warm-up included) or of perf_counter repeats on the CPU.
+triton.testing.do_bench on CUDA (warm-up included) or of perf_counter repeats on the CPU; forward+backward is
+the forward and a backward from a fixed random output gradient.
 """
 from __future__ import annotations
 
@@ -99,9 +100,11 @@ def measure(module, call, x: torch.Tensor, device: str, repeats: int) -> dict:
         with torch.no_grad():
             call(module, x)
 
+    upstream = torch.randn_like(x)  # a fixed output gradient: the time is the layer's, not a loss's
+
     def forward_backward():
         x.grad = None
-        call(module, x).float().square().mean().backward()
+        call(module, x).backward(upstream)
 
     fwd = median_ms(forward, device, repeats)
     fwd_bwd = median_ms(forward_backward, device, repeats)

@@ -231,7 +231,8 @@ def plan_dispatch(
     P = num_memories
     slot_valid = valid.unsqueeze(-1).expand(B, T, S)
     hits = F.one_hot(memory_ids, P).sum(dim=2) * valid.unsqueeze(-1).long()  # (B, T, P)
-    before = hits.cumsum(dim=1) - hits  # slots of the same memory earlier in the row
+    # scan along the innermost axis: torch's outer-axis scan runs T steps in sequence (0.36 ms at 8 x 2048 x 5)
+    before = hits.transpose(1, 2).contiguous().cumsum(dim=2).transpose(1, 2) - hits  # same memory, earlier in row
     if cu_seqlens is None:
         N = B
         seq = torch.arange(B, device=memory_ids.device).view(B, 1).expand(B, T)
@@ -243,7 +244,7 @@ def plan_dispatch(
         seq = (torch.bucketize(token, cu[1:], right=True)).clamp(max=N - 1).view(1, T)
         # slots of each memory before the document's first token, subtracted to restart counting
         zero = hits.new_zeros(1, P)
-        cum = torch.cat([zero, hits[0].cumsum(dim=0)])  # (T + 1, P)
+        cum = torch.cat([zero, hits[0].t().contiguous().cumsum(dim=1).t()])  # (T + 1, P)
         base = cum[cu[:-1]]  # (N, P)
         position = before.gather(2, memory_ids) - base[seq[0]].unsqueeze(0).gather(2, memory_ids)
     segment = seq.unsqueeze(-1) * P + memory_ids  # (B, T, S)

@@ -220,7 +220,12 @@ def _warps(width: int) -> int:
     return 8 if width > 128 else 4
 
 
+def _bwd_warps(width: int) -> int:
+    return _warps(width)
+
+
 ROWS_PER_PROGRAM = 32
+BWD_ROWS_PER_PROGRAM = 32  # the backward row kernel holds more tiles live: its own (smaller) row tile
 TOKENS_PER_PROGRAM = 16
 
 
@@ -263,7 +268,7 @@ class SegmentConvFunction(torch.autograd.Function):
         L, W = tables.num_rows, fg.conv_size
         num_tokens, S = tables.slot_row.shape
         d_q_src, d_kv_src = torch.empty_like(q_src), torch.empty_like(kv_src)
-        row_tiles = triton.cdiv(L, ROWS_PER_PROGRAM)
+        row_tiles = triton.cdiv(L, BWD_ROWS_PER_PROGRAM)
         dw = torch.zeros(row_tiles, weight.shape[0], W, device=weight.device, dtype=torch.float32)
         for (name, offset, width, heads, conv, norm, woff), dout in zip(_groups(fg), (dq, dk, dv, dgates)):
             if width == 0:
@@ -278,8 +283,8 @@ class SegmentConvFunction(torch.autograd.Function):
                         src, tok_stride, mem_stride, weight[woff:], t_ptr, t_seg, t_row, dout, dacc,
                         dw[:, woff:], dw.stride(0), tables.row_token, tables.row_memory, tables.row_segment,
                         tables.row_position, L, tables.num_segments, width, L2NORM_EPS,
-                        W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), NORM=norm, HAS_TAILS=tails is not None,
-                        num_warps=_warps(width))
+                        W=W, BR=BWD_ROWS_PER_PROGRAM, BC=_pow2(width), NORM=norm, HAS_TAILS=tails is not None,
+                        num_warps=_bwd_warps(width))
             else:
                 dacc = dout
             dsrc, dtok_stride, dmem_stride = _source(d_q_src, d_kv_src, offset)
