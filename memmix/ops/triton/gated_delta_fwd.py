@@ -18,7 +18,7 @@ Kernels:
   chunk_output_kernel  grid (chunks, H, V tiles): O of one chunk from its stored state and U (parallel).
 
 Token-major layouts: q, k, W (tokens, H, K); v, U0, U, o (tokens, H, V); g, beta, b (tokens, H);
-T, M (tokens, H, C) float32; per-chunk states (chunks, H, K, V). Chunk j covers tokens
+T, M (tokens, H, C) in k's dtype; per-chunk states (chunks, H, K, V). Chunk j covers tokens
 [chunk_start[j], chunk_end[j]) of one sequence; an empty entry (start == end) is a grid slot left unused.
 """
 from __future__ import annotations

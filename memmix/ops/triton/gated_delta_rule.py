@@ -121,11 +121,13 @@ class ChunkLayout:
 # --------------------------------------------------------------------------- launchers
 
 def _prepare(q, k, v, g, beta, scale, layout):
-    """b (tokens, H) float32, T and M (tokens, H, C) float32, W like k, U0 like v."""
+    """b (tokens, H) float32, T and M (tokens, H, C) like k, W like k, U0 like v.
+
+    T and M are stored in k's dtype: every kernel that reads them casts them to it before its dot anyway."""
     num_tokens, H, K = k.shape
     V = v.shape[-1]
     b = torch.empty(num_tokens, H, device=k.device, dtype=torch.float32) if g is not None else beta
-    tinv = torch.empty(num_tokens, H, CHUNK_SIZE, device=k.device, dtype=torch.float32)
+    tinv = torch.empty(num_tokens, H, CHUNK_SIZE, device=k.device, dtype=k.dtype)
     m = torch.empty_like(tinv)
     w, u0 = torch.empty_like(k), torch.empty_like(v)
     if layout.num_chunks > 0:
