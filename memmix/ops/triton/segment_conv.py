@@ -38,6 +38,16 @@ def _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, ta
 
 
 @triton.jit
+def _tail_tap(tails_ptr, tails_seg_stride, tails_row_stride, pos, seg, rvalid, ch, cvalid, j, num_segments,
+              W: tl.constexpr):
+    """(BR, BC) float32 tail part of tap j: the segment's tail input for rows with pos < j, zero otherwise."""
+    before = rvalid & (pos < j) & (seg < num_segments)
+    tail_row = W - 1 - (j - pos)
+    toffs = seg.to(tl.int64)[:, None] * tails_seg_stride + tail_row[:, None] * tails_row_stride + ch[None, :]
+    return tl.load(tails_ptr + toffs, mask=before[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def segment_conv_fwd_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_ptr, tails_seg_stride,
                             tails_row_stride, out_ptr, row_tok_ptr, row_mem_ptr, row_seg_ptr, row_pos_ptr,
                             L, num_segments, width, eps,
@@ -76,8 +86,9 @@ def segment_conv_bwd_rows_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_p
                                  row_tok_ptr, row_mem_ptr, row_seg_ptr, row_pos_ptr, L, num_segments, width, eps,
                                  W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, NORM: tl.constexpr,
                                  HAS_TAILS: tl.constexpr):
-    """Back through norm and SiLU to the convolution's pre-activation: dacc (rows, channels) and this row
-    tile's share of the weight gradient dw_part[tile, tap, channel]."""
+    """Back through norm and SiLU to the convolution's pre-activation: dacc (rows, channels), and (with tails)
+    this row tile's share of the weight gradient from the tail inputs, dw_part[tile, channel, tap]; the
+    gathered rows' share is taken by segment_conv_bwd_tokens_kernel."""
     pid_r, head = tl.program_id(0), tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     rvalid = rows < L
@@ -103,21 +114,25 @@ def segment_conv_bwd_rows_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_p
         dy = r[:, None] * (dy - n * tl.sum(dy * n, 1)[:, None])
     dacc = dy * sig * (1.0 + acc * (1.0 - sig))
     tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
-    for j in tl.static_range(W):  # the taps' inputs again (cached loads) for dw
-        x = _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, tails_row_stride,
-                        row_tok_ptr, row_mem_ptr, rows, pos, seg, rvalid, ch, cvalid, j, num_segments, W, HAS_TAILS)
-        tl.store(dw_part_ptr + pid_r.to(tl.int64) * dw_tile_stride + ch * W + (W - 1 - j), tl.sum(x * dacc, 0),
-                 mask=cvalid)
+    if HAS_TAILS:
+        for j in tl.static_range(1, W):
+            x = _tail_tap(tails_ptr, tails_seg_stride, tails_row_stride, pos, seg, rvalid, ch, cvalid, j,
+                          num_segments, W)
+            tl.store(dw_part_ptr + pid_r.to(tl.int64) * dw_tile_stride + ch * W + (W - 1 - j),
+                     tl.sum(x * dacc, 0), mask=cvalid)
 
 
 @triton.jit
-def segment_conv_bwd_tokens_kernel(dacc_ptr, w_ptr, dsrc_ptr, dsrc_tok_stride, dsrc_mem_stride,
+def segment_conv_bwd_tokens_kernel(dacc_ptr, w_ptr, src_ptr, src_tok_stride, src_mem_stride, dsrc_ptr,
+                                   dsrc_tok_stride, dsrc_mem_stride, dw_part_ptr, dw_tile_stride,
                                    slot_row_ptr, slot_mem_ptr, row_seg_ptr, num_tokens, L, width, num_sources,
-                                   S: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                                   CONV: tl.constexpr, SUM_SLOTS: tl.constexpr):
+                                   S: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
+                                   BC: tl.constexpr, CONV: tl.constexpr, SUM_SLOTS: tl.constexpr):
     """Gradient of the gathered inputs, token-major. Row r's input feeds rows r .. r + W - 1 of its segment:
-    dx[r] = sum_j w[W-1-j] dacc[r + j]. SUM_SLOTS: one source row per token (q) takes the sum over its
-    slots; else source (token, m) for m < num_sources gets its slot's dx, zero when no slot picked m."""
+    dx[r] = sum_j w[W-1-j] dacc[r + j], and (CONV) the weight gradient's share of this token tile,
+    dw_part[tile, channel, W-1-j] = sum_r x[r] dacc[r + j]. SUM_SLOTS: one source row per token (q) takes the
+    sum over its slots; else source (token, m) for m < num_sources gets its slot's dx, zero when no slot
+    picked m."""
     pid_t, head = tl.program_id(0), tl.program_id(1)
     toks = pid_t * BT + tl.arange(0, BT)
     tvalid = toks < num_tokens
@@ -125,12 +140,16 @@ def segment_conv_bwd_tokens_kernel(dacc_ptr, w_ptr, dsrc_ptr, dsrc_tok_stride, d
     cvalid = cols < width
     ch = head * width + cols
     dacc_stride = tl.num_programs(1) * width
+    dw = tl.zeros((WP, BC), dtype=tl.float32)  # [tap, channel]
     if SUM_SLOTS:
+        x = tl.load(src_ptr + toks.to(tl.int64)[:, None] * src_tok_stride + ch[None, :],
+                    mask=tvalid[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
         total = tl.zeros((BT, BC), dtype=tl.float32)
         for s in range(S):
             row = tl.load(slot_row_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0)
-            total += _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, tvalid, ch, cvalid, L,
-                                     W, BT, BC, CONV)
+            dx, dw = _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, tvalid, ch, cvalid, L, x, dw,
+                                     W, WP, BT, BC, CONV)
+            total += dx
         offs = toks.to(tl.int64)[:, None] * dsrc_tok_stride + ch[None, :]
         tl.store(dsrc_ptr + offs, total.to(dsrc_ptr.dtype.element_ty), mask=tvalid[:, None] & cvalid[None, :])
     else:
@@ -142,19 +161,27 @@ def segment_conv_bwd_tokens_kernel(dacc_ptr, w_ptr, dsrc_ptr, dsrc_tok_stride, d
                 slot_row = tl.load(slot_row_ptr + toks.to(tl.int64) * S + s, mask=tvalid, other=0)
                 row = tl.where(mem == m, slot_row, row)
                 picked = picked | (mem == m)
-            dx = _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, picked, ch, cvalid, L,
-                                 W, BT, BC, CONV)
+            x = tl.load(src_ptr + toks.to(tl.int64)[:, None] * src_tok_stride + m * src_mem_stride + ch[None, :],
+                        mask=picked[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+            dx, dw = _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, picked, ch, cvalid, L, x, dw,
+                                     W, WP, BT, BC, CONV)
             offs = toks.to(tl.int64)[:, None] * dsrc_tok_stride + m * dsrc_mem_stride + ch[None, :]
             tl.store(dsrc_ptr + offs, dx.to(dsrc_ptr.dtype.element_ty), mask=tvalid[:, None] & cvalid[None, :])
+    if CONV:
+        taps = tl.arange(0, WP)
+        tl.store(dw_part_ptr + pid_t.to(tl.int64) * dw_tile_stride + ch[None, :] * W + taps[:, None], dw,
+                 mask=(taps[:, None] < W) & cvalid[None, :])
 
 
 @triton.jit
-def _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, valid, ch, cvalid, L,
-                    W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, CONV: tl.constexpr):
-    """(BT, BC) float32 gradient of the input held by rows `row` (zero where not valid)."""
+def _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, valid, ch, cvalid, L, x, dw,
+                    W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, CONV: tl.constexpr):
+    """(BT, BC) float32 gradient of the input x held by rows `row` (zero where not valid), and dw (WP, BC)
+    plus the weight gradient's terms of these rows."""
     seg = tl.load(row_seg_ptr + row, mask=valid, other=-1)
     dx = tl.zeros((BT, BC), dtype=tl.float32)
     if CONV:
+        taps = tl.arange(0, WP)
         for j in tl.static_range(W):
             target = row + j
             same = valid & (target < L)
@@ -163,10 +190,11 @@ def _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, row, valid, ch, c
                         mask=same[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
             wj = tl.load(w_ptr + ch * W + (W - 1 - j), mask=cvalid, other=0.0).to(tl.float32)
             dx += d * wj[None, :]
+            dw += tl.where(taps[:, None] == W - 1 - j, tl.sum(x * d, 0)[None, :], 0.0)
     else:
         dx += tl.load(dacc_ptr + row.to(tl.int64)[:, None] * dacc_stride + ch[None, :],
                       mask=valid[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
-    return dx
+    return dx, dw
 
 
 @triton.jit
@@ -269,7 +297,11 @@ class SegmentConvFunction(torch.autograd.Function):
         num_tokens, S = tables.slot_row.shape
         d_q_src, d_kv_src = torch.empty_like(q_src), torch.empty_like(kv_src)
         row_tiles = triton.cdiv(L, BWD_ROWS_PER_PROGRAM)
-        dw = torch.zeros(row_tiles, weight.shape[0], W, device=weight.device, dtype=torch.float32)
+        token_tiles = triton.cdiv(num_tokens, TOKENS_PER_PROGRAM)
+        # weight-gradient shares: of the gathered rows per token tile, of the tail inputs per row tile
+        dw = torch.zeros(token_tiles, weight.shape[0], W, device=weight.device, dtype=torch.float32)
+        dw_tails = (torch.zeros(row_tiles, weight.shape[0], W, device=weight.device, dtype=torch.float32)
+                    if tails is not None else dw)
         for (name, offset, width, heads, conv, norm, woff), dout in zip(_groups(fg), (dq, dk, dv, dgates)):
             if width == 0:
                 continue
@@ -281,7 +313,7 @@ class SegmentConvFunction(torch.autograd.Function):
                 t_ptr, t_seg, t_row = _tails_args(tails, woff, dout)
                 _launch(segment_conv_bwd_rows_kernel, (row_tiles, heads),
                         src, tok_stride, mem_stride, weight[woff:], t_ptr, t_seg, t_row, dout, dacc,
-                        dw[:, woff:], dw.stride(0), tables.row_token, tables.row_memory, tables.row_segment,
+                        dw_tails[:, woff:], dw_tails.stride(0), tables.row_token, tables.row_memory, tables.row_segment,
                         tables.row_position, L, tables.num_segments, width, L2NORM_EPS,
                         W=W, BR=BWD_ROWS_PER_PROGRAM, BC=_pow2(width), NORM=norm, HAS_TAILS=tails is not None,
                         num_warps=_bwd_warps(width))
@@ -289,12 +321,14 @@ class SegmentConvFunction(torch.autograd.Function):
                 dacc = dout
             dsrc, dtok_stride, dmem_stride = _source(d_q_src, d_kv_src, offset)
             if num_tokens > 0:
-                _launch(segment_conv_bwd_tokens_kernel, (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), heads),
-                        dacc, weight[woff:] if conv else weight, dsrc, dtok_stride, dmem_stride,
-                        tables.slot_row, tables.slot_memory, tables.row_segment, num_tokens, L, width,
-                        kv_src.shape[1], S=S, W=W, BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv,
+                _launch(segment_conv_bwd_tokens_kernel, (token_tiles, heads),
+                        dacc, weight[woff:] if conv else weight, src, tok_stride, mem_stride, dsrc, dtok_stride,
+                        dmem_stride, dw[:, woff:] if conv else dw, dw.stride(0), tables.slot_row,
+                        tables.slot_memory, tables.row_segment, num_tokens, L, width, kv_src.shape[1],
+                        S=S, W=W, WP=triton.next_power_of_2(W), BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv,
                         SUM_SLOTS=_shared_source(kv_src, offset))
-        return d_q_src, d_kv_src, dw.sum(0).to(weight.dtype), None, None, None
+        dw = dw.sum(0) + dw_tails.sum(0) if tails is not None else dw.sum(0)
+        return d_q_src, d_kv_src, dw.to(weight.dtype), None, None, None
 
 
 def _source(q_src, kv_src, offset):
