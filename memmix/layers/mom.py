@@ -29,6 +29,8 @@ _USES_BETA = {"gated_delta": True, "delta": True, "gla": False, "linear": False}
 _USES_DECAY = {"gated_delta": True, "delta": False, "gla": True, "linear": False}
 _RULES = {"gated_delta": ops.gated_delta_rule, "delta": ops.delta_rule,
           "gla": ops.gated_linear_attention, "linear": ops.linear_attention}
+_OP_NAMES = {"gated_delta": "gated_delta_rule", "delta": "delta_rule", "gla": "gated_linear_attention",
+             "linear": "linear_attention"}
 # inputs up to this length use the dense layout (decoding steps, short prompts)
 DENSE_LAYOUT_MAX_LEN = 16
 
@@ -271,9 +273,9 @@ class MixtureOfMemories(nn.Module):
         return torch.where((position >= W - 1).unsqueeze(-1), inputs, old)
 
     def _decode_step(self, x, valid, decision, memory_ids, slot_weights, state, use_cache) -> MoMLayerOutput:
-        """One token per sequence: gather the picked memories' states and conv tails, step, scatter back.
+        """One token per sequence: step the picked memories' states and conv tails; the others are not touched.
 
-        x (B, 1, D); valid (B, 1); memory_ids, slot_weights (B, 1, S). Other memories are not touched.
+        x (B, 1, D); valid (B, 1); memory_ids, slot_weights (B, 1, S).
         """
         B, _, S = memory_ids.shape
         P, W, H = self.num_slots_memories, self.conv_size, self.num_heads
@@ -287,29 +289,54 @@ class MixtureOfMemories(nn.Module):
         window = torch.cat([tails.to(conv_in.dtype), conv_in.reshape(B * S, 1, -1)], dim=1)  # (B*S, W, C)
         weight = self._conv_weight()  # (C, W)
         conv_out = F.silu((window * weight.t().to(window.dtype)).sum(1))  # (B*S, C)
-        q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k, v = (t.reshape(B * S, H, -1) for t in conv_out.split([self.key_dim, self.key_dim, self.value_dim], -1))
         beta, g = self._gates(gates_in.reshape(B * S, -1))
-        memory = state.memory.reshape(B * P, *state.memory.shape[2:])
-        before = memory.index_select(0, picked)  # (B*S, H, K, V)
-        rule = _RULES[self.memory_rule]
-        args = [t.reshape(B * S, 1, H, -1) for t in (q, k, v)] + [t.reshape(B * S, 1, H) for t in (g, beta) if t is not None]
-        o, after = rule(*args, initial_state=before, output_final_state=True, use_qk_l2norm=True, impl="recurrent")
         keep = valid.reshape(B, 1).expand(B, S).reshape(-1)
+        o, memory = self._step_memories(q, k, v, g, beta, state.memory, picked, keep, use_cache)
         o = o.reshape(B, 1, S, self.value_dim) * (slot_weights * valid.unsqueeze(-1)).unsqueeze(-1).to(o.dtype)
         o = self._output(x, o.sum(2))
         new_state = None
         if use_cache:
-            after = torch.where(keep.view(-1, 1, 1, 1), after, before).to(memory.dtype)
             new_tails = torch.where(keep.view(-1, 1, 1), window[:, 1:].to(state.conv.dtype), tails)
             conv = state.conv.reshape(B * P, W - 1, -1)
             if self.inplace_decode:
-                memory.index_copy_(0, picked, after)
                 conv.index_copy_(0, picked, new_tails)
                 new_state = state
             else:
-                new_state = MoMState(memory.index_copy(0, picked, after).view_as(state.memory),
-                                     conv.index_copy(0, picked, new_tails).view_as(state.conv), self.num_memories)
+                new_state = MoMState(memory, conv.index_copy(0, picked, new_tails).view_as(state.conv),
+                                     self.num_memories)
         return MoMLayerOutput(o, decision.logits, new_state)
+
+    def _step_memories(self, q, k, v, g, beta, memory, picked, keep, use_cache):
+        """One recurrent step of the picked states of memory (N, P, H, K, V), flat rows `picked` (B*S,).
+
+        q, k (B*S, H, K); v (B*S, H, V); g, beta (B*S, H) or None; keep (B*S,) bool: pads change nothing.
+        Returns o (B*S, H, V) and the new memory: `memory` itself when inplace_decode, a new tensor otherwise
+        (the caller's is not modified), None without use_cache. Without a gradient to track, the states are
+        stepped in place in the bank (ops.memory_step: one read and one write of each picked state on Triton);
+        with one, by the differentiable gather / step / scatter.
+        """
+        inputs = [t for t in (q, k, v, g, beta) if t is not None]
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs + [memory])
+        if use_cache and not wants_grad:
+            if not self.inplace_decode:
+                memory = memory.clone(memory_format=torch.contiguous_format)
+            impl = "auto" if self.impl in ("auto", "triton") else "recurrent"
+            o = ops.memory_step(_OP_NAMES[self.memory_rule], q, k, v, g, beta, memory.view(-1, *memory.shape[2:]),
+                                picked, keep, impl=impl)
+            return o, memory
+        bank = memory.reshape(-1, *memory.shape[2:])  # (N*P, H, K, V)
+        before = bank.index_select(0, picked)  # (B*S, H, K, V)
+        args = [t.unsqueeze(1) for t in inputs]  # (B*S, 1, H, ...)
+        o, after = _RULES[self.memory_rule](*args, initial_state=before, output_final_state=True,
+                                            use_qk_l2norm=True, impl="recurrent")
+        if not use_cache:
+            return o[:, 0], None
+        after = torch.where(keep.view(-1, 1, 1, 1), after, before).to(memory.dtype)
+        if self.inplace_decode:
+            bank.index_copy_(0, picked, after)
+            return o[:, 0], memory
+        return o[:, 0], bank.index_copy(0, picked, after).view_as(memory)
 
     def _allowed(self, modality_ids, B: int, T: int, device) -> torch.Tensor | None:
         """(B, T, M) bool memories open to each token under modality groups, or None without groups."""

@@ -8,9 +8,13 @@ All rules share one calling convention (flash-linear-attention layout), see memm
 impl: "recurrent" (step loop, the readable reference), "chunk" (chunkwise-parallel, chunks of 64),
 "triton" (memmix.ops.triton kernels, CUDA only) or "auto": on CUDA the Triton kernel when
 memmix.ops.triton provides the rule, else "chunk"; on CPU "recurrent" for T <= 8 (decode steps), else "chunk".
+
+memory_step (memmix.ops.decode) is one decoding step of any rule for picked states of a state bank, in place.
 """
 from memmix.ops.common import l2norm
+from memmix.ops.decode import memory_step
 from memmix.ops.delta_rule import delta_rule, gated_delta_rule
 from memmix.ops.linear_attention import gated_linear_attention, linear_attention
 
-__all__ = ["delta_rule", "gated_delta_rule", "gated_linear_attention", "l2norm", "linear_attention"]
+__all__ = ["delta_rule", "gated_delta_rule", "gated_linear_attention", "l2norm", "linear_attention",
+           "memory_step"]

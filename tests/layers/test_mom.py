@@ -235,6 +235,29 @@ def test_decode_step_with_padding_leaves_that_state_alone():
     assert sorted(torch.nonzero(changed).flatten().tolist()) == sorted(picked)
 
 
+@pytest.mark.parametrize("memory_rule", mom_module.MEMORY_RULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_step_without_grad_equals_the_differentiable_step(memory_rule, dtype):
+    """Without a gradient to track the picked states step in a copy of the bank (ops.memory_step); with one, by
+    the differentiable gather / step / scatter. Same numbers, and neither writes the state it was given."""
+    layer = make_layer(memory_rule=memory_rule).to(dtype).requires_grad_(False)
+    state = layer.init_state(3, dtype=dtype)
+    state.memory.normal_()
+    state.conv.normal_()
+    original = (state.memory.clone(), state.conv.clone())
+    step = torch.randn(3, 1, 16, dtype=dtype)
+    mask = torch.tensor([[1], [0], [1]])
+    with torch.no_grad():
+        fast = layer(step, attention_mask=mask, state=state, use_cache=True)
+    tracked = mom_module.MoMState(state.memory.clone().requires_grad_(True), state.conv, state.num_routed)
+    slow = layer(step, attention_mask=mask, state=tracked, use_cache=True)
+    assert slow.state.memory.requires_grad and not fast.state.memory.requires_grad  # both paths ran
+    assert torch.equal(fast.hidden_states, slow.hidden_states)
+    assert torch.equal(fast.state.memory, slow.state.memory.detach()) and torch.equal(fast.state.conv, slow.state.conv)
+    assert torch.equal(state.memory, original[0]) and torch.equal(state.conv, original[1])
+    assert torch.equal(fast.state.memory[1], state.memory[1]) and not torch.equal(fast.state.memory, state.memory)
+
+
 def test_memory_groups_keep_each_modality_in_its_own_memories():
     layer = make_layer(num_memories=6, topk=2, memory_groups=[4, 2])
     x = torch.randn(2, 30, 16, dtype=torch.float64)

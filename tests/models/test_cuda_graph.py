@@ -9,15 +9,17 @@ from memmix import MoMConfig, MoMForCausalLM
 from memmix.layers import MixtureOfMemories
 
 
-def test_inplace_decode_step_equals_functional_step():
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])  # differentiable step / ops.memory_step
+def test_inplace_decode_step_equals_functional_step(grad):
     torch.manual_seed(0)
     layer = MixtureOfMemories(16, num_heads=2, head_dim=4, num_memories=4, topk=2).double()
     x = torch.randn(3, 9, 16, dtype=torch.float64)
     state = layer(x[:, :8], use_cache=True).state
-    functional = layer(x[:, 8:], state=state, use_cache=True)
-    copy = type(state)(state.memory.clone(), state.conv.clone(), state.num_routed)
-    layer.inplace_decode = True
-    inplace = layer(x[:, 8:], state=copy, use_cache=True)
+    with torch.set_grad_enabled(grad):
+        functional = layer(x[:, 8:], state=state, use_cache=True)
+        copy = type(state)(state.memory.clone(), state.conv.clone(), state.num_routed)
+        layer.inplace_decode = True
+        inplace = layer(x[:, 8:], state=copy, use_cache=True)
     assert inplace.state is copy
     assert torch.equal(inplace.hidden_states, functional.hidden_states)
     assert torch.equal(copy.memory, functional.state.memory) and torch.equal(copy.conv, functional.state.conv)

@@ -1,4 +1,5 @@
-"""Triton GPU kernels for the memory rules (chunked gated delta rule, forward and backward).
+"""Triton GPU kernels for the memory rules (chunked gated delta rule, forward and backward; recurrent_step,
+one decoding step of any rule in place in a state bank, used by memmix.ops.decode).
 
 The hook for memmix.ops: `get_kernel(rule)` returns the kernel of a rule, or None when Triton is missing or
 the rule has no kernel. Kernels take the public op's arguments with `scale` resolved:
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 KERNEL_RULES = ("gated_delta_rule", "delta_rule")
+STEP_MAX_K = 256  # the largest q/k head dim of recurrent_step (it holds the whole K of a state tile)
 
 
 def triton_importable() -> bool:
@@ -67,4 +69,4 @@ def get_kernel(rule: str) -> Optional[Callable]:
     return _gated_delta_rule_kernel if rule == "gated_delta_rule" else _delta_rule_kernel
 
 
-__all__ = ["KERNEL_RULES", "chunk_gated_delta_rule", "get_kernel", "is_available"]
+__all__ = ["KERNEL_RULES", "STEP_MAX_K", "chunk_gated_delta_rule", "get_kernel", "is_available"]
