@@ -20,9 +20,25 @@ CASES = {
 
 
 # bf16 rounds the weights and inputs themselves; the gradients of A_log and dt_bias are sums over every token
-# with heavy cancellation, so they carry the largest error (the PyTorch path in bf16 showed 1.9e-2 and 2.1e-2
-# for them on an H200, against 1.2e-2 for dx).
+# with heavy cancellation, so their error depends on the draw (1.9e-2 to 1e-1 on the PyTorch path in bf16).
+# A key passes within its tolerance here or within twice the PyTorch path's own error at the same dtype.
 TOLERANCE = {torch.float32: {}, torch.bfloat16: {"dA_log": 5e-2, "ddt_bias": 5e-2}}
+
+
+def _clear_routing(x: torch.Tensor, gate: torch.Tensor, topk: int, seed: int) -> torch.Tensor:
+    """x with every token's top-k memories clear of the rest (margin >= 5% of the logits' spread): a near-tie
+    flips in bf16, and one flipped token moves its memories' states (7-10% error on the PyTorch path too)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(50):
+        logits = (x.double() @ gate.double().t()).sort(dim=-1, descending=True).values
+        if topk == logits.shape[-1]:
+            return x
+        margin = logits[..., topk - 1] - logits[..., topk]
+        close = margin < 0.05 * logits.std()
+        if not close.any():
+            return x
+        x = torch.where(close.unsqueeze(-1), torch.randn(x.shape, generator=gen), x)
+    raise AssertionError("could not draw inputs with clear routing")
 
 
 def _rel_err(actual, expected) -> float:
@@ -49,7 +65,7 @@ def test_cuda_layer_matches_float64_reference(name, dtype, tolerance):
     layer = MixtureOfMemories(**{**options, **case.get("layer", {})})
     lengths = case.get("lengths")
     B, T = (1, sum(lengths)) if lengths else (case["B"], case["T"])
-    x = torch.randn(B, T, 256)
+    x = _clear_routing(torch.randn(B, T, 256), layer.gate.weight.detach(), layer.topk, seed=len(name))
     mask = cu = None
     if case.get("left_pad"):
         mask = torch.ones(B, T, dtype=torch.long)
@@ -62,9 +78,14 @@ def test_cuda_layer_matches_float64_reference(name, dtype, tolerance):
     reference = copy.deepcopy(layer).cuda().double()
     reference.impl = "chunk"
     expected = _run(reference, x.cuda().double(), mask, cu, upstream)
+    baseline = copy.deepcopy(layer).cuda().to(dtype)
+    baseline.impl = "chunk"
+    baseline_errors = {key: _rel_err(value, expected[key])
+                       for key, value in _run(baseline, x.cuda().to(dtype), mask, cu, upstream).items()}
     fast = layer.cuda().to(dtype)
     actual = _run(fast, x.cuda().to(dtype), mask, cu, upstream)
     assert set(actual) == set(expected)
     errors = {key: _rel_err(actual[key], expected[key]) for key in expected}
-    bad = {key: err for key, err in errors.items() if not err <= TOLERANCE[dtype].get(key, tolerance)}
-    assert not bad, f"relative errors above {tolerance}: {bad}"
+    allowed = {key: max(TOLERANCE[dtype].get(key, tolerance), 2 * baseline_errors[key]) for key in expected}
+    bad = {key: (err, allowed[key]) for key, err in errors.items() if not err <= allowed[key]}
+    assert not bad, f"relative errors above the allowed (error, allowed): {bad}"
