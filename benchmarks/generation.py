@@ -1,4 +1,4 @@
-"""Generation speed: tokens/s and peak memory of greedy generate() with a cache.
+"""Generation speed: tokens/s, peak memory and cache size of greedy generate() with a cache.
 
 Models (same width): our MoM LM (CUDA-graph decoding on, and off), a softmax Transformer with a KV cache
 (our all-attention config), and, when importable, flash-linear-attention's MomForCausalLM and
@@ -84,8 +84,32 @@ def run_cell(model, graph, batch: int, prompt: int, args) -> dict:
     first = statistics.median(timed(lambda: generate(1), args.device) for _ in range(args.repeats))
     steps = args.new_tokens - 1
     decode = max(total - first, 1e-9)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out["cache"] if "cache" in out else out.past_key_values  # ours names it `cache`; HF models do not
     return {"generate_s": total, "prefill_and_first_s": first, "decode_tok_per_s": batch * steps / decode,
-            "ms_per_step": decode / steps * 1e3, "peak_mib": peak}
+            "ms_per_step": decode / steps * 1e3, "peak_mib": peak, "cache_mib": tensor_bytes(cache) / 2**20}
+
+
+def tensor_bytes(obj, depth: int = 5) -> int:
+    """Bytes of the distinct tensors reachable from a cache object (attributes, lists, dicts), a few levels deep."""
+    seen: dict[int, int] = {}
+
+    def walk(node, level: int) -> None:
+        if isinstance(node, torch.Tensor):
+            seen[node.untyped_storage().data_ptr()] = node.untyped_storage().nbytes()
+        elif level < depth and isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item, level + 1)
+        elif level < depth and isinstance(node, dict):
+            for item in node.values():
+                walk(item, level + 1)
+        elif level < depth and hasattr(node, "__dict__"):
+            for item in vars(node).values():
+                walk(item, level + 1)
+
+    walk(obj, 0)
+    return sum(seen.values())
 
 
 def main(argv=None) -> int:
@@ -112,7 +136,8 @@ def main(argv=None) -> int:
         models = {n: v for n, v in models.items() if any(s in n for s in keep)}
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     rows = []
-    print(f"{'model':<26} {'batch':>5} {'prompt':>6} {'decode tok/s':>13} {'ms/step':>8} {'generate s':>10} {'peak MiB':>9}")
+    print(f"{'model':<26} {'batch':>5} {'prompt':>6} {'decode tok/s':>13} {'ms/step':>8} {'generate s':>10} "
+          f"{'peak MiB':>9} {'cache MiB':>9}")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for prompt in [int(t) for t in args.prompts.split(",")]:
             for name, (model, graph) in models.items():
@@ -144,7 +169,8 @@ def _print_row(row: dict) -> None:
         print(f"{head} {row['error']}")
         return
     peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-    print(f"{head} {row['decode_tok_per_s']:>13.0f} {row['ms_per_step']:>8.2f} {row['generate_s']:>10.2f} {peak:>9}")
+    print(f"{head} {row['decode_tok_per_s']:>13.0f} {row['ms_per_step']:>8.2f} {row['generate_s']:>10.2f} {peak:>9} "
+          f"{row['cache_mib']:>9.1f}")
 
 
 if __name__ == "__main__":
