@@ -9,6 +9,9 @@ import sys
 import pytest
 import torch
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS_DIR)  # `from helpers import ...` in every test folder
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -26,7 +29,8 @@ def run_under_interpreter():
     pytest.importorskip("triton")
 
     def run(script: str, timeout: int) -> dict:
-        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+        path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
         proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, f"interpreter run of {script} failed:\n{proc.stderr[-4000:]}"
         return json.loads(proc.stdout.strip().splitlines()[-1])

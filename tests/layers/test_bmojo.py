@@ -7,10 +7,9 @@ import torch.nn.functional as F
 
 from memmix.layers import BMojo, BMojoState
 from memmix.ops import l2norm
+from helpers import rel_err
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 def make_layer(seed: int = 0, **overrides) -> BMojo:

@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from memmix.layers import MixtureOfMemories
 from memmix.layers import mom as mom_module
 from memmix.ops import l2norm
+from helpers import rel_err
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 def naive_mom(layer: MixtureOfMemories, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

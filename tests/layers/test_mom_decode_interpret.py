@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from helpers import rel_err
 
 BASE = dict(hidden_size=24, num_heads=2, head_dim=12, num_memories=4, topk=2, shared_mem=True)
 CASES = {
@@ -81,16 +82,12 @@ def run_case(name: str, seed: int) -> dict:
     inplace = _decode(layer, state, x, masks, impl="auto", grad=False, inplace=True)
     result = {"kernel_calls": kernel_calls, "pytorch_calls_kernel": before > 0}
     for path, got in (("pytorch", pytorch), ("kernel", kernel), ("inplace", inplace)):
-        result.update({f"{path}_{key}": _rel_err(got[key], expected[key]) for key in ("output", "memory", "conv")})
+        result.update({f"{path}_{key}": rel_err(got[key], expected[key]) for key in ("output", "memory", "conv")})
         result[f"{path}_kept_input"] = got["kept_input"]
         result[f"{path}_padded_kept"] = got["padded_kept"]
     return result
 
 
-def _rel_err(actual, expected) -> float:
-    diff = (actual.double() - expected.double()).norm().item()
-    ref = expected.double().norm().item()
-    return diff / ref if ref > 0 else diff
 
 
 def _main() -> None:

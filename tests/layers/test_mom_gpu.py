@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from memmix.layers import MixtureOfMemories
+from helpers import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -41,8 +42,6 @@ def _clear_routing(x: torch.Tensor, gate: torch.Tensor, topk: int, seed: int) ->
     raise AssertionError("could not draw inputs with clear routing")
 
 
-def _rel_err(actual, expected) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-12)).item()
 
 
 def _run(layer, x, mask, cu, upstream):
@@ -80,12 +79,12 @@ def test_cuda_layer_matches_float64_reference(name, dtype, tolerance):
     expected = _run(reference, x.cuda().double(), mask, cu, upstream)
     baseline = copy.deepcopy(layer).cuda().to(dtype)
     baseline.impl = "chunk"
-    baseline_errors = {key: _rel_err(value, expected[key])
+    baseline_errors = {key: rel_err(value, expected[key])
                        for key, value in _run(baseline, x.cuda().to(dtype), mask, cu, upstream).items()}
     fast = layer.cuda().to(dtype)
     actual = _run(fast, x.cuda().to(dtype), mask, cu, upstream)
     assert set(actual) == set(expected)
-    errors = {key: _rel_err(actual[key], expected[key]) for key in expected}
+    errors = {key: rel_err(actual[key], expected[key]) for key in expected}
     allowed = {key: max(TOLERANCE[dtype].get(key, tolerance), 2 * baseline_errors[key]) for key in expected}
     bad = {key: (err, allowed[key]) for key, err in errors.items() if not err <= allowed[key]}
     assert not bad, f"relative errors above the allowed (error, allowed): {bad}"

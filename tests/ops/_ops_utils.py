@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention
+from helpers import rel_err
 
 # name -> (function, takes g, takes beta)
 RULES = {
@@ -17,12 +18,6 @@ RULES = {
 INPUT_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| (in float64; 0/0 counts as 0)."""
-    actual, expected = actual.double(), expected.double()
-    diff = (actual - expected).norm().item()
-    ref = expected.norm().item()
-    return diff / ref if ref > 0 else diff
 
 
 def make_inputs(rule: str, *, B: int = 2, T: int = 16, H: int = 2, K: int = 8, V: int = 6,

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from helpers import rel_err
 
 # name -> memory_step arguments: N = B * S picked slots of a bank of `slots` rows (odd K and V need masks)
 CASES = {
@@ -55,18 +56,14 @@ def run_case(name: str, seed: int) -> dict:
 
     written = torch.zeros(case["slots"], dtype=torch.bool)
     written[inputs["index"].long()[inputs["keep"]]] = True
-    return {"o_vs_recurrent": _rel_err(o, reference_o), "bank_vs_recurrent": _rel_err(bank, reference_bank),
-            "o_vs_float64": _rel_err(o, expected_o), "bank_vs_float64": _rel_err(bank, expected_bank),
+    return {"o_vs_recurrent": rel_err(o, reference_o), "bank_vs_recurrent": rel_err(bank, reference_bank),
+            "o_vs_float64": rel_err(o, expected_o), "bank_vs_float64": rel_err(bank, expected_bank),
             "o_dtype": str(o.dtype).removeprefix("torch."),
             "untouched_identical": torch.equal(bank[~written], original[~written]),
             "outside_identical": torch.equal(wide[outside], wide_before[outside]),
             "written_changed": not torch.equal(bank[written], original[written])}
 
 
-def _rel_err(actual, expected) -> float:
-    diff = (actual.double() - expected.double()).norm().item()
-    ref = expected.double().norm().item()
-    return diff / ref if ref > 0 else diff
 
 
 def _main() -> None:

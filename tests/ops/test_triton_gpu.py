@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -23,10 +24,6 @@ CASES = {
 }
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    diff = (actual.double() - expected.double()).norm().item()
-    ref = expected.double().norm().item()
-    return diff / ref if ref > 0 else diff
 
 
 def _inputs(case: dict, dtype: torch.dtype, seed: int) -> dict:
@@ -88,7 +85,7 @@ def test_triton_matches_float64_reference(name, dtype):
     expected = _outputs_and_grads("chunk", inputs, case, upstream, as_float64=True)
     actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False)
     assert actual["o"].dtype == dtype and actual["final_state"].dtype == torch.float32
-    errors = {key: _rel_err(actual[key], expected[key]) for key in expected}
+    errors = {key: rel_err(actual[key], expected[key]) for key in expected}
     print(name, dtype, " ".join(f"{key}={err:.1e}" for key, err in errors.items()))
     bad = {key: err for key, err in errors.items() if not err <= TOLERANCE[dtype]}
     assert not bad, f"relative errors above {TOLERANCE[dtype]}: {bad}"
@@ -104,7 +101,7 @@ def test_chunk_reference_agrees_with_step_loop_on_gpu():
                   cu_seqlens=inputs["cu_seqlens"])
     o_chunk, s_chunk = gated_delta_rule(*args, impl="chunk", **kwargs)
     o_loop, s_loop = gated_delta_rule(*args, impl="recurrent", **kwargs)
-    assert _rel_err(o_chunk, o_loop) < 1e-10 and _rel_err(s_chunk, s_loop) < 1e-10
+    assert rel_err(o_chunk, o_loop) < 1e-10 and rel_err(s_chunk, s_loop) < 1e-10
 
 
 def test_auto_picks_triton_on_cuda_and_no_host_sync():

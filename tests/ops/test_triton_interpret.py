@@ -72,11 +72,9 @@ def _run(fn, inputs: dict, case: dict, upstream: dict) -> dict:
 
 
 def _rel_err(actual, expected) -> float:
-    if actual is None and expected is None:
-        return 0.0
-    diff = (actual.double() - expected.double()).norm().item()
-    ref = expected.double().norm().item()
-    return diff / ref if ref > 0 else diff
+    from helpers import rel_err
+
+    return 0.0 if actual is None and expected is None else rel_err(actual, expected)
 
 
 def run_case(name: str, seed: int) -> dict:
