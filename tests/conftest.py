@@ -22,17 +22,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def run_under_interpreter():
-    """run(script, timeout) -> the JSON object the script prints last, run as a child process with
-    TRITON_INTERPRET=1 (it must be set before triton is imported) and one intra-op thread."""
+@pytest.fixture(scope="module")
+def interpret_results(request) -> dict:
+    """The JSON object that the requesting test file, run as a script in a child process with TRITON_INTERPRET=1
+    (it must be set before triton is imported) and one intra-op thread, prints last (helpers.print_case_results).
+    The file may set INTERPRET_TIMEOUT (seconds, default 600)."""
     pytest.importorskip("triton")
-
-    def run(script: str, timeout: int) -> dict:
-        path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
-        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
-        proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"interpreter run of {script} failed:\n{proc.stderr[-4000:]}"
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    return run
+    script = request.module.__file__
+    path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
+    timeout = getattr(request.module, "INTERPRET_TIMEOUT", 600)
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"interpreter run of {script} failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])

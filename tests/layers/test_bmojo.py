@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 from memmix.layers import BMojo, BMojoState
 from memmix.ops import l2norm
+
 from helpers import rel_err
-
-
 
 
 def make_layer(seed: int = 0, **overrides) -> BMojo:

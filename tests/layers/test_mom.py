@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from memmix.layers import MixtureOfMemories
 from memmix.layers import mom as mom_module
 from memmix.ops import l2norm
+
 from helpers import rel_err
-
-
 
 
 def naive_mom(layer: MixtureOfMemories, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,11 +7,10 @@ script prints one JSON object) and the tests check them.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from helpers import rel_err
+
+from helpers import print_case_results, rel_err
 
 BASE = dict(hidden_size=24, num_heads=2, head_dim=12, num_memories=4, topk=2, shared_mem=True)
 CASES = {
@@ -88,15 +87,11 @@ def run_case(name: str, seed: int) -> dict:
     return result
 
 
+INTERPRET_TIMEOUT = 300  # seconds for the child process
 
 
 def _main() -> None:
-    print(json.dumps({name: run_case(name, seed) for seed, name in enumerate(CASES)}))
-
-
-@pytest.fixture(scope="module")
-def interpret_results(run_under_interpreter) -> dict:
-    return run_under_interpreter(__file__, timeout=300)
+    print_case_results(run_case, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -6,11 +6,10 @@ as a script prints one JSON object of relative errors) and the tests check them.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from helpers import rel_err
+
+from helpers import print_case_results, rel_err
 
 BASE = dict(hidden_size=24, num_heads=2, head_dim=16, num_memories=4, topk=2, shared_mem=True)
 # name -> layer options and input shape: B, T; "lengths" packs documents (B == 1); "left_pad" pads rows on
@@ -104,12 +103,7 @@ def _main() -> None:
     import memmix.layers.mom as mom
 
     assert mom.triton_ops.is_available(torch.zeros(1)), "the interpreter path is not active"
-    print(json.dumps({name: run_case(name, seed) for seed, name in enumerate(CASES)}))
-
-
-@pytest.fixture(scope="module")
-def interpret_results(run_under_interpreter) -> dict:
-    return run_under_interpreter(__file__, timeout=600)
+    print_case_results(run_case, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

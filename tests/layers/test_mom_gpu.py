@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from memmix.layers import MixtureOfMemories
+
 from helpers import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -40,8 +41,6 @@ def _clear_routing(x: torch.Tensor, gate: torch.Tensor, topk: int, seed: int) ->
             return x
         x = torch.where(close.unsqueeze(-1), torch.randn(x.shape, generator=gen), x)
     raise AssertionError("could not draw inputs with clear routing")
-
-
 
 
 def _run(layer, x, mask, cu, upstream):

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention
+
 from helpers import rel_err
 
 # name -> (function, takes g, takes beta)
@@ -16,8 +17,6 @@ RULES = {
     "linear_attention": (linear_attention, False, False),
 }
 INPUT_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
-
-
 
 
 def make_inputs(rule: str, *, B: int = 2, T: int = 16, H: int = 2, K: int = 8, V: int = 6,

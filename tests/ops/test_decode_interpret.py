@@ -6,11 +6,10 @@ in a child process and prints one JSON object; the tests below check each case.
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from helpers import rel_err
+
+from helpers import print_case_results, rel_err
 
 # name -> memory_step arguments: N = B * S picked slots of a bank of `slots` rows (odd K and V need masks)
 CASES = {
@@ -64,15 +63,11 @@ def run_case(name: str, seed: int) -> dict:
             "written_changed": not torch.equal(bank[written], original[written])}
 
 
+INTERPRET_TIMEOUT = 300  # seconds for the child process
 
 
 def _main() -> None:
-    print(json.dumps({name: run_case(name, seed) for seed, name in enumerate(CASES)}))
-
-
-@pytest.fixture(scope="module")
-def interpret_results(run_under_interpreter) -> dict:
-    return run_under_interpreter(__file__, timeout=300)
+    print_case_results(run_case, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

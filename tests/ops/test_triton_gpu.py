@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from helpers import rel_err
 
 pytestmark = [pytest.mark.gpu,
@@ -22,8 +23,6 @@ CASES = {
     # -g ~ 2 per token: partial last chunks decay past exp(-88) (padded rows once overflowed to NaN gradients)
     "strong_decay_partial_chunks": dict(lengths=[50, 70, 1271], H=2, K=64, V=64, log_decay=(1.8, 2.2)),
 }
-
-
 
 
 def _inputs(case: dict, dtype: torch.dtype, seed: int) -> dict:

@@ -6,10 +6,10 @@ state and every gradient); the tests below start it once and check each case's e
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+
+from helpers import print_case_results, rel_err
 
 # name -> shapes and options; lengths: a packed varlen batch (B = 1); "hook": call through get_kernel(rule).
 CASES = {
@@ -72,8 +72,6 @@ def _run(fn, inputs: dict, case: dict, upstream: dict) -> dict:
 
 
 def _rel_err(actual, expected) -> float:
-    from helpers import rel_err
-
     return 0.0 if actual is None and expected is None else rel_err(actual, expected)
 
 
@@ -116,14 +114,11 @@ def run_case(name: str, seed: int) -> dict:
     return {key: _rel_err(actual[key], expected[key]) for key in expected}
 
 
+INTERPRET_TIMEOUT = 300  # seconds for the child process
+
+
 def _main() -> None:
-    results = {name: run_case(name, seed) for seed, name in enumerate(CASES)}
-    print(json.dumps(results))
-
-
-@pytest.fixture(scope="module")
-def interpret_results(run_under_interpreter) -> dict:
-    return run_under_interpreter(__file__, timeout=300)
+    print_case_results(run_case, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))
