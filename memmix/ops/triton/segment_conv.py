@@ -18,6 +18,16 @@ L2NORM_EPS = 1e-6
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _tail_tap(tails_ptr, tails_seg_stride, tails_row_stride, pos, seg, rvalid, ch, cvalid, j, num_segments,
+              W: tl.constexpr):
+    """(BR, BC) float32 tail part of tap j: the segment's tail input for rows with pos < j, zero otherwise."""
+    before = rvalid & (pos < j) & (seg < num_segments)
+    tail_row = W - 1 - (j - pos)
+    toffs = seg.to(tl.int64)[:, None] * tails_seg_stride + tail_row[:, None] * tails_row_stride + ch[None, :]
+    return tl.load(tails_ptr + toffs, mask=before[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, tails_row_stride,
                 row_tok_ptr, row_mem_ptr, rows, pos, seg, rvalid, ch, cvalid, j, num_segments,
                 W: tl.constexpr, HAS_TAILS: tl.constexpr):
@@ -30,21 +40,8 @@ def _gather_tap(src_ptr, tok_stride, mem_stride, tails_ptr, tails_seg_stride, ta
     offs = tok[:, None] * tok_stride + mem[:, None] * mem_stride + ch[None, :]
     x = tl.load(src_ptr + offs, mask=inside[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
     if HAS_TAILS:
-        before = rvalid & (pos < j) & (seg < num_segments)
-        tail_row = W - 1 - (j - pos)
-        toffs = seg.to(tl.int64)[:, None] * tails_seg_stride + tail_row[:, None] * tails_row_stride + ch[None, :]
-        x += tl.load(tails_ptr + toffs, mask=before[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
+        x += _tail_tap(tails_ptr, tails_seg_stride, tails_row_stride, pos, seg, rvalid, ch, cvalid, j, num_segments, W)
     return x
-
-
-@triton.jit
-def _tail_tap(tails_ptr, tails_seg_stride, tails_row_stride, pos, seg, rvalid, ch, cvalid, j, num_segments,
-              W: tl.constexpr):
-    """(BR, BC) float32 tail part of tap j: the segment's tail input for rows with pos < j, zero otherwise."""
-    before = rvalid & (pos < j) & (seg < num_segments)
-    tail_row = W - 1 - (j - pos)
-    toffs = seg.to(tl.int64)[:, None] * tails_seg_stride + tail_row[:, None] * tails_row_stride + ch[None, :]
-    return tl.load(tails_ptr + toffs, mask=before[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -248,12 +245,7 @@ def _warps(width: int) -> int:
     return 8 if width > 128 else 4
 
 
-def _bwd_warps(width: int) -> int:
-    return _warps(width)
-
-
 ROWS_PER_PROGRAM = 32
-BWD_ROWS_PER_PROGRAM = 32  # the backward row kernel holds more tiles live: its own (smaller) row tile
 TOKENS_PER_PROGRAM = 16
 
 
@@ -296,7 +288,7 @@ class SegmentConvFunction(torch.autograd.Function):
         L, W = tables.num_rows, fg.conv_size
         num_tokens, S = tables.slot_row.shape
         d_q_src, d_kv_src = torch.empty_like(q_src), torch.empty_like(kv_src)
-        row_tiles = triton.cdiv(L, BWD_ROWS_PER_PROGRAM)
+        row_tiles = triton.cdiv(L, ROWS_PER_PROGRAM)
         token_tiles = triton.cdiv(num_tokens, TOKENS_PER_PROGRAM)
         # weight-gradient shares: of the gathered rows per token tile, of the tail inputs per row tile
         dw = torch.zeros(token_tiles, weight.shape[0], W, device=weight.device, dtype=torch.float32)
@@ -315,8 +307,8 @@ class SegmentConvFunction(torch.autograd.Function):
                         src, tok_stride, mem_stride, weight[woff:], t_ptr, t_seg, t_row, dout, dacc,
                         dw_tails[:, woff:], dw_tails.stride(0), tables.row_token, tables.row_memory, tables.row_segment,
                         tables.row_position, L, tables.num_segments, width, L2NORM_EPS,
-                        W=W, BR=BWD_ROWS_PER_PROGRAM, BC=_pow2(width), NORM=norm, HAS_TAILS=tails is not None,
-                        num_warps=_bwd_warps(width))
+                        W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), NORM=norm, HAS_TAILS=tails is not None,
+                        num_warps=_warps(width))
             else:
                 dacc = dout
             dsrc, dtok_stride, dmem_stride = _source(d_q_src, d_kv_src, offset)
