@@ -32,6 +32,9 @@ def _add_recall(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--threads", dest="num_threads", type=int,
                    help="CPU threads (default 1: these tiny models gain little from more; 0 = torch's default)")
+    p.add_argument("--workers", type=int,
+                   help="training runs at once, each in its own process (default 0: one per CPU core on the CPU, "
+                        "1 on CUDA); results do not depend on it")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="write all settings and results here")
     p.add_argument("--plot", dest="plot_path", metavar="PATH", help="write a PNG of accuracy against num_kv_pairs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
@@ -69,7 +72,7 @@ def _recall_settings(args: argparse.Namespace):
         if raw is not None:
             values[name] = _recall_int_list(name, raw)
     for name in ("num_layers", "head_dim", "steps", "lr", "batch_size", "vocab_size", "num_train", "num_test",
-                 "seed", "device", "num_threads"):
+                 "seed", "device", "num_threads", "workers"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return RecallSettings(**values)
@@ -112,8 +115,8 @@ def _run_mixed_recall(args: argparse.Namespace) -> int:
     from memmix.evaluation.recall import RecallSettingError, write_json_atomic
 
     options = {**_RECALL_OPTIONS, "topks": "--topk", "num_segments": "--num-segments"}
-    if args.preset != "default" or args.plot_path:
-        _recall_error("--preset and --plot apply to --task mqar only")
+    if args.preset != "default" or args.plot_path or args.workers is not None:
+        _recall_error("--preset, --plot and --workers apply to --task mqar only")
     values = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
     try:
         if args.models is not None:

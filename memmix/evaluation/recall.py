@@ -60,6 +60,9 @@ class RecallSettings:
     # CPU threads while the benchmark runs (0 = torch's default). These models are tiny: a second intra-op
     # thread barely helps, and on a busy machine it made steps up to 100x slower (threads wait on each other).
     num_threads: int = 1
+    # training runs at once, each in its own process: 0 = one per num_threads CPU cores on the CPU, 1 on CUDA.
+    # The results do not depend on it (each run seeds itself and sees the same data).
+    workers: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +117,8 @@ def validate_settings(s: RecallSettings) -> None:
         raise RecallSettingError("seed", f"must be >= 0, got {s.seed}")
     if s.num_threads < 0:
         raise RecallSettingError("num_threads", f"must be >= 0 (0 = torch's default), got {s.num_threads}")
+    if s.workers < 0:
+        raise RecallSettingError("workers", f"must be >= 0 (0 = one per CPU core, 1 on CUDA), got {s.workers}")
     _check_device(s.device)
 
 
@@ -266,6 +271,9 @@ register_model(RecallModel(
 ))
 
 
+BUILTIN_MODELS = frozenset(RECALL_MODELS)  # what a fresh interpreter (a worker process) has registered
+
+
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters, tied weights counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -383,59 +391,143 @@ class RecallReport:
 
 
 class _Progress:
-    """One tqdm bar per training run, with an ETA for the whole benchmark in its postfix.
+    """One tqdm bar per training run (several may run at once), with an ETA for the whole benchmark in the
+    postfix: the longest remainder of the runs in progress (each at its own step rate), plus the runs not started
+    at the mean rate so far, shared among the workers."""
 
-    The ETA takes the current run's own step rate for its remaining steps, and the mean rate so far for the
-    runs still to come (models differ a lot in speed, so the bar's own ETA covers one run only).
-    """
-
-    def __init__(self, total_runs: int, steps_per_run: int, enabled: bool):
-        self.total_steps = total_runs * steps_per_run
-        self.done_steps = 0
-        self.start = time.perf_counter()
+    def __init__(self, runs: list[str], steps_per_run: int, workers: int, enabled: bool):
+        self.labels, self.steps, self.workers = runs, steps_per_run, workers
+        self.done = [0] * len(runs)
+        self.started: dict[int, float] = {}
         self.enabled = enabled
-        self.bar = None
+        self.bars: dict[int, Any] = {}
 
-    def begin(self, label: str, steps: int) -> None:
-        self.run_start, self.run_done, self.run_steps = time.perf_counter(), 0, steps
-        self.bar = tqdm(total=steps, desc=label, disable=not self.enabled, leave=True, mininterval=1.0,
-                        dynamic_ncols=True)
+    def update(self, run: int, steps_done: int, loss: float) -> None:
+        """Run `run` has done `steps_done` steps; its latest loss is `loss`."""
+        if run not in self.bars:
+            self.started[run] = time.perf_counter()
+            self.bars[run] = tqdm(total=self.steps, desc=self.labels[run], disable=not self.enabled, leave=True,
+                                  mininterval=1.0, dynamic_ncols=True, position=len(self.bars))
+        bar = self.bars[run]
+        bar.update(steps_done - self.done[run])
+        self.done[run] = steps_done
+        if self.enabled:
+            bar.set_postfix_str(f"loss={loss:.3f} all-done-in~{_fmt_seconds(self.remaining_seconds())}",
+                                refresh=False)
+        if steps_done == self.steps:
+            bar.close()
 
-    def step(self, _step: int, loss: float) -> None:
-        self.done_steps += 1
-        self.run_done += 1
-        self.bar.update(1)
-        if self.enabled and self.run_done % 10 == 0:
-            now = time.perf_counter()
-            run_rate = (now - self.run_start) / self.run_done
-            mean_rate = (now - self.start) / self.done_steps
-            later = self.total_steps - self.done_steps - (self.run_steps - self.run_done)
-            remaining = run_rate * (self.run_steps - self.run_done) + mean_rate * later
-            self.bar.set_postfix_str(f"loss={loss:.3f} all-done-in~{_fmt_seconds(remaining)}", refresh=False)
-
-    def end(self) -> None:
-        self.bar.close()
+    def remaining_seconds(self) -> float:
+        now = time.perf_counter()
+        per_step = {r: (now - t) / self.done[r] for r, t in self.started.items() if self.done[r]}
+        if not per_step:
+            return 0.0
+        active = max((per_step[r] * (self.steps - self.done[r]) for r in per_step), default=0.0)
+        waiting = len(self.labels) - len(self.started)
+        return active + waiting * self.steps * sum(per_step.values()) / len(per_step) / self.workers
 
 
 def run_recall(s: RecallSettings, progress: bool = True) -> RecallReport:
-    """Train every model of ``s`` at every d_model under the same budget; test every setting of the grid."""
+    """Train every model of ``s`` at every d_model under the same budget; test every setting of the grid.
+
+    With several workers the runs train in parallel processes (see RecallSettings.workers)."""
     validate_settings(s)
     start = time.perf_counter()
-    splits = make_mqar_splits(s.seq_lens, s.num_kv_pairs, s.vocab_size, s.num_train, s.num_test, s.seed)
     runs = [(name, d) for d in s.d_models for name in s.models]
-    tracker = _Progress(len(runs), s.steps, progress)
-    results = []
-    threads_before = torch.get_num_threads()
-    if s.num_threads > 0:
-        torch.set_num_threads(s.num_threads)
-    try:
-        for i, (name, d_model) in enumerate(runs):
-            tracker.begin(f"[{i + 1}/{len(runs)}] {name} d={d_model}", s.steps)
-            results.append(_train_and_test(RECALL_MODELS[name], d_model, splits, s, tracker.step))
-            tracker.end()
-    finally:
-        torch.set_num_threads(threads_before)
+    workers = worker_count(s, len(runs))
+    tracker = _Progress([f"[{i + 1}/{len(runs)}] {name} d={d}" for i, (name, d) in enumerate(runs)], s.steps,
+                        workers, progress)
+    if workers > 1:
+        results = _train_in_processes(runs, s, workers, tracker)
+    else:
+        splits = make_mqar_splits(s.seq_lens, s.num_kv_pairs, s.vocab_size, s.num_train, s.num_test, s.seed)
+        with _threads(s.num_threads):
+            results = [_train_and_test(RECALL_MODELS[name], d_model, splits, s,
+                                       lambda step, loss, i=i: tracker.update(i, step + 1, loss))
+                       for i, (name, d_model) in enumerate(runs)]
     return RecallReport(settings=s, results=results, wall_seconds=time.perf_counter() - start)
+
+
+def worker_count(s: RecallSettings, num_runs: int) -> int:
+    """Processes that train at once: s.workers, or (0) one per s.num_threads CPU cores (1 on CUDA, with
+    torch's default thread count, or with a model registered at run time), never more than the runs."""
+    late = [name for name in s.models if name not in BUILTIN_MODELS]
+    if s.workers > 1 and late:
+        raise RecallSettingError("workers", f"model {late[0]!r} is registered at run time, which worker processes "
+                                            "do not see; allowed with it: 0 or 1")
+    if s.workers:
+        return max(1, min(s.workers, num_runs))
+    if late or torch.device(s.device).type != "cpu" or s.num_threads == 0:
+        return 1
+    return max(1, min(num_runs, (os.cpu_count() or 1) // s.num_threads))
+
+
+class _threads:
+    """Within the block torch uses `count` intra-op threads (0: leave torch's setting)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.count > 0:
+            torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def _train_in_processes(runs: list[tuple[str, int]], s: RecallSettings, workers: int, tracker: _Progress):
+    """Each run in a worker process ("spawn": fresh interpreters, no inherited thread pools); progress comes
+    back through a queue. Returns the ModelResults in the order of `runs`."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(queue,)) as pool:
+        futures = [pool.submit(_worker_run, i, name, d_model, s) for i, (name, d_model) in enumerate(runs)]
+        try:
+            while not all(f.done() for f in futures):
+                _drain(queue, tracker, wait=0.5)
+            _drain(queue, tracker, wait=0.0)
+            return [f.result() for f in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _drain(queue, tracker: _Progress, wait: float) -> None:
+    import queue as queues
+
+    try:
+        message = queue.get(timeout=wait) if wait else queue.get_nowait()
+        while True:
+            tracker.update(*message)
+            message = queue.get_nowait()
+    except queues.Empty:
+        pass
+
+
+_WORKER_QUEUE = None
+
+
+def _worker_init(queue) -> None:
+    global _WORKER_QUEUE
+    _WORKER_QUEUE = queue
+
+
+def _worker_run(index: int, name: str, d_model: int, s: RecallSettings) -> ModelResult:
+    """One run inside a worker process: the same data (from the seed) and the same steps as in-process."""
+    splits = make_mqar_splits(s.seq_lens, s.num_kv_pairs, s.vocab_size, s.num_train, s.num_test, s.seed)
+
+    def report(step: int, loss: float) -> None:
+        if (step + 1) % 10 == 0 or step + 1 == s.steps:
+            _WORKER_QUEUE.put((index, step + 1, loss))
+
+    with _threads(s.num_threads):
+        return _train_and_test(RECALL_MODELS[name], d_model, splits, s, report)
 
 
 def _train_and_test(entry: RecallModel, d_model: int, splits, s: RecallSettings, on_step) -> ModelResult:

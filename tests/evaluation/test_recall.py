@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -132,6 +133,8 @@ def test_summary_checks_the_expected_order_at_the_hardest_setting(acc, holds):
         (["--steps", "ten"], "--steps"),
         (["--preset", "huge"], "--preset"),
         (["--threads", "-1"], "--threads"),
+        (["--workers", "-1"], "--workers"),
+        (["--task", "mixed", "--workers", "2"], "--workers"),
     ],
 )
 def test_bad_options_exit_2_with_one_line_naming_the_option(argv, option, capsys):
@@ -194,3 +197,52 @@ def test_same_seed_same_numbers():
                               num_layers=1, steps=2, batch_size=4, num_train=16, num_test=8, vocab_size=16)
     first, second = run_recall(settings, progress=False), run_recall(settings, progress=False)
     assert first.results[0].loss_curve == second.results[0].loss_curve
+
+
+def test_parallel_workers_give_the_same_numbers_as_one_process():
+    settings = RecallSettings(models=["gdn", "linear", "mom"], seq_lens=[16], num_kv_pairs=[2], d_models=[16],
+                              head_dim=8, num_layers=1, steps=3, batch_size=4, num_train=16, num_test=8, vocab_size=16)
+    one = run_recall(dataclasses.replace(settings, workers=1), progress=False)
+    two = run_recall(dataclasses.replace(settings, workers=2), progress=False)
+    assert [r.model for r in two.results] == ["gdn", "linear", "mom"]
+    for a, b in zip(one.results, two.results):
+        assert (a.model, a.loss_curve, a.accuracy, a.params) == (b.model, b.loss_curve, b.accuracy, b.params)
+
+
+@pytest.mark.parametrize(
+    "fields,runs,expected",
+    [
+        (dict(), 4, 4),  # one per core (4 here), one thread each
+        (dict(), 3, 3),  # never more than the runs
+        (dict(num_threads=2), 4, 2),
+        (dict(num_threads=0), 4, 1),  # torch's own thread count: one process
+        (dict(device="cuda"), 4, 1),
+        (dict(workers=3), 2, 2),
+        (dict(workers=1), 4, 1),
+    ],
+)
+def test_worker_count(monkeypatch, fields, runs, expected):
+    monkeypatch.setattr(recall.os, "cpu_count", lambda: 4)
+    assert recall.worker_count(RecallSettings(**fields), runs) == expected
+
+
+def test_models_registered_at_run_time_train_in_this_process(monkeypatch):
+    entry = RecallModel("oracle", "reads the answer", lambda size: _NextTokenOracle(size.vocab_size),
+                        lambda m: StateSize(0, None, ""))
+    monkeypatch.setitem(RECALL_MODELS, "oracle", entry)
+    assert recall.worker_count(RecallSettings(models=["oracle", "gdn"]), 2) == 1
+    with pytest.raises(recall.RecallSettingError, match="workers"):
+        recall.worker_count(RecallSettings(models=["oracle", "gdn"], workers=2), 2)
+
+
+def test_progress_eta_counts_running_and_waiting_runs(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(recall.time, "perf_counter", lambda: clock[0])
+    progress = recall._Progress(["a", "b", "c"], steps_per_run=100, workers=2, enabled=False)
+    progress.update(0, 1, 1.0)  # both start at t = 0
+    progress.update(1, 1, 1.0)
+    clock[0] = 10.0
+    progress.update(0, 50, 1.0)  # 0.2 s a step: 50 steps (10 s) to go
+    progress.update(1, 100, 1.0)  # 0.1 s a step, done
+    # the longest running remainder, plus run "c" at the mean 0.15 s a step over 2 workers
+    assert progress.remaining_seconds() == pytest.approx(10.0 + 100 * 0.15 / 2)
