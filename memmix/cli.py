@@ -15,7 +15,7 @@ def _add_recall(sub: argparse._SubParsersAction) -> None:
         description="Train several models on multi-query associative recall (MQAR) under one budget and print "
                     "their accuracy per (seq_len, num_kv_pairs). Options given override the preset.")
     p.add_argument("--preset", choices=["default", "paper"], default="default",
-                   help="default: the CPU demo (~10 min on 2 cores); paper: the Zoology-style grid (for a GPU)")
+                   help="default: the CPU demo (~6.5 min on 2 cores); paper: the Zoology-style grid (for a GPU)")
     p.add_argument("--models", help="comma list of: attention, mom, gdn, linear (and any registered model)")
     p.add_argument("--seq-len", dest="seq_lens", nargs="+", help="sequence lengths, e.g. 64,128")
     p.add_argument("--num-kv-pairs", dest="num_kv_pairs", nargs="+", help="key-value pair counts, e.g. 4,8,16")

@@ -38,7 +38,7 @@ class RecallSettingError(ValueError):
 
 @dataclass
 class RecallSettings:
-    """Everything one benchmark run depends on; the defaults are the CPU demo (about 10 min on 2 free cores)."""
+    """Everything one benchmark run depends on; the defaults are the CPU demo (about 6.5 min on 2 free cores)."""
 
     models: list[str] = field(default_factory=lambda: ["attention", "mom", "gdn", "linear"])
     seq_lens: list[int] = field(default_factory=lambda: [32])
