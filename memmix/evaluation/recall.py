@@ -8,6 +8,7 @@ Models come from ``RECALL_MODELS``, a registry of builders: adding a model is on
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -271,7 +272,7 @@ register_model(RecallModel(
 ))
 
 
-BUILTIN_MODELS = frozenset(RECALL_MODELS)  # what a fresh interpreter (a worker process) has registered
+BUILTIN_MODELS = dict(RECALL_MODELS)  # what a fresh interpreter (a worker process) has registered
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -442,8 +443,7 @@ def run_recall(s: RecallSettings, progress: bool = True) -> RecallReport:
     else:
         splits = make_mqar_splits(s.seq_lens, s.num_kv_pairs, s.vocab_size, s.num_train, s.num_test, s.seed)
         with _threads(s.num_threads):
-            results = [_train_and_test(RECALL_MODELS[name], d_model, splits, s,
-                                       lambda step, loss, i=i: tracker.update(i, step + 1, loss))
+            results = [_train_and_test(RECALL_MODELS[name], d_model, splits, s, _reporter(i, s.steps, tracker.update))
                        for i, (name, d_model) in enumerate(runs)]
     return RecallReport(settings=s, results=results, wall_seconds=time.perf_counter() - start)
 
@@ -451,7 +451,7 @@ def run_recall(s: RecallSettings, progress: bool = True) -> RecallReport:
 def worker_count(s: RecallSettings, num_runs: int) -> int:
     """Processes that train at once: s.workers, or (0) one per s.num_threads CPU cores (1 on CUDA, with
     torch's default thread count, or with a model registered at run time), never more than the runs."""
-    late = [name for name in s.models if name not in BUILTIN_MODELS]
+    late = [name for name in s.models if BUILTIN_MODELS.get(name) is not RECALL_MODELS.get(name)]
     if s.workers > 1 and late:
         raise RecallSettingError("workers", f"model {late[0]!r} is registered at run time, which worker processes "
                                             "do not see; allowed with it: 0 or 1")
@@ -462,19 +462,25 @@ def worker_count(s: RecallSettings, num_runs: int) -> int:
     return max(1, min(num_runs, (os.cpu_count() or 1) // s.num_threads))
 
 
-class _threads:
+@contextlib.contextmanager
+def _threads(count: int):
     """Within the block torch uses `count` intra-op threads (0: leave torch's setting)."""
+    before = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    def __init__(self, count: int):
-        self.count = count
 
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        if self.count > 0:
-            torch.set_num_threads(self.count)
+def _reporter(run: int, steps: int, sink: Callable[[int, int, float], None]) -> Callable[[int, float], None]:
+    """on_step(step, loss) for train_model that passes (run, steps done, loss) to sink every 10 steps and at the end."""
+    def on_step(step: int, loss: float) -> None:
+        if (step + 1) % 10 == 0 or step + 1 == steps:
+            sink(run, step + 1, loss)
 
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
+    return on_step
 
 
 def _train_in_processes(runs: list[tuple[str, int]], s: RecallSettings, workers: int, tracker: _Progress):
@@ -521,13 +527,9 @@ def _worker_init(queue) -> None:
 def _worker_run(index: int, name: str, d_model: int, s: RecallSettings) -> ModelResult:
     """One run inside a worker process: the same data (from the seed) and the same steps as in-process."""
     splits = make_mqar_splits(s.seq_lens, s.num_kv_pairs, s.vocab_size, s.num_train, s.num_test, s.seed)
-
-    def report(step: int, loss: float) -> None:
-        if (step + 1) % 10 == 0 or step + 1 == s.steps:
-            _WORKER_QUEUE.put((index, step + 1, loss))
-
     with _threads(s.num_threads):
-        return _train_and_test(RECALL_MODELS[name], d_model, splits, s, report)
+        return _train_and_test(RECALL_MODELS[name], d_model, splits, s,
+                               _reporter(index, s.steps, lambda *message: _WORKER_QUEUE.put(message)))
 
 
 def _train_and_test(entry: RecallModel, d_model: int, splits, s: RecallSettings, on_step) -> ModelResult:

@@ -246,3 +246,10 @@ def test_progress_eta_counts_running_and_waiting_runs(monkeypatch):
     progress.update(1, 100, 1.0)  # 0.1 s a step, done
     # the longest running remainder, plus run "c" at the mean 0.15 s a step over 2 workers
     assert progress.remaining_seconds() == pytest.approx(10.0 + 100 * 0.15 / 2)
+
+
+def test_a_replaced_builtin_model_also_trains_in_this_process(monkeypatch):
+    entry = RecallModel("gdn", "another gdn", lambda size: _NextTokenOracle(size.vocab_size),
+                        lambda m: StateSize(0, None, ""))
+    monkeypatch.setitem(RECALL_MODELS, "gdn", entry)
+    assert recall.worker_count(RecallSettings(models=["gdn", "mom"]), 2) == 1
