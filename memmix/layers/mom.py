@@ -312,31 +312,21 @@ class MixtureOfMemories(nn.Module):
 
         q, k (B*S, H, K); v (B*S, H, V); g, beta (B*S, H) or None; keep (B*S,) bool: pads change nothing.
         Returns o (B*S, H, V) and the new memory: `memory` itself when inplace_decode, a new tensor otherwise
-        (the caller's is not modified), None without use_cache. Without a gradient to track, the states are
-        stepped in place in the bank (ops.memory_step: one read and one write of each picked state on Triton);
-        with one, by the differentiable gather / step / scatter.
+        (the caller's is not modified), None without use_cache. The states are stepped in their bank by
+        ops.memory_step: on Triton without a gradient to track (one read and one write of each picked state),
+        else by its differentiable gather / step / scatter.
         """
-        inputs = [t for t in (q, k, v, g, beta) if t is not None]
-        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs + [memory])
-        if use_cache and not wants_grad:
-            if not self.inplace_decode:
-                memory = memory.clone(memory_format=torch.contiguous_format)
-            impl = "auto" if self.impl in ("auto", "triton") else "recurrent"
-            o = ops.memory_step(_OP_NAMES[self.memory_rule], q, k, v, g, beta, memory.view(-1, *memory.shape[2:]),
-                                picked, keep, impl=impl)
-            return o, memory
-        bank = memory.reshape(-1, *memory.shape[2:])  # (N*P, H, K, V)
-        before = bank.index_select(0, picked)  # (B*S, H, K, V)
-        args = [t.unsqueeze(1) for t in inputs]  # (B*S, 1, H, ...)
-        o, after = _RULES[self.memory_rule](*args, initial_state=before, output_final_state=True,
-                                            use_qk_l2norm=True, impl="recurrent")
         if not use_cache:
+            before = memory.reshape(-1, *memory.shape[2:]).index_select(0, picked)  # (B*S, H, K, V)
+            args = [t.unsqueeze(1) for t in (q, k, v, g, beta) if t is not None]  # (B*S, 1, H, ...)
+            o, _ = _RULES[self.memory_rule](*args, initial_state=before, use_qk_l2norm=True, impl="recurrent")
             return o[:, 0], None
-        after = torch.where(keep.view(-1, 1, 1, 1), after, before).to(memory.dtype)
-        if self.inplace_decode:
-            bank.index_copy_(0, picked, after)
-            return o[:, 0], memory
-        return o[:, 0], bank.index_copy(0, picked, after).view_as(memory)
+        if not self.inplace_decode:
+            memory = memory.clone(memory_format=torch.contiguous_format)
+        impl = "auto" if self.impl in ("auto", "triton") else "recurrent"
+        o = ops.memory_step(_OP_NAMES[self.memory_rule], q, k, v, g, beta, memory.view(-1, *memory.shape[2:]),
+                            picked, keep, impl=impl)
+        return o, memory
 
     def _allowed(self, modality_ids, B: int, T: int, device) -> torch.Tensor | None:
         """(B, T, M) bool memories open to each token under modality groups, or None without groups."""
