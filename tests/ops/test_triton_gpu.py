@@ -22,6 +22,9 @@ CASES = {
     "l2norm_scale": dict(B=2, T=150, H=2, K=64, V=64, use_qk_l2norm=True, scale=0.2),
     # -g ~ 2 per token: partial last chunks decay past exp(-88) (padded rows once overflowed to NaN gradients)
     "strong_decay_partial_chunks": dict(lengths=[50, 70, 1271], H=2, K=64, V=64, log_decay=(1.8, 2.2)),
+    # the backward one head per pass, as for MoM's many segments (MIN_BACKWARD_PROGRAMS 0 forces it here)
+    "backward_one_head_per_pass": dict(lengths=[300, 0, 1, 64, 700, 129], H=3, K=256, V=256,
+                                       min_backward_programs=0),
 }
 
 
@@ -72,8 +75,11 @@ def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_f
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_matches_float64_reference(name, dtype):
+def test_triton_matches_float64_reference(name, dtype, monkeypatch):
+    from memmix.ops.triton import gated_delta_rule as kernels
+
     case = CASES[name]
+    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", case.get("min_backward_programs"))
     seed = list(CASES).index(name) * 10 + (dtype == torch.float32)
     inputs = _inputs(case, dtype, seed)
     gen = torch.Generator(device="cuda").manual_seed(seed + 1000)

@@ -25,6 +25,10 @@ CASES = {
     # log decay ~ -2 per token: a partial last chunk (50 and 70 = 64 + 6 rows) decays past exp(-88), where
     # exp(b_pad - b_t) of a padded row overflows float32 unless padded rows repeat the last valid b
     "strong_decay_partial_chunks": dict(lengths=[50, 70], H=2, K=16, V=16, log_decay=(1.8, 2.2)),
+    # the backward one head per pass (MIN_BACKWARD_PROGRAMS 0), as on a GPU with many segments; and two per pass
+    "backward_one_head_per_pass": dict(lengths=[5, 70, 0, 64], H=4, K=16, V=16, min_backward_programs=0),
+    "backward_two_heads_per_pass": dict(B=2, T=65, H=4, K=16, V=32, min_backward_programs=2 * 2 * 1,
+                                        initial_state=False),
 }
 # bf16 is left to the GPU tests: the interpreter's tl.dot mishandles bfloat16 operands (Triton 3.9).
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
@@ -78,9 +82,10 @@ def _rel_err(actual, expected) -> float:
 def run_case(name: str, seed: int) -> dict:
     """Relative errors of the Triton kernel vs the float64 step loop for CASES[name]."""
     from memmix.ops import delta_rule, gated_delta_rule
-    from memmix.ops.triton import chunk_gated_delta_rule, get_kernel
+    from memmix.ops.triton import chunk_gated_delta_rule, get_kernel, gated_delta_rule as kernels
 
     case = CASES[name]
+    kernels.MIN_BACKWARD_PROGRAMS = case.get("min_backward_programs")
     gated = case.get("gated", True)
     dtype = getattr(torch, case.get("dtype", "float32"))
     reference_inputs = _inputs(case, seed)
@@ -142,6 +147,41 @@ def test_get_kernel_covers_the_delta_rules_only():
         return
     assert callable(get_kernel("gated_delta_rule")) and callable(get_kernel("delta_rule"))
     assert get_kernel("linear_attention") is None
+
+
+def test_backward_heads_per_pass_is_the_fewest_that_fill_the_gpu(monkeypatch):
+    pytest.importorskip("triton")
+    from memmix.ops.triton import gated_delta_rule as kernels
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", 264)  # two per SM of a 132-SM GPU
+    # K = V = 256: 4 V tiles of 64. MoM at 8 x 2048 packs 41 segments (164 programs a head): two heads a pass
+    assert kernels.heads_per_backward_pass(41, 4, 256, 256, cuda) == 2
+    assert kernels.heads_per_backward_pass(81, 4, 256, 256, cuda) == 1  # 16 x 2048: 324 programs a head
+    assert kernels.heads_per_backward_pass(9, 4, 256, 256, cuda) == 4  # 8 sequences: 36 programs a head
+    assert kernels.heads_per_backward_pass(41, 3, 256, 256, cuda) == 3  # 2 does not divide 3
+    # the interpreter cases above that force a split really split
+    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", CASES["backward_two_heads_per_pass"]["min_backward_programs"])
+    assert kernels.heads_per_backward_pass(2, 4, 16, 32, cuda) == 2
+    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", 0)
+    assert kernels.heads_per_backward_pass(4, 4, 16, 16, cuda) == 1
+
+
+def test_chunk_layouts_are_reused_until_cu_seqlens_change():
+    pytest.importorskip("triton")
+    from memmix.ops.triton.gated_delta_rule import ChunkLayout
+
+    cu = torch.tensor([0, 5, 70, 70, 200])
+    first = ChunkLayout.build(1, 200, cu, "cpu")
+    assert ChunkLayout.build(1, 200, cu, "cpu") is first
+    assert ChunkLayout.build(1, 200, cu.clone(), "cpu") is not first  # another tensor: built again
+    assert first.chunk_offsets.tolist() == [0, 1, 3, 3, 6]
+    cu[2] = 64  # in place (lengths 5, 59, 6, 130): the version changes, so does the layout
+    second = ChunkLayout.build(1, 200, cu, "cpu")
+    assert second is not first and second.chunk_offsets.tolist() == [0, 1, 2, 3, 6]
+    dense = ChunkLayout.build(3, 130, None, "cpu")
+    assert ChunkLayout.build(3, 130, None, "cpu") is dense and ChunkLayout.build(3, 129, None, "cpu") is not dense
+    assert dense.chunk_start.tolist() == [0, 64, 128, 130, 194, 258, 260, 324, 388]
 
 
 def test_head_dim_above_256_is_rejected():

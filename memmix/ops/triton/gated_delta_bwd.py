@@ -23,12 +23,16 @@ from memmix.ops.triton.gated_delta_fwd import chunk_decay, load_state, load_tile
 
 @triton.jit
 def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
-                      cu_seqlens_ptr, chunk_offsets_ptr, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                      cu_seqlens_ptr, chunk_offsets_ptr, scale, head0,
+                      H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr, PREC: tl.constexpr):
-    """One sequence, head and V tile: walk the chunks backwards carrying dS; store dS' per chunk and dU."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      STORE_DH0: tl.constexpr, WY_LOCAL: tl.constexpr, PREC: tl.constexpr):
+    """One sequence, head and V tile: walk the chunks backwards carrying dS; store dS' per chunk and dU
+    (for the HS heads from head0 on, as state_pass_kernel; W too when WY_LOCAL)."""
+    i_n, i_hs, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = head0 + i_hs
+    i_wy = i_hs if WY_LOCAL else i_h
+    WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
     bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
     eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int32)
@@ -47,7 +51,7 @@ def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr
         tok = bos + j * C + rows
         valid = tok < eos
         last = tl.minimum(bos + j * C + C, eos) - 1
-        chunk_head = (first_chunk + j) * H + i_h
+        chunk_head = (first_chunk + j) * HS + i_hs
         store_state(dstates_ptr + chunk_head * K * V, dstate, kcols, vcols, K, V)
         if HAS_G:
             b = tl.load(b_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0)
@@ -61,9 +65,9 @@ def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr
         k_to_end = (k * tl.exp(b_last - b)[:, None]).to(dt)
         du = tl.dot(tl.trans(m), do.to(dt), input_precision=PREC)
         du += tl.dot(k_to_end, dstate.to(dt), input_precision=PREC)  # (C, BV)
-        store_tile(du_ptr + i_h * V, du, tok, valid, H * V, vcols, V)
+        store_tile(du_ptr + i_hs * V, du, tok, valid, HS * V, vcols, V)
         q = load_tile(q_ptr + i_h * K, tok, valid, H * K, kcols, K)
-        w = load_tile(w_ptr + i_h * K, tok, valid, H * K, kcols, K).to(dt)
+        w = load_tile(w_ptr + i_wy * K, tok, valid, WYH * K, kcols, K).to(dt)
         q_scaled = (q * (scale * tl.exp(b))[:, None]).to(dt)
         dstate = dstate * tl.exp(b_last) + tl.dot(tl.trans(q_scaled), do.to(dt), input_precision=PREC)
         dstate -= tl.dot(tl.trans(w), du.to(dt), input_precision=PREC)
@@ -75,11 +79,13 @@ def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr
 @triton.jit
 def chunk_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, u_ptr, du_ptr, do_ptr,
                        states_ptr, dstates_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
-                       chunk_start_ptr, chunk_end_ptr, scale,
-                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       chunk_start_ptr, chunk_end_ptr, scale, head0,
+                       H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
-    """One chunk and head: dq, dk, dv, dbeta and dg from dO, U, dU and the chunk's states S and dS'."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """One chunk and head: dq, dk, dv, dbeta and dg from dO, U, dU and the chunk's states S and dS'
+    (U, dU, S, dS' hold the HS heads from head0 on, as state_pass_kernel stores them)."""
+    i_c, i_hs = tl.program_id(0), tl.program_id(1)
+    i_h = head0 + i_hs
     bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
     eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
     if eos <= bos:
@@ -88,7 +94,7 @@ def chunk_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, u_ptr, du
     rows = tl.arange(0, C)
     tok = bos + rows
     valid = rows < eos - bos
-    chunk_head = i_c.to(tl.int64) * H + i_h
+    chunk_head = i_c.to(tl.int64) * HS + i_hs
     beta = tl.load(beta_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0).to(tl.float32)
     if HAS_G:
         b_last = tl.load(b_ptr + (eos - 1).to(tl.int64) * H + i_h)
@@ -110,8 +116,8 @@ def chunk_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, u_ptr, du
     for i_v in range(0, tl.cdiv(V, BV)):
         vcols = i_v * BV + tl.arange(0, BV)
         do = load_tile(do_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)
-        u = load_tile(u_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)
-        du = load_tile(du_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)
+        u = load_tile(u_ptr + i_hs * V, tok, valid, HS * V, vcols, V).to(dt)
+        du = load_tile(du_ptr + i_hs * V, tok, valid, HS * V, vcols, V).to(dt)
         v = load_tile(v_ptr + i_h * V, tok, valid, H * V, vcols, V)
         dm += tl.dot(do, tl.trans(u), input_precision=PREC)
         y = tl.dot(tinv_t, du, input_precision=PREC)  # (C, BV)
@@ -140,8 +146,8 @@ def chunk_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, u_ptr, du
             s = load_state(states_ptr + chunk_head * K * V, kcols, vcols, K, V)  # (BK, BV)
             ds = load_state(dstates_ptr + chunk_head * K * V, kcols, vcols, K, V)
             do = load_tile(do_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)
-            u = load_tile(u_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)
-            du = load_tile(du_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)
+            u = load_tile(u_ptr + i_hs * V, tok, valid, HS * V, vcols, V).to(dt)
+            du = load_tile(du_ptr + i_hs * V, tok, valid, HS * V, vcols, V).to(dt)
             dqs += tl.dot(do, tl.trans(s.to(dt)), input_precision=PREC)
             dkd += tl.dot(u, tl.trans(ds.to(dt)), input_precision=PREC)
             dw -= tl.dot(du, tl.trans(s.to(dt)), input_precision=PREC)

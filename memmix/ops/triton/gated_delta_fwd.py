@@ -12,9 +12,10 @@ matrix G[t, s] = exp(b_t - b_s) for s <= t (0 above), and incoming state S (K x 
 Kernels:
   wy_prepare_kernel    grid (chunks, H): b, T, M, W, U0 of one chunk (parallel over chunks); T by a blocked
                        inverse (unit_lower_inverse).
-  state_pass_kernel    grid (N, H, V tiles): the sequential pass over one sequence's chunks; stores the per-chunk
-                       incoming states and U (forward and backward recompute) or, for inputs of one chunk per
-                       sequence, writes O itself; and the final state.
+  wy_recompute_kernel  grid (chunks, HS): W and U0 again from the stored T, for the backward.
+  state_pass_kernel    grid (N, HS, V tiles): the sequential pass over one sequence's chunks; stores the per-chunk
+                       incoming states and U (forward, and the backward's recompute a group of HS heads at a
+                       time) or, for inputs of one chunk per sequence, writes O itself; and the final state.
   chunk_output_kernel  grid (chunks, H, V tiles): O of one chunk from its stored state and U (parallel).
 
 Token-major layouts: q, k, W (tokens, H, K); v, U0, U, o (tokens, H, V); g, beta, b (tokens, H);
@@ -162,29 +163,68 @@ def wy_prepare_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, b_ptr, tinv_ptr, m_p
     tinv = unit_lower_inverse(a, C, PREC)
     store_tile(tinv_ptr + i_h * C, tinv, tok, valid, H * C, rows, C)
 
+    apply_wy(tinv, beta, b, k_ptr + i_h * K, v_ptr + i_h * V, w_ptr + i_h * K, u0_ptr + i_h * V, tok, valid,
+             H * K, H * V, H * K, H * V, K, V, BK, BV, PREC)
+
+
+@triton.jit
+def apply_wy(tinv, beta, b, k_ptr, v_ptr, w_ptr, u0_ptr, tok, valid, k_stride, v_stride, w_stride, u0_stride,
+             K, V, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Store W = T diag(beta exp(b)) K and U0 = T diag(beta) V of one chunk and head (T float32 (C, C))."""
+    dt = k_ptr.dtype.element_ty
     # The row weights of K and V act as column weights of T: T diag(x) K = (T diag(x)) K, so the (C, BK) and
     # (C, BV) tiles go to the dot in their own dtype (no float32 copies) and the weights touch one (C, C) tile.
     t_k = (tinv * (beta * tl.exp(b))[None, :]).to(dt)
     t_v = (tinv * beta[None, :]).to(dt)
     for i_k in range(0, tl.cdiv(K, BK)):
         cols = i_k * BK + tl.arange(0, BK)
-        k = load_tile(k_ptr + i_h * K, tok, valid, H * K, cols, K).to(dt)
-        store_tile(w_ptr + i_h * K, tl.dot(t_k, k, input_precision=PREC), tok, valid, H * K, cols, K)
+        k = load_tile(k_ptr, tok, valid, k_stride, cols, K).to(dt)
+        store_tile(w_ptr, tl.dot(t_k, k, input_precision=PREC), tok, valid, w_stride, cols, K)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols = i_v * BV + tl.arange(0, BV)
-        v = load_tile(v_ptr + i_h * V, tok, valid, H * V, cols, V).to(dt)
-        store_tile(u0_ptr + i_h * V, tl.dot(t_v, v, input_precision=PREC), tok, valid, H * V, cols, V)
+        v = load_tile(v_ptr, tok, valid, v_stride, cols, V).to(dt)
+        store_tile(u0_ptr, tl.dot(t_v, v, input_precision=PREC), tok, valid, u0_stride, cols, V)
+
+
+@triton.jit
+def wy_recompute_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, w_ptr, u0_ptr, chunk_start_ptr, chunk_end_ptr,
+                        head0, H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+                        PREC: tl.constexpr):
+    """One chunk and head head0 + i_hs: W and U0 again from the stored T, for the backward (which keeps them for
+    HS heads at a time instead of saving them for all heads)."""
+    i_c, i_hs = tl.program_id(0), tl.program_id(1)
+    i_h = head0 + i_hs
+    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
+    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    if eos <= bos:
+        return
+    rows = tl.arange(0, C)
+    tok = bos + rows
+    valid = rows < eos - bos
+    beta = tl.load(beta_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b = load_log_decay_stored(b_ptr + i_h, tok, valid, H, HAS_G)
+    tinv = load_tile(tinv_ptr + i_h * C, tok, valid, H * C, rows, C)
+    apply_wy(tinv, beta, b, k_ptr + i_h * K, v_ptr + i_h * V, w_ptr + i_hs * K, u0_ptr + i_hs * V, tok, valid,
+             H * K, H * V, HS * K, HS * V, K, V, BK, BV, PREC)
 
 
 @triton.jit
 def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, states_ptr, u_ptr, ht_ptr,
-                      cu_seqlens_ptr, chunk_offsets_ptr, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                      cu_seqlens_ptr, chunk_offsets_ptr, scale, head0,
+                      H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr,
-                      PREC: tl.constexpr):
-    """One sequence, head and V tile: walk the chunks in order carrying the state S (BK >= K, BV)."""
-    i_n, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      WY_LOCAL: tl.constexpr, PREC: tl.constexpr):
+    """One sequence, head and V tile: walk the chunks in order carrying the state S (BK >= K, BV).
+
+    Heads head0 .. head0 + HS - 1 (the program's head i_hs is head head0 + i_hs): the stored states and U
+    hold these HS heads only, so a backward pass over a few heads at a time needs scratch for those only;
+    so do W and U0 when WY_LOCAL (recomputed for those heads by wy_recompute_kernel)."""
+    i_n, i_hs, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = head0 + i_hs
+    i_wy = i_hs if WY_LOCAL else i_h
+    WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
     bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
     eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int32)
@@ -202,13 +242,13 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
         valid = tok < eos
         last = tl.minimum(bos + j * C + C, eos) - 1
         if STORE_STATES:
-            chunk_head = (first_chunk + j) * H + i_h
+            chunk_head = (first_chunk + j) * HS + i_hs
             store_state(states_ptr + chunk_head * K * V, state, kcols, vcols, K, V)
-        w = load_tile(w_ptr + i_h * K, tok, valid, H * K, kcols, K).to(dt)  # (C, BK)
-        u0 = load_tile(u0_ptr + i_h * V, tok, valid, H * V, vcols, V)  # (C, BV)
+        w = load_tile(w_ptr + i_wy * K, tok, valid, WYH * K, kcols, K).to(dt)  # (C, BK)
+        u0 = load_tile(u0_ptr + i_wy * V, tok, valid, WYH * V, vcols, V)  # (C, BV)
         u = u0 - tl.dot(w, state.to(dt), input_precision=PREC)  # (C, BV)
         if STORE_STATES:
-            store_tile(u_ptr + i_h * V, u, tok, valid, H * V, vcols, V)
+            store_tile(u_ptr + i_hs * V, u, tok, valid, HS * V, vcols, V)
         if HAS_G:
             b = tl.load(b_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0)
             b_last = tl.load(b_ptr + last.to(tl.int64) * H + i_h)

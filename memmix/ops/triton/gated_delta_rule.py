@@ -7,17 +7,20 @@ filled on the device (no host sync).
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 import triton
 
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
-from memmix.ops.triton.gated_delta_fwd import chunk_output_kernel, state_pass_kernel, wy_prepare_kernel
+from memmix.ops.triton.gated_delta_fwd import (chunk_output_kernel, state_pass_kernel, wy_prepare_kernel,
+                                               wy_recompute_kernel)
 
 CHUNK_SIZE = 64
 MAX_HEAD_DIM = 256
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MIN_BACKWARD_PROGRAMS = None  # see heads_per_backward_pass: None = two per SM; 0 = one head per pass (least memory)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -33,10 +36,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _state_config(K: int, V: int) -> dict:
-    """Tiles and warps for the sequential kernels: the whole K in one tile, V split for parallelism."""
-    block_k = _tile(K, MAX_HEAD_DIM)
-    block_v = _tile(V, 64 if block_k <= 64 else 32)
-    return {"BK": block_k, "BV": block_v, "num_warps": 4 if block_k <= 64 else 8, "num_stages": 2}
+    """Tiles and warps for the sequential kernels: the whole K in one tile, V split for parallelism.
+
+    At K = V = 256 on an H200, V tiles of 64 with 4 warps beat tiles of 32 with 8 (bf16 forward 0.37 vs 0.45 ms
+    dense 8 x 2048, 0.89 vs 1.11 ms for 32 packed sequences; MoM layer forward+backward 10.0 vs 10.5 ms)."""
+    return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, 64), "num_warps": 4, "num_stages": 2}
 
 
 def _chunk_config(K: int, V: int) -> dict:
@@ -108,7 +112,24 @@ class ChunkLayout:
 
     @classmethod
     def build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
-        """Dense batch (cu_seqlens None): B sequences of length T; else the packed sequences of cu_seqlens."""
+        """Dense batch (cu_seqlens None): B sequences of length T; else the packed sequences of cu_seqlens.
+
+        The last few layouts are kept, by shape for a dense batch and by the cu_seqlens tensor itself (object and
+        in-place version) for a packed one: building one takes ~25 small device ops, which cost more host time
+        than the kernels of a short batch (and every layer of a model sees the same batch)."""
+        key = _layout_key(batch, seq_len, cu_seqlens, device)
+        if key is not None and key in _LAYOUT_CACHE:
+            _LAYOUT_CACHE.move_to_end(key)
+            return _LAYOUT_CACHE[key][1]
+        layout = cls._build(batch, seq_len, cu_seqlens, device)
+        if key is not None:
+            _LAYOUT_CACHE[key] = (cu_seqlens, layout)  # the tensor is held so that its id is not reused
+            if len(_LAYOUT_CACHE) > LAYOUT_CACHE_SIZE:
+                _LAYOUT_CACHE.popitem(last=False)
+        return layout
+
+    @classmethod
+    def _build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
         C = CHUNK_SIZE
         if cu_seqlens is None:
             cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
@@ -116,6 +137,20 @@ class ChunkLayout:
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         num_seqs = cu.numel() - 1
         return cls(cu, seq_len, (seq_len + num_seqs * (C - 1)) // C)  # sum ceil(L_i / C) <= this
+
+
+LAYOUT_CACHE_SIZE = 8
+_LAYOUT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _layout_key(batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> Optional[tuple]:
+    """Cache key of a layout, or None when it must not be cached (inference-mode cu_seqlens have no version)."""
+    device = torch.device(device)
+    if cu_seqlens is None:
+        return ("dense", batch, seq_len, device)
+    if cu_seqlens.is_inference():
+        return None
+    return ("packed", id(cu_seqlens), cu_seqlens._version, seq_len, device)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -139,26 +174,44 @@ def _prepare(q, k, v, g, beta, scale, layout):
     return b, tinv, m, w, u0
 
 
-def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, store_final):
+def _recompute_wy(k, v, beta, b, tinv, w, u0, layout, *, has_g, head0):
+    """W and U0 of heads head0 .. head0 + w.shape[1] - 1 into w (tokens, HS, K) and u0 (tokens, HS, V)."""
+    num_tokens, H, K = k.shape
+    V, heads = v.shape[-1], w.shape[1]
+    if layout.num_chunks > 0:
+        _launch(wy_recompute_kernel, lambda cfg: (layout.num_chunks, heads),
+                (k, v, beta, b if has_g else beta, tinv, w, u0, layout.chunk_start, layout.chunk_end, head0),
+                dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(k.dtype)),
+                _chunk_config(K, V))
+
+
+def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, store_final, scratch=None,
+                head0=0, wy_local=False):
     """Sequential pass over the chunks: (o, states, u, final state), the unused ones None.
 
-    output_in_loop: o is computed inside the pass; else the per-chunk incoming states (chunks, H, K, V) like k
-    and U (like v) are stored, for chunk_output_kernel or the backward.
+    output_in_loop: o is computed inside the pass; else the per-chunk incoming states (chunks, HS, K, V) like k
+    and U (tokens, HS, V) like v are stored, for chunk_output_kernel or the backward: for all heads, or with
+    scratch = (states, u) for heads head0 .. head0 + HS - 1 (w and u0 hold those heads only when wy_local).
     """
     num_tokens, H, K = k.shape
     V = u0.shape[-1]
     N = layout.num_seqs
     o = torch.empty_like(u0) if output_in_loop else None
-    states = None if output_in_loop else k.new_empty(layout.num_chunks, H, K, V)
-    u = None if output_in_loop else torch.empty_like(u0)
+    states = u = None
+    if scratch is not None:
+        states, u = scratch
+    elif not output_in_loop:
+        states, u = k.new_empty(layout.num_chunks, H, K, V), torch.empty_like(u0)
+    heads = H if states is None else states.shape[1]
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_final else None
     dummy = u0
-    _launch(state_pass_kernel, lambda cfg: (N, H, triton.cdiv(V, cfg["BV"])),
+    _launch(state_pass_kernel, lambda cfg: (N, heads, triton.cdiv(V, cfg["BV"])),
             (q, k, w, u0, b, m, h0 if h0 is not None else dummy, o if o is not None else dummy,
              states if states is not None else dummy, u if u is not None else dummy,
-             ht if ht is not None else dummy, layout.cu_seqlens, layout.chunk_offsets, scale),
-            dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
-                 OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, PREC=_dot_precision(k.dtype)),
+             ht if ht is not None else dummy, layout.cu_seqlens, layout.chunk_offsets, scale, head0),
+            dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
+                 OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, WY_LOCAL=wy_local,
+                 PREC=_dot_precision(k.dtype)),
             _state_config(K, V))
     return o, states, u, ht
 
@@ -176,37 +229,51 @@ def _output(q, b, m, states, u, scale, layout, *, has_g):
     return o
 
 
-def _state_grad(q, k, w, b, m, do, dht, scale, layout, *, has_g, want_dh0):
-    """Backward sequential pass: dU (like v), per-chunk dS' (like the states), dS0 (N, H, K, V) float32."""
+def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_g, head0, wy_local):
+    """Backward sequential pass over heads head0 .. head0 + HS - 1: dU into du (tokens, HS, V), per-chunk dS'
+    into dstates (chunks, HS, K, V), dS0 into dh0 (N, H, K, V) float32 when it is given."""
     num_tokens, H, K = k.shape
     V = do.shape[-1]
-    N = layout.num_seqs
-    du = torch.empty_like(do)
-    dstates = k.new_empty(layout.num_chunks, H, K, V)
-    dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if want_dh0 else None
-    _launch(state_grad_kernel, lambda cfg: (N, H, triton.cdiv(V, cfg["BV"])),
+    N, heads = layout.num_seqs, du.shape[1]
+    _launch(state_grad_kernel, lambda cfg: (N, heads, triton.cdiv(V, cfg["BV"])),
             (q, k, w, b, m, do, dht if dht is not None else do, du, dstates, dh0 if dh0 is not None else do,
-             layout.cu_seqlens, layout.chunk_offsets, scale),
-            dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
-                 PREC=_dot_precision(k.dtype)),
+             layout.cu_seqlens, layout.chunk_offsets, scale, head0),
+            dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_DHT=dht is not None,
+                 STORE_DH0=dh0 is not None, WY_LOCAL=wy_local, PREC=_dot_precision(k.dtype)),
             _state_config(K, V))
-    return du, dstates, dh0
 
 
-def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, *, has_g):
-    """dq, dk (like k), dv (like v), dbeta and dg (tokens, H) float32."""
+def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, *, has_g, head0):
+    """Into grads = (dq, dk (like k), dv (like v), dbeta, dg (tokens, H) float32): the gradients of heads
+    head0 .. head0 + HS - 1, from u, du (tokens, HS, V) and states, dstates (chunks, HS, K, V)."""
     num_tokens, H, K = k.shape
-    V = v.shape[-1]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbeta = torch.empty(num_tokens, H, device=k.device, dtype=torch.float32)
-    dg = torch.empty_like(dbeta) if has_g else None
+    V, heads = v.shape[-1], u.shape[1]
+    dq, dk, dv, dbeta, dg = grads
     if layout.num_chunks > 0:
-        _launch(chunk_grads_kernel, lambda cfg: (layout.num_chunks, H),
+        _launch(chunk_grads_kernel, lambda cfg: (layout.num_chunks, heads),
                 (q, k, v, beta, b, tinv, u, du, do, states, dstates, dq, dk, dv, dbeta,
-                 dg if dg is not None else dbeta, layout.chunk_start, layout.chunk_end, scale),
-                dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(k.dtype)),
+                 dg if dg is not None else dbeta, layout.chunk_start, layout.chunk_end, scale, head0),
+                dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(k.dtype)),
                 _chunk_config(K, V))
-    return dq, dk, dv, dbeta, dg
+
+
+def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device) -> int:
+    """How many heads the backward takes per pass: the fewest (a divisor of H) whose sequential kernels still
+    have N x heads x V tiles >= MIN_BACKWARD_PROGRAMS programs (default: two per SM; all heads at once under the
+    interpreter). The per-chunk states, their gradients, W, U0, U and dU are held for one pass's heads only.
+
+    MoM layer at 8 x 2048, 4 heads of 256 (41 segments, 4 V tiles), H200: two heads a pass (the default) 10.05 ms
+    forward+backward at 1729 MiB peak; one head a pass (MIN_BACKWARD_PROGRAMS = 0) 10.94 ms at 1474 MiB."""
+    target = MIN_BACKWARD_PROGRAMS
+    if target is None:
+        if INTERPRET or device.type != "cuda":
+            return H
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    v_tiles = triton.cdiv(V, _state_config(K, V)["BV"])
+    for heads in range(1, H + 1):
+        if H % heads == 0 and num_seqs * heads * v_tiles >= target:
+            return heads
+    return H
 
 
 # --------------------------------------------------------------------------- autograd
@@ -227,23 +294,37 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                                        output_in_loop=in_loop, store_final=output_final_state)
         if not in_loop:
             o = _output(q, b, m, states, u, scale, layout, has_g=has_g)
-        ctx.save_for_backward(q, k, v, beta, initial_state, b, tinv, m, w, u0)
+        # W and U0 are not saved: the backward recomputes them from T for the heads of each of its passes
+        ctx.save_for_backward(q, k, v, beta, initial_state, b, tinv, m)
         ctx.scale, ctx.layout, ctx.has_g = scale, layout, has_g
         ctx.g_dtype = None if g is None else g.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, h0, b, tinv, m, w, u0 = ctx.saved_tensors
+        q, k, v, beta, h0, b, tinv, m = ctx.saved_tensors
         scale, layout, has_g = ctx.scale, ctx.layout, ctx.has_g
+        num_tokens, H, K = k.shape
+        V = v.shape[-1]
         do = do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        _, states, u, _ = _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output_in_loop=False,
-                                      store_final=False)
-        du, dstates, dh0 = _state_grad(q, k, w, b, m, do, dht, scale, layout, has_g=has_g,
-                                       want_dh0=h0 is not None)
-        dq, dk, dv, dbeta, dg = _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout,
-                                             has_g=has_g)
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                 torch.empty(num_tokens, H, device=k.device, dtype=torch.float32),
+                 torch.empty(num_tokens, H, device=k.device, dtype=torch.float32) if has_g else None)
+        dh0 = None if h0 is None else k.new_empty(layout.num_seqs, H, K, V, dtype=torch.float32)
+        heads = heads_per_backward_pass(layout.num_seqs, H, K, V, k.device)
+        w, u0 = k.new_empty(num_tokens, heads, K), v.new_empty(num_tokens, heads, V)
+        states, dstates = k.new_empty(layout.num_chunks, heads, K, V), k.new_empty(layout.num_chunks, heads, K, V)
+        u, du = torch.empty_like(u0), torch.empty_like(u0)
+        for head0 in range(0, H, heads):
+            _recompute_wy(k, v, beta, b, tinv, w, u0, layout, has_g=has_g, head0=head0)
+            _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output_in_loop=False, store_final=False,
+                        scratch=(states, u), head0=head0, wy_local=True)
+            _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, has_g=has_g, head0=head0,
+                        wy_local=True)
+            _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, has_g=has_g,
+                         head0=head0)
+        dq, dk, dv, dbeta, dg = grads
         dg = None if dg is None else dg.to(ctx.g_dtype)
         dh0 = None if dh0 is None else dh0.to(h0.dtype)
         return dq, dk, dv, dg, dbeta.to(beta.dtype), None, dh0, None, None
