@@ -4,7 +4,8 @@ flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and s
     python benchmarks/layer_speed.py                      # the issue's shape on CUDA, T = 2048, 8192, 32768
     python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
 
-Every row processes the same number of tokens (batch = tokens // T). Timings are medians of
+Every row processes --tokens tokens (batch = tokens // T), or one sequence of T when T is longer; the
+closing lines compare forward+backward time per token across T. Timings are medians of
 triton.testing.do_bench on CUDA (warm-up included) or of perf_counter repeats on the CPU; forward+backward is
 the forward and a backward from a fixed random output gradient.
 """
@@ -154,23 +155,37 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             except Exception as err:  # a baseline failing must not hide the others' numbers
                 result = {"error": f"{type(err).__name__}: {err}"[:200]}
-            rows.append({"layer": name, "batch": B, "seq_len": T, **result})
-            _print_row(rows[-1], B * T)
+            rows.append({"layer": name, "batch": B, "seq_len": T, "tokens": B * T, **result})
+            _print_row(rows[-1])
             # rewritten after every row: a run stopped at a time limit keeps what it measured
             write_json_atomic(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
-                                          "notes": notes, "rows": rows})
+                                          "notes": notes, "rows": rows, "scaling": scaling(rows)})
+    for layer, ratios in scaling(rows).items():
+        print(f"per-token fwd+bwd time vs T={seq_lens[0]}, {layer}: "
+              + ", ".join(f"T={T} {r:.2f}x" for T, r in ratios.items()))
     for note in notes:
         print("note:", note)
     print(f"device: {device_name}; wrote {args.json}")
     return 0
 
 
-def _print_row(row: dict, tokens: int) -> None:
+def scaling(rows: list[dict]) -> dict:
+    """layer -> {T: forward+backward time per token at T / that at the first T measured} (rows hold B*T tokens:
+    one sequence longer than --tokens is a batch of one, so compare per token, not per row)."""
+    per_token: dict = {}
+    for row in rows:
+        if not row.get("error"):
+            per_token.setdefault(row["layer"], {})[row["seq_len"]] = row["forward_backward_ms"] / row["tokens"]
+    return {layer: {T: t / next(iter(times.values())) for T, t in times.items()}
+            for layer, times in per_token.items() if len(times) > 1}
+
+
+def _print_row(row: dict) -> None:
     if row.get("error"):
         print(f"{row['layer']:<36} {row['batch']:>3}x{row['seq_len']:<6} {row['error']}")
         return
     peak = "-" if row["peak_train_mib"] is None else f"{row['peak_train_mib']:.0f}"
-    ktok = tokens / row["forward_backward_ms"]
+    ktok = row["tokens"] / row["forward_backward_ms"]
     print(f"{row['layer']:<36} {row['batch']:>3}x{row['seq_len']:<6} fwd {row['forward_ms']:8.2f} ms  "
           f"fwd+bwd {row['forward_backward_ms']:8.2f} ms  ({ktok:7.1f}k tok/s)  peak {peak} MiB")
 

@@ -5,7 +5,9 @@ Forward and forward+backward medians from triton.testing.do_bench on a dense bf1
 K=V=256) and a packed varlen batch (32 uneven segments, 32768 tokens), plus each output's relative error vs
 the float32 PyTorch chunk form on the same bf16 inputs. Prints a table and writes JSON (atomically).
 
-    python benchmarks/ops_gpu.py [--json benchmarks/results/ops_gpu.json] [--skip-pytorch]
+    python benchmarks/ops_gpu.py [--json benchmarks/results/ops_gpu.json] [--skip-pytorch] [--forward-only]
+
+--forward-only skips every backward (fla's backward kernels take minutes to compile and autotune).
 """
 from __future__ import annotations
 
@@ -90,8 +92,8 @@ def unlock_fla_backward(inputs: dict) -> bool:
     return True
 
 
-def time_impl(fn, inputs: dict) -> tuple[float, float]:
-    """(forward ms, forward+backward ms), do_bench medians."""
+def time_impl(fn, inputs: dict, forward_only: bool = False) -> tuple[float, float | None]:
+    """(forward ms, forward+backward ms or None when forward_only), do_bench medians."""
     from triton.testing import do_bench
 
     leaves = [inputs[n] for n in ("q", "k", "v", "g", "beta")]
@@ -105,6 +107,8 @@ def time_impl(fn, inputs: dict) -> tuple[float, float]:
         fn(inputs).backward(do)
 
     fwd = do_bench(forward, warmup=50, rep=300, return_mode="median")
+    if forward_only:
+        return fwd, None
     fwd_bwd = do_bench(forward_backward, warmup=50, rep=300, grad_to_none=leaves, return_mode="median")
     return fwd, fwd_bwd
 
@@ -117,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
     parser.add_argument("--skip-pytorch", action="store_true", help="leave out the PyTorch chunk form")
+    parser.add_argument("--forward-only", action="store_true", help="time the forward alone (no backward compiled)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/ops_gpu.py needs a CUDA GPU")
@@ -132,7 +137,7 @@ def main() -> None:
     rows = []
     for case_name, shape in cases.items():
         inputs = make_inputs(**shape)
-        if "fla chunk" in impls and not fla_unlocked:
+        if "fla chunk" in impls and not fla_unlocked and not args.forward_only:
             try:
                 fla_unlocked = unlock_fla_backward(inputs)
             except Exception as exc:  # noqa: BLE001 - a broken fla install drops its column, not the run
@@ -143,10 +148,10 @@ def main() -> None:
         for impl_name, fn in impls.items():
             with torch.no_grad():
                 error = rel_diff(fn(inputs), reference)
-            fwd, fwd_bwd = time_impl(fn, inputs)
+            fwd, fwd_bwd = time_impl(fn, inputs, args.forward_only)
             rows.append(dict(case=case_name, impl=impl_name, forward_ms=fwd, forward_backward_ms=fwd_bwd,
                              rel_err_vs_fp32_chunk=error))
-            print(f"{case_name:42s} {impl_name:24s} fwd {fwd:8.3f} ms  fwd+bwd {fwd_bwd:8.3f} ms  "
+            print(f"{case_name:42s} {impl_name:24s} fwd {fwd:8.3f} ms  fwd+bwd {_ms(fwd_bwd, 8)} ms  "
                   f"|o - o_fp32|/|o_fp32| {error:.1e}", flush=True)
         del inputs
         torch.cuda.empty_cache()
@@ -157,10 +162,14 @@ def main() -> None:
     print(f"|{'-' * 44}|{'-' * 26}|{'-' * 10}|{'-' * 12}|{'-' * 11}|")
     for row in rows:
         print(f"| {row['case']:42s} | {row['impl']:24s} | {row['forward_ms']:8.3f} | "
-              f"{row['forward_backward_ms']:10.3f} | {row['rel_err_vs_fp32_chunk']:9.1e} |")
+              f"{_ms(row['forward_backward_ms'], 10)} | {row['rel_err_vs_fp32_chunk']:9.1e} |")
     write_json_atomic(args.json, dict(device=device, torch=torch.__version__, triton=triton.__version__,
                                       dtype="bfloat16", fla_backward_unlocked=fla_unlocked, results=rows))
     print(f"wrote {args.json}")
+
+
+def _ms(value: float | None, width: int) -> str:
+    return "-".rjust(width) if value is None else f"{value:{width}.3f}"
 
 
 if __name__ == "__main__":
