@@ -221,9 +221,12 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
         check_same_spec(checkpoint["model_spec"], spec, resume_path)
     clear_out_dir(config, info)  # every check passed: only now may an old run be replaced
     if config.gradient_checkpointing:
-        if not hasattr(raw_model, "gradient_checkpointing_enable"):
+        # newer transformers name it activation_checkpointing_enable (the old name warns that it is deprecated)
+        enable = (getattr(raw_model, "activation_checkpointing_enable", None)
+                  or getattr(raw_model, "gradient_checkpointing_enable", None))
+        if enable is None:
             raise InputError(f"model '{config.model}' does not support --gradient-checkpointing")
-        raw_model.gradient_checkpointing_enable()
+        enable()
     raw_model.to(info.device)
     parallel = config.parallel if config.parallel != "auto" else ("ddp" if info.enabled else "none")
     model = wrap_model(raw_model, parallel, info)

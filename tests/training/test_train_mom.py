@@ -45,6 +45,29 @@ def test_mom_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, corpus_p
     assert curve(tmp_path / "cut") == curve(tmp_path / "full") and len(curve(tmp_path / "full")) == 4
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # no deprecated checkpointing API on newer transformers
+def test_gradient_checkpointing_run_matches_a_plain_run(tmp_path, corpus_path, monkeypatch):
+    from memmix.models.modeling_mom import MoMModel
+
+    calls = []
+    original = MoMModel._checkpointed
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(MoMModel, "_checkpointed", counting)
+    cfg = dict(model="tiny", model_overrides=TINY_MOM, max_steps=3, grad_accum=1, save_every=3)
+    curves = {}
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        train(tiny_config(corpus_path, out, gradient_checkpointing=checkpointing, **cfg))
+        assert bool(calls) == checkpointing  # blocks ran under activation checkpointing only when asked
+        curves[checkpointing] = [v for r in read_metrics(str(out)) for v in (r["loss"], r["grad_norm"])]
+    assert len(curves[True]) == 2 * 3
+    assert curves[True] == pytest.approx(curves[False], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_mom_ddp_and_fsdp_match_single_process(tmp_path, corpus_path):
     from dist_worker import run_config
