@@ -199,7 +199,6 @@ class DispatchPlan:
             row_segment=row_segment.int(),
             row_position=(row - self.starts[row_segment]).int(),
             slot_row=self.dest.view(-1, S).int(),
-            slot_memory=memory_ids.reshape(-1, S).int(),
             num_segments=self.num_segments,
         )
 

@@ -23,8 +23,8 @@ class SegmentRows:
 
     row_token, row_memory: (L,) source token and memory of row r;  row_segment: (L,) its segment (the
     first num_segments segments have tails, a higher id -- padding's trash area -- has none);
-    row_position: (L,) r minus its segment's first row;  slot_row, slot_memory: (T_tok, S) the row and the
-    memory of each token's S slots. Every row is exactly one slot (a bijection).
+    row_position: (L,) r minus its segment's first row;  slot_row: (T_tok, S) the row of each token's S slots.
+    Every row is exactly one slot (a bijection).
     """
 
     row_token: torch.Tensor
@@ -32,7 +32,6 @@ class SegmentRows:
     row_segment: torch.Tensor
     row_position: torch.Tensor
     slot_row: torch.Tensor
-    slot_memory: torch.Tensor
     num_segments: int
 
     @property
