@@ -40,7 +40,8 @@ class GatedRMSNorm(RMSNorm):
     On CUDA with Triton (16/32-bit floats) one fused kernel each way (memmix.ops.triton.gated_rms_norm)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in _FUSED_DTYPES and x.shape == gate.shape and triton_ops.is_available(x):
+        if (x.is_cuda and x.dtype in _FUSED_DTYPES and x.shape == gate.shape and x.shape[-1] <= triton_ops.NORM_MAX_DIM
+                and triton_ops.is_available(x)):
             from memmix.ops.triton.gated_rms_norm import gated_rms_norm
 
             return gated_rms_norm(x, gate, self.weight, self.eps)

@@ -171,14 +171,15 @@ def test_chunk_layouts_are_reused_until_cu_seqlens_change():
     pytest.importorskip("triton")
     from memmix.ops.triton.gated_delta_rule import ChunkLayout
 
-    cu = torch.tensor([0, 5, 70, 70, 200])
+    cu = torch.tensor([0, 5, 70, 70, 200])  # CPU bounds are keyed by their values
     first = ChunkLayout.build(1, 200, cu, "cpu")
-    assert ChunkLayout.build(1, 200, cu, "cpu") is first
-    assert ChunkLayout.build(1, 200, cu.clone(), "cpu") is not first  # another tensor: built again
+    assert ChunkLayout.build(1, 200, cu, "cpu") is first and ChunkLayout.build(1, 200, cu.clone(), "cpu") is first
+    assert ChunkLayout.build(1, 201, cu, "cpu") is not first
     assert first.chunk_offsets.tolist() == [0, 1, 3, 3, 6]
-    cu[2] = 64  # in place (lengths 5, 59, 6, 130): the version changes, so does the layout
+    cu.numpy()[2] = 64  # a write autograd's version counter does not see (lengths 5, 59, 6, 130)
     second = ChunkLayout.build(1, 200, cu, "cpu")
     assert second is not first and second.chunk_offsets.tolist() == [0, 1, 2, 3, 6]
+    assert first.cu_seqlens.tolist() == [0, 5, 70, 70, 200]  # a layout owns a copy of its bounds
     dense = ChunkLayout.build(3, 130, None, "cpu")
     assert ChunkLayout.build(3, 130, None, "cpu") is dense and ChunkLayout.build(3, 129, None, "cpu") is not dense
     assert dense.chunk_start.tolist() == [0, 64, 128, 130, 194, 258, 260, 324, 388]

@@ -19,6 +19,7 @@ import torch
 
 KERNEL_RULES = ("gated_delta_rule", "delta_rule")
 STEP_MAX_K = 256  # the largest q/k head dim of recurrent_step (it holds the whole K of a state tile)
+NORM_MAX_DIM = 4096  # the widest row of gated_rms_norm (one tile per row)
 
 
 def triton_importable() -> bool:
@@ -69,4 +70,4 @@ def get_kernel(rule: str) -> Optional[Callable]:
     return _gated_delta_rule_kernel if rule == "gated_delta_rule" else _delta_rule_kernel
 
 
-__all__ = ["KERNEL_RULES", "STEP_MAX_K", "chunk_gated_delta_rule", "get_kernel", "is_available"]
+__all__ = ["KERNEL_RULES", "NORM_MAX_DIM", "STEP_MAX_K", "chunk_gated_delta_rule", "get_kernel", "is_available"]

@@ -114,8 +114,8 @@ class ChunkLayout:
     def build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
         """Dense batch (cu_seqlens None): B sequences of length T; else the packed sequences of cu_seqlens.
 
-        The last few layouts are kept, by shape for a dense batch and by the cu_seqlens tensor itself (object and
-        in-place version) for a packed one: building one takes ~25 small device ops, which cost more host time
+        The last few layouts are kept, by shape for a dense batch and by cu_seqlens for a packed one (see
+        _layout_key): building one takes ~25 small device ops, which cost more host time
         than the kernels of a short batch (and every layer of a model sees the same batch)."""
         key = _layout_key(batch, seq_len, cu_seqlens, device)
         if key is not None and key in _LAYOUT_CACHE:
@@ -134,7 +134,7 @@ class ChunkLayout:
         if cu_seqlens is None:
             cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
             return cls(cu, seq_len, batch * triton.cdiv(seq_len, C))
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        cu = cu_seqlens.to(device=device, dtype=torch.int64, copy=True)  # a cached layout owns its bounds
         num_seqs = cu.numel() - 1
         return cls(cu, seq_len, (seq_len + num_seqs * (C - 1)) // C)  # sum ceil(L_i / C) <= this
 
@@ -144,13 +144,19 @@ _LAYOUT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def _layout_key(batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> Optional[tuple]:
-    """Cache key of a layout, or None when it must not be cached (inference-mode cu_seqlens have no version)."""
+    """Cache key of a layout, or None when it must not be cached.
+
+    cu_seqlens on the CPU are keyed by their values (no device sync; writes through .numpy() do not bump the
+    version). On a GPU by the tensor (object, storage and in-place version): a write that bypasses autograd's
+    version counter (.data, DLPack) is not seen. Inference-mode tensors have no version and are not cached."""
     device = torch.device(device)
     if cu_seqlens is None:
         return ("dense", batch, seq_len, device)
+    if cu_seqlens.device.type == "cpu":
+        return ("values", tuple(cu_seqlens.tolist()), seq_len, device)
     if cu_seqlens.is_inference():
         return None
-    return ("packed", id(cu_seqlens), cu_seqlens._version, seq_len, device)
+    return ("tensor", id(cu_seqlens), cu_seqlens.data_ptr(), cu_seqlens._version, seq_len, device)
 
 
 # --------------------------------------------------------------------------- launchers

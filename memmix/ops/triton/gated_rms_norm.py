@@ -11,9 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
+from memmix.ops.triton import NORM_MAX_DIM as MAX_DIM
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ROWS_PER_PROGRAM = 16
-MAX_DIM = 4096
+
+
+def _rows_per_program(block_d: int) -> int:
+    """16 rows of D <= 512 per program (the MoM shapes), fewer for wider rows: ~8K float32 values per tile."""
+    return max(1, min(16, 8192 // block_d))
 
 
 @triton.jit
@@ -70,10 +75,11 @@ class GatedRMSNormFunction(torch.autograd.Function):
         num_rows, D = x.shape
         y = torch.empty_like(x)
         rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
+        block_d = triton.next_power_of_2(D)
+        rows = _rows_per_program(block_d)
         if num_rows > 0:
-            gated_rms_norm_fwd_kernel[(triton.cdiv(num_rows, ROWS_PER_PROGRAM),)](
-                x, gate, weight, y, rstd, num_rows, D, eps, BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D),
-                **_options(D))
+            gated_rms_norm_fwd_kernel[(triton.cdiv(num_rows, rows),)](
+                x, gate, weight, y, rstd, num_rows, D, eps, BR=rows, BD=block_d, **_options(D))
         ctx.save_for_backward(x, gate, weight, rstd)
         return y
 
@@ -81,13 +87,15 @@ class GatedRMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, gate, weight, rstd = ctx.saved_tensors
         num_rows, D = x.shape
-        tiles = triton.cdiv(num_rows, ROWS_PER_PROGRAM)
+        block_d = triton.next_power_of_2(D)
+        rows = _rows_per_program(block_d)
+        tiles = triton.cdiv(num_rows, rows)
         dx, dgate = torch.empty_like(x), torch.empty_like(gate)
         dw_part = torch.empty(tiles, D, device=x.device, dtype=torch.float32)
         if num_rows > 0:
             gated_rms_norm_bwd_kernel[(tiles,)](
                 x, gate, weight, rstd, dy.contiguous(), dx, dgate, dw_part, num_rows, D,
-                BR=ROWS_PER_PROGRAM, BD=triton.next_power_of_2(D), **_options(D))
+                BR=rows, BD=block_d, **_options(D))
         return dx, dgate, dw_part.sum(0).to(weight.dtype), None
 
 

@@ -86,7 +86,7 @@ def segment_conv_bwd_rows_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_p
                                  HAS_TAILS: tl.constexpr):
     """Back through norm and SiLU to the convolution's pre-activation: dacc (rows, channels), and (with tails)
     this row tile's share of the weight gradient from the tail inputs, dw_part[tile, channel, tap]; the
-    gathered rows' share is taken by segment_conv_bwd_tokens_kernel."""
+    gathered rows' share is taken by segment_conv_bwd_scatter_kernel / segment_conv_bwd_tokens_kernel."""
     pid_r, head = tl.program_id(0), tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     rvalid = rows < L
