@@ -172,27 +172,16 @@ def segment_conv_bwd_scatter_kernel(dacc_ptr, w_ptr, src_ptr, tok_stride, mem_st
     dacc_stride = tl.num_programs(1) * width
     tok = tl.load(row_tok_ptr + rows, mask=rvalid, other=0).to(tl.int64)
     mem = tl.load(row_mem_ptr + rows, mask=rvalid, other=0).to(tl.int64)
+    x = tl.zeros((BR, BC), dtype=tl.float32)
     if CONV:
         x = tl.load(src_ptr + tok[:, None] * tok_stride + mem[:, None] * mem_stride + ch[None, :], mask=mask,
                     other=0.0).to(tl.float32)
-        seg = tl.load(row_seg_ptr + rows, mask=rvalid, other=-1)
+    dx, dw = _row_input_grad(dacc_ptr, dacc_stride, w_ptr, row_seg_ptr, rows, rvalid, ch, cvalid, L, x,
+                             tl.zeros((WP, BC), dtype=tl.float32), W, WP, BR, BC, CONV)
+    if CONV:
         taps = tl.arange(0, WP)
-        dw = tl.zeros((WP, BC), dtype=tl.float32)  # [tap, channel]
-        dx = tl.zeros((BR, BC), dtype=tl.float32)
-        for j in tl.static_range(W):
-            target = rows + j
-            same = rvalid & (target < L)
-            same = same & (tl.load(row_seg_ptr + target, mask=same, other=-2) == seg)
-            d = tl.load(dacc_ptr + target.to(tl.int64)[:, None] * dacc_stride + ch[None, :],
-                        mask=same[:, None] & cvalid[None, :], other=0.0).to(tl.float32)
-            wj = tl.load(w_ptr + ch * W + (W - 1 - j), mask=cvalid, other=0.0).to(tl.float32)
-            dx += d * wj[None, :]
-            dw += tl.where(taps[:, None] == W - 1 - j, tl.sum(x * d, 0)[None, :], 0.0)
         tl.store(dw_part_ptr + pid_r.to(tl.int64) * dw_tile_stride + ch[None, :] * W + taps[:, None], dw,
                  mask=(taps[:, None] < W) & cvalid[None, :])
-    else:
-        dx = tl.load(dacc_ptr + rows.to(tl.int64)[:, None] * dacc_stride + ch[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
     tl.store(dsrc_ptr + tok[:, None] * dtok_stride + mem[:, None] * dmem_stride + ch[None, :],
              dx.to(dsrc_ptr.dtype.element_ty), mask=mask)
 
