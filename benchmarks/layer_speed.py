@@ -1,5 +1,6 @@
-"""Speed and peak memory of one token-mixing layer: our MoM, our single-memory layer, our B'MOJO,
-flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and softmax attention (PyTorch SDPA).
+"""Speed and peak memory of one token-mixing layer: our MoM and our single-memory layer (each also with
+low_memory=True), our B'MOJO, flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and
+softmax attention (PyTorch SDPA).
 
     python benchmarks/layer_speed.py                      # the issue's shape on CUDA, T = 2048, 8192, 32768
     python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
@@ -48,9 +49,13 @@ def build_layers(args) -> tuple[dict, list[str]]:
     common = dict(hidden_size=args.hidden, num_heads=H, head_dim=K, expand_v=1.0, impl=args.impl)
     ours = MixtureOfMemories(num_memories=4, topk=2, shared_mem=True, **common)
     single = MixtureOfMemories(num_memories=1, topk=1, shared_mem=False, **common)
+    ours_low = MixtureOfMemories(num_memories=4, topk=2, shared_mem=True, low_memory=True, **common)
+    single_low = MixtureOfMemories(num_memories=1, topk=1, shared_mem=False, low_memory=True, **common)
     layers = {
         "memmix MoM (4 mem, top-2, shared)": (ours, lambda m, x: m(x).hidden_states),
         "memmix single memory (GDN)": (single, lambda m, x: m(x).hidden_states),
+        "memmix MoM low_memory": (ours_low, lambda m, x: m(x).hidden_states),
+        "memmix single memory low_memory": (single_low, lambda m, x: m(x).hidden_states),
         "SDPA attention": (SDPAttention(args.hidden, H), lambda m, x: m(x)),
         "memmix B'MOJO (window 512, store 256)": (
             BMojo(args.hidden, num_heads=H, head_dim=K, window_size=512, chunk_size=64, eidetic_size=256,

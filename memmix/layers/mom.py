@@ -79,6 +79,10 @@ class MixtureOfMemories(nn.Module):
 
     Stacked per-memory projections hold P rows: the M routed memories then the shared one, or a single
     row used by every memory when single_kv_proj.
+
+    low_memory: trade backward time for training memory on the Triton path. The convolution's backward
+    rebuilds the every-memory k/v projection instead of keeping it, and the recurrence's backward takes
+    one head per pass (memmix.ops.triton.low_memory_backward).
     """
 
     def __init__(
@@ -98,10 +102,13 @@ class MixtureOfMemories(nn.Module):
         impl: str = "auto",
         layer_idx: int | None = None,
         memory_groups: list[int] | None = None,
+        low_memory: bool = False,
     ):
         super().__init__()
         _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
         _check_groups(memory_groups, num_memories, topk)
+        if not isinstance(low_memory, bool):
+            raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
         self.memory_groups = None if memory_groups is None else [int(n) for n in memory_groups]
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -117,6 +124,7 @@ class MixtureOfMemories(nn.Module):
         self.use_output_gate = use_output_gate
         self.conv_size = conv_size
         self.impl = impl
+        self.low_memory = low_memory
         self.layer_idx = layer_idx
         self.num_slots_memories = num_memories + int(shared_mem)  # M + S
         # decode steps write the picked memories back into the given state's tensors (CUDA-graph decoding)
@@ -245,11 +253,14 @@ class MixtureOfMemories(nn.Module):
         B, T, D = x.shape
         rows = plan.segment_rows(memory_ids)
         q_src = self.q_proj(x).reshape(B * T, self.key_dim)
-        kv_src = F.linear(x, self._stacked_kv_weight().reshape(-1, D)).view(B * T, self.k_proj.shape[0], -1)
+        kv_weight = self._stacked_kv_weight().reshape(-1, D)
+        kv_src = F.linear(x, kv_weight).view(B * T, self.k_proj.shape[0], -1)
         groups = FeatureGroups(self.num_heads, self.head_k_dim, self.head_v_dim,
                                kv_src.shape[-1] - self.key_dim - self.value_dim, self.conv_size)
+        # low_memory: the convolution's backward rebuilds the every-memory projection instead of keeping it
+        kv_inputs = (x.reshape(B * T, D), kv_weight) if self.low_memory else None
         q, k, v, gates = segment_conv(q_src, kv_src, self._conv_weight(), rows, groups,
-                                      None if tails is None else tails.detach())
+                                      None if tails is None else tails.detach(), kv_inputs)
         beta, g = self._gates(gates)
         o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache, normalized=True)
         weights = (slot_weights * valid.unsqueeze(-1)).reshape(B * T, -1)
@@ -443,7 +454,8 @@ class MixtureOfMemories(nn.Module):
             initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=not normalized,
             impl=self.impl
         )
-        o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
+        with triton_ops.low_memory_backward(self.low_memory):
+            o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
         o = o.reshape(L, H, V)
         if plan.layout == "dense":
             o = torch.cat([o, o.new_zeros(plan.buffer_len - L, H, V)])

@@ -57,6 +57,9 @@ class MoMConfig(PretrainedConfig):
     `ffn_topk` and `ffn_capacity_factor`; expert choice trains its auxiliary causal router with a BCE loss scaled
     by `ffn_aux_router_loss_scale` and uses it at inference. `generation_modality` is the modality of the tokens
     that `generate()` appends (overridable per call).
+
+    `low_memory=True` makes the MoM layers keep less for the backward on the Triton path, for more time (see
+    MixtureOfMemories).
     """
 
     model_type = "memmix_mom"
@@ -83,6 +86,7 @@ class MoMConfig(PretrainedConfig):
         aux_loss_scale: float = 0.01,
         aux_loss_mode: str = "global",
         impl: str = "auto",
+        low_memory: bool = False,
         attn_layers: list[int] | tuple[int, ...] | None = None,
         attn_num_heads: int | None = None,
         attn_num_kv_heads: int | None = None,
@@ -127,6 +131,7 @@ class MoMConfig(PretrainedConfig):
             ("use_output_gate", use_output_gate),
             ("tie_word_embeddings", tie_word_embeddings),
             ("use_cache", use_cache),
+            ("low_memory", low_memory),
         ):
             _check_bool(name, flag)
         _check_choice("memory_rule", memory_rule, MEMORY_RULES)
@@ -196,6 +201,7 @@ class MoMConfig(PretrainedConfig):
         self.aux_loss_scale = aux_loss_scale
         self.aux_loss_mode = aux_loss_mode
         self.impl = impl
+        self.low_memory = low_memory
         self.attn_layers = attn_layers
         self.attn_num_heads = attn_num_heads
         self.attn_num_kv_heads = attn_num_kv_heads

@@ -116,6 +116,7 @@ class MoMBlock(nn.Module):
                 impl=config.impl,
                 layer_idx=layer_idx,
                 memory_groups=config.memory_group_sizes,
+                low_memory=config.low_memory,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         if config.ffn_experts is None:

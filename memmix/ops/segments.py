@@ -52,12 +52,15 @@ class FeatureGroups:
 
 
 def segment_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor, rows: SegmentRows,
-                 groups: FeatureGroups, tails: Optional[torch.Tensor] = None):
+                 groups: FeatureGroups, tails: Optional[torch.Tensor] = None,
+                 kv_inputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
     """Gather, convolve (causal, depthwise, per segment) + SiLU, L2-normalise q and k; pass gates through.
 
     q_src: (T_tok, H*K) shared by every memory; kv_src: (T_tok, P, H*K + H*V + G) per memory (k | v | gates);
     weight: (2HK + HV, W) conv weights of q | k | v; tails: (num_segments, W - 1, 2HK + HV) inputs before each
     segment, oldest first (not differentiated), or None for zeros.
+    kv_inputs: (x (T_tok, D), w (P * F, D)) with kv_src = (x w^T).view(kv_src.shape), or None: when given, the
+    backward rebuilds kv_src from them instead of keeping it (less memory, one more matrix product).
     Returns q, k (L, H*K), v (L, H*V), gates (L, G), in q_src's dtype.
     """
     from memmix.ops.triton.segment_conv import SegmentConvFunction
@@ -65,8 +68,14 @@ def segment_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor
     if tails is not None and tails.requires_grad:
         raise ValueError("segment_conv: tails must not require grad (the PyTorch path differentiates them)")
     tails = None if tails is None else tails.to(q_src.dtype).contiguous()
+    if kv_inputs is not None:
+        x, w = kv_inputs
+        if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or (x.shape[0], w.shape[0]) != (
+                kv_src.shape[0], kv_src.shape[1] * kv_src.shape[2]):
+            raise ValueError(f"segment_conv: kv_inputs must be x (T_tok, D) and w (P * F, D) of kv_src "
+                             f"{tuple(kv_src.shape)}, got {tuple(x.shape)} and {tuple(w.shape)}")
     return SegmentConvFunction.apply(q_src.contiguous(), kv_src.contiguous(), weight.contiguous(), rows, groups,
-                                     tails)
+                                     tails, kv_inputs)
 
 
 def segment_combine(rows: torch.Tensor, slot_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

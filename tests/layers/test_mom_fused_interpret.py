@@ -25,6 +25,10 @@ CASES = {
     "single_kv_proj_expand_v2": dict(B=2, T=18, layer=dict(single_kv_proj=True, expand_v=2.0)),
     "gla_rule": dict(B=2, T=18, layer=dict(memory_rule="gla")),
     "linear_rule_no_gates": dict(B=1, T=30, layer=dict(memory_rule="linear", use_output_gate=False)),
+    # the recurrence on its Triton kernel too ("auto" takes the PyTorch chunk form on the CPU); then with
+    # low_memory, whose backward rebuilds the k/v projection of every memory and runs one head per pass
+    "triton_recurrence": dict(B=2, T=33, impl="triton"),
+    "low_memory": dict(B=2, T=33, impl="triton", layer=dict(low_memory=True)),
 }
 TOLERANCE = 1e-4
 
@@ -57,7 +61,8 @@ def _inputs(case: dict, seed: int) -> dict:
 
 
 def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
-    """Output, state and every gradient (x and parameters) of one path, as float64 tensors."""
+    """Output, state and every gradient (x and parameters) of one path, as float64 tensors; plus, under
+    "saved_shapes", the shapes of the tensors that autograd kept for the backward."""
     from memmix.layers.mom import MoMState
 
     layer.impl = impl
@@ -74,8 +79,16 @@ def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
         y = torch.cat([first.hidden_states, second.hidden_states], 1)
         state = second.state
     else:
-        result = layer(x, use_cache=True, **kwargs)
+        saved_shapes = set()
+
+        def keep(tensor):
+            saved_shapes.add(tuple(tensor.shape))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            result = layer(x, use_cache=True, **kwargs)
         y, state = result.hidden_states, result.state
+        out["saved_shapes"] = saved_shapes
     gen = torch.Generator().manual_seed(99)
     (y * torch.randn(y.shape, generator=gen)).sum().backward()
     out["output"] = y.detach()
@@ -83,20 +96,36 @@ def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
     out["state_conv"] = state.conv.detach()
     out["dx"] = x.grad
     out.update({"d" + name: p.grad for name, p in layer.named_parameters() if p.grad is not None})
-    return {k: v.double() for k, v in out.items()}
+    return {k: v if k == "saved_shapes" else v.double() for k, v in out.items()}
 
 
 def run_case(name: str, seed: int) -> dict:
+    """{"errors": relative error of each output and gradient of the Triton path against the PyTorch path,
+    "kept_kv_projection": whether the Triton path kept the (tokens, P, features) projection for its backward,
+    "recurrence_backward_passes": how many head groups its recurrence's backward took}."""
+    from memmix.ops.triton import gated_delta_rule as kernels
+
     case = CASES[name]
     layer = _layer(case, seed)
     inputs = _inputs(case, seed)
     expected = _run(layer, inputs, case, "chunk")  # PyTorch dispatch
-    actual = _run(layer, inputs, case, "auto")  # Triton dispatch under the interpreter
+    passes = []
+    recompute_wy = kernels._recompute_wy
+    kernels._recompute_wy = lambda *args, **kwargs: (passes.append(kwargs["head0"]), recompute_wy(*args, **kwargs))
+    try:
+        actual = _run(layer, inputs, case, case.get("impl", "auto"))  # Triton dispatch under the interpreter
+    finally:
+        kernels._recompute_wy = recompute_wy
+    saved_shapes = actual.pop("saved_shapes", set())
+    expected.pop("saved_shapes", None)
     missing = set(expected) ^ set(actual)
     # an all-but-zero reference (gate gradients at k = 1) is compared in absolute terms
     errors = {key: rel_err(actual[key], expected[key], floor=1e-6) for key in expected if key in actual}
     errors.update({key: float("inf") for key in missing})
-    return errors
+    B, T = inputs["x"].shape[:2]
+    kv_shape = (B * T, layer.k_proj.shape[0], layer._stacked_kv_weight().shape[1])
+    return {"errors": errors, "kept_kv_projection": kv_shape in saved_shapes,
+            "recurrence_backward_passes": len(passes)}
 
 
 def _main() -> None:
@@ -108,11 +137,39 @@ def _main() -> None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_dispatch_matches_pytorch_dispatch(interpret_results, name):
-    errors = interpret_results[name]
+    errors = interpret_results[name]["errors"]
     assert {"output", "state_memory", "state_conv", "dx", "dq_proj.weight", "dk_proj", "dv_proj",
             "dq_conv1d.weight", "dgate.weight", "do_proj.weight"} <= set(errors)
     bad = {key: err for key, err in errors.items() if not err <= TOLERANCE}
     assert not bad, f"relative errors above {TOLERANCE}: {bad}"
+
+
+
+def test_low_memory_rebuilds_the_projection_and_runs_one_head_per_pass(interpret_results):
+    default, low = interpret_results["triton_recurrence"], interpret_results["low_memory"]
+    assert default["kept_kv_projection"] and default["recurrence_backward_passes"] == 1  # all heads at once
+    assert not low["kept_kv_projection"]
+    assert low["recurrence_backward_passes"] == BASE["num_heads"]
+
+
+def test_low_memory_is_checked():
+    from memmix.layers import MixtureOfMemories
+
+    with pytest.raises(ValueError, match="low_memory must be True or False"):
+        MixtureOfMemories(**BASE, low_memory="yes")
+
+
+
+def test_segment_conv_checks_kv_inputs():
+    pytest.importorskip("triton")
+    from memmix.ops.segments import FeatureGroups, SegmentRows, segment_conv
+
+    empty = torch.zeros(0, dtype=torch.int32)
+    rows = SegmentRows(empty, empty, empty, empty, torch.zeros(4, 1, dtype=torch.int32), num_segments=0)
+    kv_src = torch.zeros(4, 2, 10)
+    with pytest.raises(ValueError, match=r"kv_inputs must be x \(T_tok, D\) and w \(P \* F, D\)"):
+        segment_conv(torch.zeros(4, 2), kv_src, torch.zeros(6, 4), rows, FeatureGroups(1, 2, 2, 6, 4),
+                     kv_inputs=(torch.zeros(4, 8), torch.zeros(10, 8)))  # w must have 2 x 10 rows
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ BAD_ARGUMENTS = [
     (dict(use_output_gate=None), r"use_output_gate must be True or False"),
     (dict(tie_word_embeddings="no"), r"tie_word_embeddings must be True or False"),
     (dict(use_cache=0), r"use_cache must be True or False"),
+    (dict(low_memory="yes"), r"low_memory must be True or False"),
     (dict(memory_rule="mamba"), r"memory_rule must be one of \['gated_delta', 'delta', 'gla', 'linear'\]"),
     (dict(conv_size=1), r"conv_size must be an integer >= 2"),
     (dict(norm_eps=0.0), r"norm_eps must be a number > 0"),

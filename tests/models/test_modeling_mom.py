@@ -335,3 +335,12 @@ def test_auto_classes_from_config():
     assert AutoConfig.for_model("memmix_mom", **settings).to_dict() == config.to_dict()
     assert type(AutoModelForCausalLM.from_config(config)) is MoMForCausalLM
     assert type(AutoModel.from_config(config)) is MoMModel
+
+
+def test_low_memory_reaches_every_mom_layer_and_survives_save_load(tmp_path):
+    model = tiny_model(seed=25, low_memory=True, **HYBRID)
+    mom_layers = [layer.attn for i, layer in enumerate(model.model.layers) if i not in HYBRID["attn_layers"]]
+    assert mom_layers and all(layer.low_memory for layer in mom_layers)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    assert loaded.config.low_memory and loaded.model.layers[0].attn.low_memory

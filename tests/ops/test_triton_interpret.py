@@ -153,18 +153,20 @@ def test_backward_heads_per_pass_is_the_fewest_that_fill_the_gpu(monkeypatch):
     pytest.importorskip("triton")
     from memmix.ops.triton import gated_delta_rule as kernels
 
-    cuda = torch.device("cuda")
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", 264)  # two per SM of a 132-SM GPU
     # K = V = 256: 4 V tiles of 64. MoM at 8 x 2048 packs 41 segments (164 programs a head): two heads a pass
-    assert kernels.heads_per_backward_pass(41, 4, 256, 256, cuda) == 2
-    assert kernels.heads_per_backward_pass(81, 4, 256, 256, cuda) == 1  # 16 x 2048: 324 programs a head
-    assert kernels.heads_per_backward_pass(9, 4, 256, 256, cuda) == 4  # 8 sequences: 36 programs a head
-    assert kernels.heads_per_backward_pass(41, 3, 256, 256, cuda) == 3  # 2 does not divide 3
+    assert kernels.heads_per_backward_pass(41, 4, 256, 256, cuda, bf16) == 2
+    assert kernels.heads_per_backward_pass(81, 4, 256, 256, cuda, bf16) == 1  # 16 x 2048: 324 programs a head
+    assert kernels.heads_per_backward_pass(9, 4, 256, 256, cuda, bf16) == 4  # 8 sequences: 36 programs a head
+    assert kernels.heads_per_backward_pass(41, 3, 256, 256, cuda, bf16) == 3  # 2 does not divide 3
+    # float32 takes V tiles of 32: twice the programs a head, so one head a pass already fills the GPU
+    assert kernels.heads_per_backward_pass(41, 4, 256, 256, cuda, torch.float32) == 1
     # the interpreter cases above that force a split really split
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", CASES["backward_two_heads_per_pass"]["min_backward_programs"])
-    assert kernels.heads_per_backward_pass(2, 4, 16, 32, cuda) == 2
+    assert kernels.heads_per_backward_pass(2, 4, 16, 32, cuda, bf16) == 2
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", 0)
-    assert kernels.heads_per_backward_pass(4, 4, 16, 16, cuda) == 1
+    assert kernels.heads_per_backward_pass(4, 4, 16, 16, cuda, bf16) == 1
 
 
 def test_chunk_layouts_are_reused_until_cu_seqlens_change():

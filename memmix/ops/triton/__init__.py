@@ -11,15 +11,37 @@ Importing this package never imports Triton; the kernels load on first use.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 KERNEL_RULES = ("gated_delta_rule", "delta_rule")
 STEP_MAX_K = 256  # the largest q/k head dim of recurrent_step (it holds the whole K of a state tile)
 NORM_MAX_DIM = 4096  # the widest row of gated_rms_norm (one tile per row)
+
+
+_LOW_MEMORY_BACKWARD = contextvars.ContextVar("memmix_low_memory_backward", default=False)
+
+
+@contextlib.contextmanager
+def low_memory_backward(enabled: bool = True) -> Iterator[None]:
+    """Inside, the chunked rules' forward calls mark their backward to take one head per pass: the per-chunk
+    states, their gradients and the WY scratch are held for one head at a time (least memory, the sequential
+    kernels get fewer programs). The choice is made at the forward: the backward may run outside."""
+    token = _LOW_MEMORY_BACKWARD.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _LOW_MEMORY_BACKWARD.reset(token)
+
+
+def low_memory_backward_enabled() -> bool:
+    """True inside low_memory_backward()."""
+    return _LOW_MEMORY_BACKWARD.get()
 
 
 def triton_importable() -> bool:
@@ -70,4 +92,5 @@ def get_kernel(rule: str) -> Optional[Callable]:
     return _gated_delta_rule_kernel if rule == "gated_delta_rule" else _delta_rule_kernel
 
 
-__all__ = ["KERNEL_RULES", "NORM_MAX_DIM", "STEP_MAX_K", "chunk_gated_delta_rule", "get_kernel", "is_available"]
+__all__ = ["KERNEL_RULES", "NORM_MAX_DIM", "STEP_MAX_K", "chunk_gated_delta_rule", "get_kernel", "is_available",
+           "low_memory_backward", "low_memory_backward_enabled"]

@@ -18,18 +18,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memmix.ops.triton.gated_delta_fwd import chunk_decay, load_state, load_tile, store_state, store_tile
+from memmix.ops.triton.gated_delta_fwd import (chunk_decay, load_state, load_tile, sequence_program, store_state,
+                                              store_tile)
 
 
 @triton.jit
 def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr, dstates_ptr, dh0_ptr,
-                      cu_seqlens_ptr, chunk_offsets_ptr, scale, head0,
+                      cu_seqlens_ptr, chunk_offsets_ptr, seq_order_ptr, scale, head0,
                       H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, WY_LOCAL: tl.constexpr, PREC: tl.constexpr):
     """One sequence, head and V tile: walk the chunks backwards carrying dS; store dS' per chunk and dU
     (for the HS heads from head0 on, as state_pass_kernel; W too when WY_LOCAL)."""
-    i_n, i_hs, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_hs, i_v = sequence_program(seq_order_ptr, HS, V, BV)
     i_h = head0 + i_hs
     i_wy = i_hs if WY_LOCAL else i_h
     WYH = HS if WY_LOCAL else H

@@ -13,7 +13,7 @@ Kernels:
   wy_prepare_kernel    grid (chunks, H): b, T, M, W, U0 of one chunk (parallel over chunks); T by a blocked
                        inverse (unit_lower_inverse).
   wy_recompute_kernel  grid (chunks, HS): W and U0 again from the stored T, for the backward.
-  state_pass_kernel    grid (N, HS, V tiles): the sequential pass over one sequence's chunks; stores the per-chunk
+  state_pass_kernel    grid (N x HS x V tiles,): the sequential pass over one sequence's chunks; stores the per-chunk
                        incoming states and U (forward, and the backward's recompute a group of HS heads at a
                        time) or, for inputs of one chunk per sequence, writes O itself; and the final state.
   chunk_output_kernel  grid (chunks, H, V tiles): O of one chunk from its stored state and U (parallel).
@@ -210,8 +210,23 @@ def wy_recompute_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, w_ptr, u0_ptr, 
 
 
 @triton.jit
+def sequence_program(seq_order_ptr, HS: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """(sequence, head of the pass, V tile) of a sequential kernel's program on its 1-D grid of N x HS x V tiles.
+
+    The grid walks the sequences longest first (seq_order), all heads and V tiles of one sequence together: the
+    GPU starts programs in grid order, so the longest chains start first (no long chain left for the last wave)
+    and a sequence's V tiles, which load the same K and W, run side by side."""
+    VT: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_v = pid % VT
+    i_hs = (pid // VT) % HS
+    i_n = tl.load(seq_order_ptr + pid // (VT * HS))
+    return i_n, i_hs, i_v
+
+
+@triton.jit
 def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, states_ptr, u_ptr, ht_ptr,
-                      cu_seqlens_ptr, chunk_offsets_ptr, scale, head0,
+                      cu_seqlens_ptr, chunk_offsets_ptr, seq_order_ptr, scale, head0,
                       H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr,
@@ -221,7 +236,7 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
     Heads head0 .. head0 + HS - 1 (the program's head i_hs is head head0 + i_hs): the stored states and U
     hold these HS heads only, so a backward pass over a few heads at a time needs scratch for those only;
     so do W and U0 when WY_LOCAL (recomputed for those heads by wy_recompute_kernel)."""
-    i_n, i_hs, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_hs, i_v = sequence_program(seq_order_ptr, HS, V, BV)
     i_h = head0 + i_hs
     i_wy = i_hs if WY_LOCAL else i_h
     WYH = HS if WY_LOCAL else H

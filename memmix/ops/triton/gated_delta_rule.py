@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import triton
 
+from memmix.ops.triton import low_memory_backward_enabled
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
 from memmix.ops.triton.gated_delta_fwd import (chunk_output_kernel, state_pass_kernel, wy_prepare_kernel,
                                                wy_recompute_kernel)
@@ -35,17 +36,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _state_config(K: int, V: int) -> dict:
+def _state_config(K: int, V: int, dtype: torch.dtype) -> dict:
     """Tiles and warps for the sequential kernels: the whole K in one tile, V split for parallelism.
 
     At K = V = 256 on an H200, V tiles of 64 with 4 warps beat tiles of 32 with 8 (bf16 forward 0.37 vs 0.45 ms
-    dense 8 x 2048, 0.89 vs 1.11 ms for 32 packed sequences; MoM layer forward+backward 10.0 vs 10.5 ms)."""
+    dense 8 x 2048, 0.89 vs 1.11 ms for 32 packed sequences; MoM layer forward+backward 10.0 vs 10.5 ms).
+    float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread, and at 64 x 4 warps the
+    K = 256 kernels did not finish compiling within minutes."""
+    if dtype == torch.float32:
+        return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, 32), "num_warps": 8, "num_stages": 2}
     return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, 64), "num_warps": 4, "num_stages": 2}
 
 
 def _chunk_config(K: int, V: int) -> dict:
     """Tiles and warps for the per-chunk kernels."""
     return {"BK": _tile(K, 64), "BV": _tile(V, 64), "num_warps": 4 if max(K, V) <= 64 else 8}
+
+
+def _wy_prepare_config(K: int, V: int) -> dict:
+    """wy_prepare_kernel: 4 warps and no software pipelining (see its K loop). 4 warps against the 8 of the other
+    chunk kernels (which lose at 4: chunk_grads_kernel took 2.5x as long): H200, bf16, K = V = 256, 32 packed
+    sequences of 32768 tokens, 0.21 vs 0.35 ms; its first half alone (A and T = (I + A)^-1) 0.07 vs 0.12 ms."""
+    return dict(_chunk_config(K, V), num_warps=4, num_stages=1)
 
 
 def _fallbacks(config: dict) -> list[dict]:
@@ -90,6 +102,7 @@ class ChunkLayout:
 
     cu_seqlens: (N + 1,) int64 sequence bounds; chunk_offsets: (N + 1,) index of each sequence's first chunk;
     chunk_start, chunk_end: (num_chunks,) int32 token bounds per chunk slot (start == end: unused slot).
+    seq_order: (N,) int32 the sequences longest first, the order the sequential kernels take them in.
     max_seq_len: host-side upper bound on the longest sequence (T for a dense batch, all tokens for varlen).
     """
 
@@ -109,6 +122,7 @@ class ChunkLayout:
         used = seq < self.num_seqs
         self.chunk_start = torch.where(used, start, 0).to(torch.int32)
         self.chunk_end = torch.where(used, end, 0).to(torch.int32)
+        self.seq_order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)  # (N,)
 
     @classmethod
     def build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
@@ -176,7 +190,7 @@ def _prepare(q, k, v, g, beta, scale, layout):
                 (q, k, v, g if g is not None else beta, beta, b, tinv, m, w, u0,
                  layout.chunk_start, layout.chunk_end, scale),
                 dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=g is not None, PREC=_dot_precision(k.dtype)),
-                dict(_chunk_config(K, V), num_stages=1))  # no pipelining: see wy_prepare_kernel's K loop
+                _wy_prepare_config(K, V))  # no pipelining: see wy_prepare_kernel's K loop
     return b, tinv, m, w, u0
 
 
@@ -211,14 +225,15 @@ def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, 
     heads = H if states is None else states.shape[1]
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_final else None
     dummy = u0
-    _launch(state_pass_kernel, lambda cfg: (N, heads, triton.cdiv(V, cfg["BV"])),
+    _launch(state_pass_kernel, lambda cfg: (N * heads * triton.cdiv(V, cfg["BV"]),),
             (q, k, w, u0, b, m, h0 if h0 is not None else dummy, o if o is not None else dummy,
              states if states is not None else dummy, u if u is not None else dummy,
-             ht if ht is not None else dummy, layout.cu_seqlens, layout.chunk_offsets, scale, head0),
+             ht if ht is not None else dummy, layout.cu_seqlens, layout.chunk_offsets, layout.seq_order, scale,
+             head0),
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
                  OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, WY_LOCAL=wy_local,
                  PREC=_dot_precision(k.dtype)),
-            _state_config(K, V))
+            _state_config(K, V, k.dtype))
     return o, states, u, ht
 
 
@@ -241,12 +256,12 @@ def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_
     num_tokens, H, K = k.shape
     V = do.shape[-1]
     N, heads = layout.num_seqs, du.shape[1]
-    _launch(state_grad_kernel, lambda cfg: (N, heads, triton.cdiv(V, cfg["BV"])),
+    _launch(state_grad_kernel, lambda cfg: (N * heads * triton.cdiv(V, cfg["BV"]),),
             (q, k, w, b, m, do, dht if dht is not None else do, du, dstates, dh0 if dh0 is not None else do,
-             layout.cu_seqlens, layout.chunk_offsets, scale, head0),
+             layout.cu_seqlens, layout.chunk_offsets, layout.seq_order, scale, head0),
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_DHT=dht is not None,
                  STORE_DH0=dh0 is not None, WY_LOCAL=wy_local, PREC=_dot_precision(k.dtype)),
-            _state_config(K, V))
+            _state_config(K, V, k.dtype))
 
 
 def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, *, has_g, head0):
@@ -263,7 +278,7 @@ def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layo
                 _chunk_config(K, V))
 
 
-def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device) -> int:
+def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device, dtype: torch.dtype) -> int:
     """How many heads the backward takes per pass: the fewest (a divisor of H) whose sequential kernels still
     have N x heads x V tiles >= MIN_BACKWARD_PROGRAMS programs (default: two per SM; all heads at once under the
     interpreter). The per-chunk states, their gradients, W, U0, U and dU are held for one pass's heads only.
@@ -275,7 +290,7 @@ def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device) -> in
         if INTERPRET or device.type != "cuda":
             return H
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    v_tiles = triton.cdiv(V, _state_config(K, V)["BV"])
+    v_tiles = triton.cdiv(V, _state_config(K, V, dtype)["BV"])
     for heads in range(1, H + 1):
         if H % heads == 0 and num_seqs * heads * v_tiles >= target:
             return heads
@@ -303,6 +318,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         # W and U0 are not saved: the backward recomputes them from T for the heads of each of its passes
         ctx.save_for_backward(q, k, v, beta, initial_state, b, tinv, m)
         ctx.scale, ctx.layout, ctx.has_g = scale, layout, has_g
+        ctx.one_head_per_pass = low_memory_backward_enabled()
         ctx.g_dtype = None if g is None else g.dtype
         return o, ht
 
@@ -318,7 +334,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                  torch.empty(num_tokens, H, device=k.device, dtype=torch.float32),
                  torch.empty(num_tokens, H, device=k.device, dtype=torch.float32) if has_g else None)
         dh0 = None if h0 is None else k.new_empty(layout.num_seqs, H, K, V, dtype=torch.float32)
-        heads = heads_per_backward_pass(layout.num_seqs, H, K, V, k.device)
+        heads = 1 if ctx.one_head_per_pass else heads_per_backward_pass(layout.num_seqs, H, K, V, k.device, k.dtype)
         w, u0 = k.new_empty(num_tokens, heads, K), v.new_empty(num_tokens, heads, V)
         states, dstates = k.new_empty(layout.num_chunks, heads, K, V), k.new_empty(layout.num_chunks, heads, K, V)
         u, du = torch.empty_like(u0), torch.empty_like(u0)

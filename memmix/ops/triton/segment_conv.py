@@ -278,10 +278,11 @@ def _groups(fg):
 
 class SegmentConvFunction(torch.autograd.Function):
     """q_src (T_tok, H*K); kv_src (T_tok, P, H*K + H*V + G); weight (2HK + HV, W) -> q, k (L, H*K), v (L, H*V),
-    gates (L, G). tails (num_segments, W - 1, 2HK + HV) or None (no gradient flows to tails)."""
+    gates (L, G). tails (num_segments, W - 1, 2HK + HV) or None (no gradient flows to tails). kv_inputs: None, or
+    (x, w) that kv_src is the product of: then those are saved and kv_src is rebuilt in the backward."""
 
     @staticmethod
-    def forward(ctx, q_src, kv_src, weight, tables, fg, tails):
+    def forward(ctx, q_src, kv_src, weight, tables, fg, tails, kv_inputs):
         L, W = tables.num_rows, fg.conv_size
         outs = []
         for name, offset, width, heads, conv, norm, woff in _groups(fg):
@@ -296,13 +297,19 @@ class SegmentConvFunction(torch.autograd.Function):
                         W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), CONV=conv, NORM=norm, HAS_TAILS=tails is not None,
                         num_warps=_warps(width))
             outs.append(out)
-        ctx.save_for_backward(q_src, kv_src, weight, tails)
+        ctx.kv_shape = None if kv_inputs is None else kv_src.shape
+        ctx.save_for_backward(q_src, weight, tails, *((kv_src,) if kv_inputs is None else kv_inputs))
         ctx.tables, ctx.fg = tables, fg
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, dq, dk, dv, dgates):
-        q_src, kv_src, weight, tails = ctx.saved_tensors
+        q_src, weight, tails, *kv_saved = ctx.saved_tensors
+        if ctx.kv_shape is None:
+            kv_src, = kv_saved
+        else:
+            x, w = kv_saved
+            kv_src = torch.nn.functional.linear(x, w).view(ctx.kv_shape)
         tables, fg = ctx.tables, ctx.fg
         L, W = tables.num_rows, fg.conv_size
         num_tokens, S = tables.slot_row.shape
@@ -352,7 +359,7 @@ class SegmentConvFunction(torch.autograd.Function):
                         num_tokens, L, width,
                         S=S, W=W, WP=triton.next_power_of_2(W), BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv)
         dw = dw.sum(0) + (dw_rows.sum(0) if per_memory else 0) + (dw_tails.sum(0) if tails is not None else 0)
-        return d_q_src, d_kv_src, dw.to(weight.dtype), None, None, None
+        return d_q_src, d_kv_src, dw.to(weight.dtype), None, None, None, None
 
 
 def _source(q_src, kv_src, offset):
