@@ -261,11 +261,12 @@ class MixtureOfMemories(nn.Module):
         kv_inputs = (x.reshape(B * T, D), kv_weight) if self.low_memory else None
         q, k, v, gates = segment_conv(q_src, kv_src, self._conv_weight(), rows, groups,
                                       None if tails is None else tails.detach(), kv_inputs)
+        new_tails = self._last_inputs(plan, rows, q_src, kv_src, tails) if use_cache else None
+        del kv_src  # unless the convolution kept it, it is freed before the recurrence allocates its scratch
         beta, g = self._gates(gates)
         o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache, normalized=True)
         weights = (slot_weights * valid.unsqueeze(-1)).reshape(B * T, -1)
         mixed = segment_combine(o.reshape(plan.buffer_len, -1), rows.slot_row, weights).view(B, T, -1)
-        new_tails = self._last_inputs(plan, rows, q_src, kv_src, tails) if use_cache else None
         return mixed, final, new_tails
 
     def _last_inputs(self, plan, rows, q_src, kv_src, tails) -> torch.Tensor:

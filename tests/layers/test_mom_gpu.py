@@ -18,6 +18,7 @@ CASES = {
     "packed_documents": dict(B=1, lengths=[70, 1, 0, 200, 33]),
     "k1_no_shared": dict(B=2, T=257, layer=dict(topk=1, shared_mem=False)),
     "k_equals_M": dict(B=2, T=257, layer=dict(num_memories=3, topk=3)),
+    "low_memory": dict(B=2, T=300, layer=dict(low_memory=True)),  # projection rebuilt, one head per pass
 }
 
 
