@@ -29,6 +29,9 @@ CASES = {
     # low_memory, whose backward rebuilds the k/v projection of every memory and runs one head per pass
     "triton_recurrence": dict(B=2, T=33, impl="triton"),
     "low_memory": dict(B=2, T=33, impl="triton", layer=dict(low_memory=True)),
+    # under bf16 autocast (forward only, as in training), low_memory against the default Triton path: the rebuilt
+    # projection must be the forward's bf16 one, so every output and gradient is the same
+    "low_memory_autocast": dict(B=2, T=33, autocast=True, against="default"),
 }
 TOLERANCE = 1e-4
 
@@ -85,7 +88,8 @@ def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
             saved_shapes.add(tuple(tensor.shape))
             return tensor
 
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.get("autocast", False)):
             result = layer(x, use_cache=True, **kwargs)
         y, state = result.hidden_states, result.state
         out["saved_shapes"] = saved_shapes
@@ -108,7 +112,11 @@ def run_case(name: str, seed: int) -> dict:
     case = CASES[name]
     layer = _layer(case, seed)
     inputs = _inputs(case, seed)
-    expected = _run(layer, inputs, case, "chunk")  # PyTorch dispatch
+    if case.get("against") == "default":  # the default Triton path, then the same layer with low_memory
+        expected = _run(layer, inputs, case, "auto")
+        layer.low_memory = True
+    else:
+        expected = _run(layer, inputs, case, "chunk")  # PyTorch dispatch
     passes = []
     recompute_wy = kernels._recompute_wy
     kernels._recompute_wy = lambda *args, **kwargs: (passes.append(kwargs["head0"]), recompute_wy(*args, **kwargs))

@@ -297,7 +297,7 @@ class SegmentConvFunction(torch.autograd.Function):
                         W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), CONV=conv, NORM=norm, HAS_TAILS=tails is not None,
                         num_warps=_warps(width))
             outs.append(out)
-        ctx.kv_shape = None if kv_inputs is None else kv_src.shape
+        ctx.kv_shape, ctx.kv_dtype = (None, None) if kv_inputs is None else (kv_src.shape, kv_src.dtype)
         ctx.save_for_backward(q_src, weight, tails, *((kv_src,) if kv_inputs is None else kv_inputs))
         ctx.tables, ctx.fg = tables, fg
         return tuple(outs)
@@ -308,8 +308,8 @@ class SegmentConvFunction(torch.autograd.Function):
         if ctx.kv_shape is None:
             kv_src, = kv_saved
         else:
-            x, w = kv_saved
-            kv_src = torch.nn.functional.linear(x, w).view(ctx.kv_shape)
+            x, w = kv_saved  # in kv_src's dtype, as autocast made it in the forward (no autocast in the backward)
+            kv_src = torch.nn.functional.linear(x.to(ctx.kv_dtype), w.to(ctx.kv_dtype)).view(ctx.kv_shape)
         tables, fg = ctx.tables, ctx.fg
         L, W = tables.num_rows, fg.conv_size
         num_tokens, S = tables.slot_row.shape
