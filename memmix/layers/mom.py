@@ -253,12 +253,17 @@ class MixtureOfMemories(nn.Module):
         B, T, D = x.shape
         rows = plan.segment_rows(memory_ids)
         q_src = self.q_proj(x).reshape(B * T, self.key_dim)
-        kv_weight = self._stacked_kv_weight().reshape(-1, D)
-        kv_src = F.linear(x, kv_weight).view(B * T, self.k_proj.shape[0], -1)
+        x_flat, kv_weight = x.reshape(B * T, D), self._stacked_kv_weight().reshape(-1, D)
+        if self.low_memory and torch.is_autocast_enabled(x.device.type):
+            # the projection's inputs as autocast casts them: the linear keeps these for its own backward, so the
+            # convolution rebuilding kv_src from them keeps nothing more (the float32 originals would be copies)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x_flat, kv_weight = x_flat.to(dtype), kv_weight.to(dtype)
+        kv_src = F.linear(x_flat, kv_weight).view(B * T, self.k_proj.shape[0], -1)
         groups = FeatureGroups(self.num_heads, self.head_k_dim, self.head_v_dim,
                                kv_src.shape[-1] - self.key_dim - self.value_dim, self.conv_size)
         # low_memory: the convolution's backward rebuilds the every-memory projection instead of keeping it
-        kv_inputs = (x.reshape(B * T, D), kv_weight) if self.low_memory else None
+        kv_inputs = (x_flat, kv_weight) if self.low_memory else None
         q, k, v, gates = segment_conv(q_src, kv_src, self._conv_weight(), rows, groups,
                                       None if tails is None else tails.detach(), kv_inputs)
         new_tails = self._last_inputs(plan, rows, q_src, kv_src, tails) if use_cache else None
@@ -455,7 +460,7 @@ class MixtureOfMemories(nn.Module):
             initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=not normalized,
             impl=self.impl
         )
-        with triton_ops.low_memory_backward(self.low_memory):
+        with triton_ops.low_memory_backward(self.low_memory or triton_ops.low_memory_backward_enabled()):
             o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
         o = o.reshape(L, H, V)
         if plan.layout == "dense":

@@ -57,8 +57,19 @@ def model_spec(config: TrainConfig, vocab_size: int, tokenizer) -> dict:
     return spec
 
 
+RUNTIME_SETTINGS = ("impl", "low_memory")  # how the model runs, not what it computes: a resume may change them
+
+
+def _without_runtime_settings(spec: dict) -> dict:
+    spec = dict(spec, tokenizer=None)  # a moved tokenizer folder is fine
+    for key in ("model_overrides", "model_config"):
+        if isinstance(spec.get(key), dict):
+            spec[key] = {k: v for k, v in spec[key].items() if k not in RUNTIME_SETTINGS}
+    return spec
+
+
 def check_same_spec(saved: dict, current: dict, path: str) -> None:
-    saved, current = dict(saved, tokenizer=None), dict(current, tokenizer=None)  # a moved tokenizer folder is fine
+    saved, current = _without_runtime_settings(saved), _without_runtime_settings(current)
     if saved == current:
         return
     a, b = saved.get("model_config", saved), current.get("model_config", current)

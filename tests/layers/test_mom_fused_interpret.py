@@ -6,6 +6,8 @@ as a script prints one JSON object of relative errors) and the tests check them.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -32,6 +34,8 @@ CASES = {
     # under bf16 autocast (forward only, as in training), low_memory against the default Triton path: the rebuilt
     # projection must be the forward's bf16 one, so every output and gradient is the same
     "low_memory_autocast": dict(B=2, T=33, autocast=True, against="default"),
+    # a default layer inside memmix.ops.triton.low_memory_backward(): the caller's choice holds
+    "outer_low_memory_context": dict(B=2, T=33, impl="triton", outer_low_memory=True),
 }
 TOLERANCE = 1e-4
 
@@ -65,7 +69,7 @@ def _inputs(case: dict, seed: int) -> dict:
 
 def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
     """Output, state and every gradient (x and parameters) of one path, as float64 tensors; plus, under
-    "saved_shapes", the shapes of the tensors that autograd kept for the backward."""
+    "saved_shapes", the (shape, dtype) of the tensors that autograd kept for the backward."""
     from memmix.layers.mom import MoMState
 
     layer.impl = impl
@@ -85,7 +89,7 @@ def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
         saved_shapes = set()
 
         def keep(tensor):
-            saved_shapes.add(tuple(tensor.shape))
+            saved_shapes.add((tuple(tensor.shape), tensor.dtype))
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
@@ -106,8 +110,9 @@ def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
 def run_case(name: str, seed: int) -> dict:
     """{"errors": relative error of each output and gradient of the Triton path against the PyTorch path,
     "kept_kv_projection": whether the Triton path kept the (tokens, P, features) projection for its backward,
-    "recurrence_backward_passes": how many head groups its recurrence's backward took}."""
-    from memmix.ops.triton import gated_delta_rule as kernels
+    "recurrence_backward_passes": how many head groups its recurrence's backward took,
+    "kept_float32_flat_input": whether it kept a float32 (tokens, hidden) copy of x}."""
+    from memmix.ops.triton import gated_delta_rule as kernels, low_memory_backward
 
     case = CASES[name]
     layer = _layer(case, seed)
@@ -120,11 +125,14 @@ def run_case(name: str, seed: int) -> dict:
     passes = []
     recompute_wy = kernels._recompute_wy
     kernels._recompute_wy = lambda *args, **kwargs: (passes.append(kwargs["head0"]), recompute_wy(*args, **kwargs))
+    outer = low_memory_backward() if case.get("outer_low_memory") else contextlib.nullcontext()
     try:
-        actual = _run(layer, inputs, case, case.get("impl", "auto"))  # Triton dispatch under the interpreter
+        with outer:
+            actual = _run(layer, inputs, case, case.get("impl", "auto"))  # Triton dispatch under the interpreter
     finally:
         kernels._recompute_wy = recompute_wy
-    saved_shapes = actual.pop("saved_shapes", set())
+    saved = actual.pop("saved_shapes", set())
+    saved_shapes = {shape for shape, _ in saved}
     expected.pop("saved_shapes", None)
     missing = set(expected) ^ set(actual)
     # an all-but-zero reference (gate gradients at k = 1) is compared in absolute terms
@@ -133,7 +141,8 @@ def run_case(name: str, seed: int) -> dict:
     B, T = inputs["x"].shape[:2]
     kv_shape = (B * T, layer.k_proj.shape[0], layer._stacked_kv_weight().shape[1])
     return {"errors": errors, "kept_kv_projection": kv_shape in saved_shapes,
-            "recurrence_backward_passes": len(passes)}
+            "recurrence_backward_passes": len(passes),
+            "kept_float32_flat_input": ((B * T, BASE["hidden_size"]), torch.float32) in saved}
 
 
 def _main() -> None:
@@ -152,12 +161,14 @@ def test_triton_dispatch_matches_pytorch_dispatch(interpret_results, name):
     assert not bad, f"relative errors above {TOLERANCE}: {bad}"
 
 
-
 def test_low_memory_rebuilds_the_projection_and_runs_one_head_per_pass(interpret_results):
     default, low = interpret_results["triton_recurrence"], interpret_results["low_memory"]
     assert default["kept_kv_projection"] and default["recurrence_backward_passes"] == 1  # all heads at once
     assert not low["kept_kv_projection"]
     assert low["recurrence_backward_passes"] == BASE["num_heads"]
+    # under autocast the rebuild keeps the bf16 x that the linear keeps anyway, not a float32 copy of its own
+    assert low["kept_float32_flat_input"] and not interpret_results["low_memory_autocast"]["kept_float32_flat_input"]
+    assert interpret_results["outer_low_memory_context"]["recurrence_backward_passes"] == BASE["num_heads"]
 
 
 def test_low_memory_is_checked():
@@ -165,7 +176,6 @@ def test_low_memory_is_checked():
 
     with pytest.raises(ValueError, match="low_memory must be True or False"):
         MixtureOfMemories(**BASE, low_memory="yes")
-
 
 
 def test_segment_conv_checks_kv_inputs():

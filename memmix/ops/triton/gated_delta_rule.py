@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from memmix.ops.triton import low_memory_backward_enabled
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
@@ -323,6 +324,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         return o, ht
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
         q, k, v, beta, h0, b, tinv, m = ctx.saved_tensors
         scale, layout, has_g = ctx.scale, ctx.layout, ctx.has_g

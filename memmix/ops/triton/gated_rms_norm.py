@@ -10,6 +10,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from memmix.ops.triton import NORM_MAX_DIM as MAX_DIM
 
@@ -84,6 +85,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dy):
         x, gate, weight, rstd = ctx.saved_tensors
         num_rows, D = x.shape

@@ -11,6 +11,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 L2NORM_EPS = 1e-6
@@ -303,6 +304,7 @@ class SegmentConvFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dq, dk, dv, dgates):
         q_src, weight, tails, *kv_saved = ctx.saved_tensors
         if ctx.kv_shape is None:
@@ -396,6 +398,7 @@ class SegmentCombineFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dout):
         rows, slot_row, weight = ctx.saved_tensors
         num_tokens, S = slot_row.shape
