@@ -4,6 +4,7 @@ softmax attention (PyTorch SDPA).
 
     python benchmarks/layer_speed.py                      # the issue's shape on CUDA, T = 2048, 8192, 32768
     python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
+    python benchmarks/layer_speed.py --only MoM,single --phases  # + peak memory of each phase (CUDA)
 
 Every row processes --tokens tokens (batch = tokens // T), or one sequence of T when T is longer; the
 closing lines compare forward+backward time per token across T. Timings are medians of
@@ -99,7 +100,59 @@ def median_ms(fn, device: str, repeats: int) -> float:
     return cpu_median_ms(fn, warmup=1, repeats=repeats)
 
 
-def measure(module, call, x: torch.Tensor, device: str, repeats: int) -> dict:
+class PhasePeaks:
+    """Peak CUDA memory (MiB above the memory held before the step) of each phase of one forward+backward: the
+    forward and backward of the recurrence's and the segment convolution's autograd Functions (Triton path), and
+    the rest of the forward ("forward_other") and of the backward ("backward_other")."""
+
+    FUNCTIONS = (("memmix.ops.triton.gated_delta_rule", "ChunkGatedDeltaRuleFunction", "recurrence"),
+                 ("memmix.ops.triton.segment_conv", "SegmentConvFunction", "conv"))
+
+    def __init__(self):
+        self.name, self.base, self.peaks = "forward_other", 0, {}
+
+    def mark(self, name: str) -> None:
+        """End the current phase (keep its peak) and start `name`."""
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        self.peaks[self.name] = max(self.peaks.get(self.name, 0.0), peak)
+        torch.cuda.reset_peak_memory_stats()
+        self.name = name
+
+    def run(self, step) -> dict:
+        """Phase -> peak MiB of step() (a forward+backward that marks "backward_other" between the two)."""
+        import importlib
+
+        saved = []
+        for module_name, cls_name, phase in self.FUNCTIONS:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+            for method in ("forward", "backward"):
+                original = cls.__dict__[method]
+                saved.append((cls, method, original))
+                setattr(cls, method, staticmethod(self._wrapped(original.__func__, f"{phase}_{method}")))
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.name, self.base, self.peaks = "forward_other", torch.cuda.memory_allocated(), {}
+            step(self)
+            self.mark("done")
+        finally:
+            for cls, method, original in saved:
+                setattr(cls, method, original)
+        return {name: round(peak, 1) for name, peak in self.peaks.items()}
+
+    def _wrapped(self, fn, name: str):
+        def phase(ctx, *args):
+            outer = self.name
+            self.mark(name)
+            try:
+                return fn(ctx, *args)
+            finally:
+                self.mark(outer)
+        return phase
+
+
+def measure(module, call, x: torch.Tensor, device: str, repeats: int, phases: bool = False) -> dict:
     module.train()
 
     def forward():
@@ -122,8 +175,17 @@ def measure(module, call, x: torch.Tensor, device: str, repeats: int) -> dict:
         forward_backward()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    result = {"forward_ms": fwd, "forward_backward_ms": fwd_bwd, "peak_train_mib": peak}
+    if phases and device == "cuda":
+        def step(tracker):
+            x.grad = None
+            y = call(module, x)
+            tracker.mark("backward_other")
+            y.backward(upstream)
+
+        result["phase_peaks_mib"] = PhasePeaks().run(step)
     module.zero_grad(set_to_none=True)
-    return {"forward_ms": fwd, "forward_backward_ms": fwd_bwd, "peak_train_mib": peak}
+    return result
 
 
 def main(argv=None) -> int:
@@ -138,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even when importable")
     p.add_argument("--only", default="", help="comma list of substrings: run only matching layers")
+    p.add_argument("--phases", action="store_true",
+                   help="CUDA: also the peak memory of each phase of one forward+backward (see PhasePeaks)")
     p.add_argument("--json", default="benchmarks/results/layer_speed.json")
     args = p.parse_args(argv)
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
@@ -154,7 +218,7 @@ def main(argv=None) -> int:
         x = torch.randn(B, T, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
         for name, (module, call) in layers.items():
             try:
-                result = measure(module, call, x, args.device, args.repeats)
+                result = measure(module, call, x, args.device, args.repeats, args.phases)
             except torch.cuda.OutOfMemoryError:
                 result = {"error": "out of memory"}
                 torch.cuda.empty_cache()
@@ -193,6 +257,8 @@ def _print_row(row: dict) -> None:
     ktok = row["tokens"] / row["forward_backward_ms"]
     print(f"{row['layer']:<36} {row['batch']:>3}x{row['seq_len']:<6} fwd {row['forward_ms']:8.2f} ms  "
           f"fwd+bwd {row['forward_backward_ms']:8.2f} ms  ({ktok:7.1f}k tok/s)  peak {peak} MiB")
+    if row.get("phase_peaks_mib"):
+        print(" " * 48 + "phase peaks (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in row["phase_peaks_mib"].items()))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_layer.py                     # the issue-5 shape: 8 x 2048, hidden 1024, 4 heads of 256
     python benchmarks/profile_layer.py --memories 1 --topk 1 --no-shared   # the single-memory layer
+    python benchmarks/profile_layer.py --low-memory                       # MoM with low_memory=True
 
 Prints the top kernels (name, calls, total ms per step) and writes them as JSON.
 """
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--memories", type=int, default=4)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--no-shared", action="store_true")
+    p.add_argument("--low-memory", action="store_true", help="the layer with low_memory=True")
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=30)
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     layer = MixtureOfMemories(hidden_size=args.hidden, num_heads=args.num_heads, head_dim=args.head_dim,
                               expand_v=1.0, num_memories=args.memories, topk=args.topk,
-                              shared_mem=not args.no_shared).cuda().bfloat16()
+                              shared_mem=not args.no_shared, low_memory=args.low_memory).cuda().bfloat16()
     x = torch.randn(args.batch, args.seq_len, args.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def step():

@@ -80,9 +80,9 @@ class MixtureOfMemories(nn.Module):
     Stacked per-memory projections hold P rows: the M routed memories then the shared one, or a single
     row used by every memory when single_kv_proj.
 
-    low_memory: trade backward time for training memory on the Triton path. The convolution's backward
-    rebuilds the every-memory k/v projection instead of keeping it, and the recurrence's backward takes
-    one head per pass (memmix.ops.triton.low_memory_backward).
+    low_memory: trade time for training memory on the Triton path. The convolution keeps x and the weights
+    instead of the every-memory k/v projection and rebuilds it in its backward one feature group at a time, and
+    the recurrence runs one head at a time, forward and backward (memmix.ops.triton.low_memory_recurrence).
     """
 
     def __init__(
@@ -259,10 +259,13 @@ class MixtureOfMemories(nn.Module):
             # convolution rebuilding kv_src from them keeps nothing more (the float32 originals would be copies)
             dtype = torch.get_autocast_dtype(x.device.type)
             x_flat, kv_weight = x_flat.to(dtype), kv_weight.to(dtype)
-        kv_src = F.linear(x_flat, kv_weight).view(B * T, self.k_proj.shape[0], -1)
+        # low_memory: the convolution keeps x and the weights, not the every-memory projection, and differentiates
+        # them itself (rebuilding the projection one feature group at a time); the projection is then made without
+        # a graph, unless the returned conv tails (use_cache) need one
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (use_cache or not self.low_memory)):
+            kv_src = F.linear(x_flat, kv_weight).view(B * T, self.k_proj.shape[0], -1)
         groups = FeatureGroups(self.num_heads, self.head_k_dim, self.head_v_dim,
                                kv_src.shape[-1] - self.key_dim - self.value_dim, self.conv_size)
-        # low_memory: the convolution's backward rebuilds the every-memory projection instead of keeping it
         kv_inputs = (x_flat, kv_weight) if self.low_memory else None
         q, k, v, gates = segment_conv(q_src, kv_src, self._conv_weight(), rows, groups,
                                       None if tails is None else tails.detach(), kv_inputs)
@@ -454,13 +457,14 @@ class MixtureOfMemories(nn.Module):
             cu = plan.cu_seqlens
             if initial is not None or use_cache:
                 initial = _with_trash_state(initial, plan.num_segments, H, K, V, q)
-        args = [t[:L].reshape(*shape, H, -1) for t in (q, k, v)]
-        extra = [t[:L].reshape(*shape, H) for t in (g, beta) if t is not None]
+        # a slice only when rows are left out: the backward of even a full-length slice copies the gradient
+        args = [(t if t.shape[0] == L else t[:L]).reshape(*shape, H, -1) for t in (q, k, v)]
+        extra = [(t if t.shape[0] == L else t[:L]).reshape(*shape, H) for t in (g, beta) if t is not None]
         kwargs = dict(
             initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=not normalized,
             impl=self.impl
         )
-        with triton_ops.low_memory_backward(self.low_memory or triton_ops.low_memory_backward_enabled()):
+        with triton_ops.low_memory_recurrence(self.low_memory or triton_ops.low_memory_recurrence_enabled()):
             o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
         o = o.reshape(L, H, V)
         if plan.layout == "dense":

@@ -58,7 +58,7 @@ class MoMConfig(PretrainedConfig):
     by `ffn_aux_router_loss_scale` and uses it at inference. `generation_modality` is the modality of the tokens
     that `generate()` appends (overridable per call).
 
-    `low_memory=True` makes the MoM layers keep less for the backward on the Triton path, for more time (see
+    `low_memory=True` makes the MoM layers hold less memory in training on the Triton path, for more time (see
     MixtureOfMemories).
     """
 

@@ -59,8 +59,9 @@ def segment_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor
     q_src: (T_tok, H*K) shared by every memory; kv_src: (T_tok, P, H*K + H*V + G) per memory (k | v | gates);
     weight: (2HK + HV, W) conv weights of q | k | v; tails: (num_segments, W - 1, 2HK + HV) inputs before each
     segment, oldest first (not differentiated), or None for zeros.
-    kv_inputs: (x (T_tok, D), w (P * F, D)) with kv_src = (x w^T).view(kv_src.shape), or None: when given, the
-    backward rebuilds kv_src from them instead of keeping it (less memory, one more matrix product).
+    kv_inputs: (x (T_tok, D), w (P * F, D)) with kv_src = (x w^T).view(kv_src.shape), or None. When given, x and
+    w are kept instead of kv_src and receive its gradient (kv_src itself is not differentiated: compute it under
+    torch.no_grad()); the backward rebuilds kv_src one feature group at a time (less memory, one more product).
     Returns q, k (L, H*K), v (L, H*V), gates (L, G), in q_src's dtype.
     """
     from memmix.ops.triton.segment_conv import SegmentConvFunction
@@ -74,8 +75,11 @@ def segment_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor
                 kv_src.shape[0], kv_src.shape[1] * kv_src.shape[2]):
             raise ValueError(f"segment_conv: kv_inputs must be x (T_tok, D) and w (P * F, D) of kv_src "
                              f"{tuple(kv_src.shape)}, got {tuple(x.shape)} and {tuple(w.shape)}")
+        kv_src, x, w = kv_src.detach(), x.contiguous(), w.contiguous()  # the gradient goes to x and w
+    else:
+        x = w = None
     return SegmentConvFunction.apply(q_src.contiguous(), kv_src.contiguous(), weight.contiguous(), rows, groups,
-                                     tails, kv_inputs)
+                                     tails, x, w)
 
 
 def segment_combine(rows: torch.Tensor, slot_row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

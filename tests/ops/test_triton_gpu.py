@@ -15,7 +15,9 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
 # name -> shapes and options; lengths: a packed varlen batch (B = 1)
 CASES = {
     "dense_odd_T": dict(B=2, T=300, H=3, K=128, V=128),
-    "dense_K256_V256": dict(B=1, T=257, H=2, K=256, V=256),
+    "dense_K256_V256": dict(B=1, T=257, H=2, K=256, V=256),  # few programs: the narrowest V tiles (16)
+    # the widest V tiles (64), as with many sequences: the SM count seen by the tile choice is set to 1
+    "dense_K256_V256_wide_v_tiles": dict(B=1, T=257, H=2, K=256, V=256, sm_count=1),
     "dense_uneven_dims": dict(B=2, T=129, H=2, K=100, V=72, initial_state=False),
     "varlen_empty_len1": dict(lengths=[0, 1, 200, 63, 64, 129, 0, 500], H=2, K=64, V=128),
     "delta_rule_varlen": dict(lengths=[1, 0, 190, 77], H=2, K=128, V=64, gated=False),
@@ -25,6 +27,8 @@ CASES = {
     # the backward one head per pass, as for MoM's many segments (MIN_BACKWARD_PROGRAMS 0 forces it here)
     "backward_one_head_per_pass": dict(lengths=[300, 0, 1, 64, 700, 129], H=3, K=256, V=256,
                                        min_backward_programs=0),
+    # inside low_memory_recurrence(): forward and backward one head at a time
+    "low_memory_one_head_at_a_time": dict(lengths=[300, 0, 1, 64, 700, 129], H=3, K=256, V=256, low_memory=True),
 }
 
 
@@ -76,10 +80,12 @@ def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_f
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_float64_reference(name, dtype, monkeypatch):
-    from memmix.ops.triton import gated_delta_rule as kernels
+    from memmix.ops.triton import gated_delta_rule as kernels, low_memory_recurrence
 
     case = CASES[name]
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", case.get("min_backward_programs"))
+    if case.get("sm_count"):
+        monkeypatch.setattr(kernels, "_sm_count", lambda device: case["sm_count"])
     seed = list(CASES).index(name) * 10 + (dtype == torch.float32)
     inputs = _inputs(case, dtype, seed)
     gen = torch.Generator(device="cuda").manual_seed(seed + 1000)
@@ -88,7 +94,8 @@ def test_triton_matches_float64_reference(name, dtype, monkeypatch):
     upstream = {"o": torch.randn(v.shape, generator=gen, device="cuda", dtype=torch.float64),
                 "final_state": torch.randn(h0_shape, generator=gen, device="cuda", dtype=torch.float64)}
     expected = _outputs_and_grads("chunk", inputs, case, upstream, as_float64=True)
-    actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False)
+    with low_memory_recurrence(case.get("low_memory", False)):
+        actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False)
     assert actual["o"].dtype == dtype and actual["final_state"].dtype == torch.float32
     errors = {key: rel_err(actual[key], expected[key]) for key in expected}
     print(name, dtype, " ".join(f"{key}={err:.1e}" for key, err in errors.items()))

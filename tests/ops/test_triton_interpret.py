@@ -29,6 +29,8 @@ CASES = {
     "backward_one_head_per_pass": dict(lengths=[5, 70, 0, 64], H=4, K=16, V=16, min_backward_programs=0),
     "backward_two_heads_per_pass": dict(B=2, T=65, H=4, K=16, V=32, min_backward_programs=2 * 2 * 1,
                                         initial_state=False),
+    # inside low_memory_recurrence(): forward and backward one head at a time
+    "low_memory_one_head_at_a_time": dict(lengths=[5, 130, 0, 64], H=3, K=16, V=16, low_memory=True),
 }
 # bf16 is left to the GPU tests: the interpreter's tl.dot mishandles bfloat16 operands (Triton 3.9).
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
@@ -82,7 +84,8 @@ def _rel_err(actual, expected) -> float:
 def run_case(name: str, seed: int) -> dict:
     """Relative errors of the Triton kernel vs the float64 step loop for CASES[name]."""
     from memmix.ops import delta_rule, gated_delta_rule
-    from memmix.ops.triton import chunk_gated_delta_rule, get_kernel, gated_delta_rule as kernels
+    from memmix.ops.triton import (chunk_gated_delta_rule, get_kernel, gated_delta_rule as kernels,
+                                   low_memory_recurrence)
 
     case = CASES[name]
     kernels.MIN_BACKWARD_PROGRAMS = case.get("min_backward_programs")
@@ -115,7 +118,8 @@ def run_case(name: str, seed: int) -> dict:
                 "final_state": torch.randn(num_seqs, case["H"], case["K"], case["V"], generator=gen,
                                            dtype=torch.float64)}
     expected = _run(reference, reference_inputs, case, upstream)
-    actual = _run(kernel, kernel_inputs, case, upstream)
+    with low_memory_recurrence(case.get("low_memory", False)):
+        actual = _run(kernel, kernel_inputs, case, upstream)
     return {key: _rel_err(actual[key], expected[key]) for key in expected}
 
 
@@ -167,6 +171,25 @@ def test_backward_heads_per_pass_is_the_fewest_that_fill_the_gpu(monkeypatch):
     assert kernels.heads_per_backward_pass(2, 4, 16, 32, cuda, bf16) == 2
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", 0)
     assert kernels.heads_per_backward_pass(4, 4, 16, 16, cuda, bf16) == 1
+
+
+def test_sequential_v_tiles_narrow_until_most_sms_have_a_program(monkeypatch):
+    pytest.importorskip("triton")
+    from memmix.ops.triton import gated_delta_rule as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+
+    def tile(programs, dtype=torch.bfloat16, V=256, device="cuda"):
+        return kernels._state_config(256, V, dtype, programs, torch.device(device))["BV"]
+
+    assert tile(42 * 2) == 64  # MoM at 8 x 2048, two heads a pass: 84 x 4 tiles of 64 fill 132 SMs
+    assert tile(8 * 4) == 64  # a dense batch of 8 x 4 heads: 128 programs, over 3/4 of the SMs
+    assert tile(6 * 4) == 32  # MoM at 1 x 32768 (6 segments), four heads: 96 programs at 64, 192 at 32
+    assert tile(6) == 16  # the same one head a pass (low_memory): 96 programs even at the narrowest tile
+    assert tile(None) == 64 and tile(6, device="cpu") == 64  # no launch size, or no GPU: the widest
+    assert tile(6, dtype=torch.float32) == 32  # float32 keeps its tile
+    assert tile(200, V=32) == 32 and tile(1, V=32) == 16  # never wider than V
 
 
 def test_chunk_layouts_are_reused_until_cu_seqlens_change():

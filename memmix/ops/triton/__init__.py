@@ -24,24 +24,24 @@ STEP_MAX_K = 256  # the largest q/k head dim of recurrent_step (it holds the who
 NORM_MAX_DIM = 4096  # the widest row of gated_rms_norm (one tile per row)
 
 
-_LOW_MEMORY_BACKWARD = contextvars.ContextVar("memmix_low_memory_backward", default=False)
+_LOW_MEMORY_RECURRENCE = contextvars.ContextVar("memmix_low_memory_recurrence", default=False)
 
 
 @contextlib.contextmanager
-def low_memory_backward(enabled: bool = True) -> Iterator[None]:
-    """Inside, the chunked rules' forward calls mark their backward to take one head per pass: the per-chunk
-    states, their gradients and the WY scratch are held for one head at a time (least memory, the sequential
-    kernels get fewer programs). The choice is made at the forward: the backward may run outside."""
-    token = _LOW_MEMORY_BACKWARD.set(bool(enabled))
+def low_memory_recurrence(enabled: bool = True) -> Iterator[None]:
+    """Inside, the chunked rules run one head at a time, forward and backward: the per-chunk states, their
+    gradients and the WY scratch are held for one head (least memory; the sequential kernels get fewer programs).
+    The choice is made at the forward, and its backward follows it even when it runs outside."""
+    token = _LOW_MEMORY_RECURRENCE.set(bool(enabled))
     try:
         yield
     finally:
-        _LOW_MEMORY_BACKWARD.reset(token)
+        _LOW_MEMORY_RECURRENCE.reset(token)
 
 
-def low_memory_backward_enabled() -> bool:
-    """True inside low_memory_backward()."""
-    return _LOW_MEMORY_BACKWARD.get()
+def low_memory_recurrence_enabled() -> bool:
+    """True inside low_memory_recurrence()."""
+    return _LOW_MEMORY_RECURRENCE.get()
 
 
 def triton_importable() -> bool:
@@ -93,4 +93,4 @@ def get_kernel(rule: str) -> Optional[Callable]:
 
 
 __all__ = ["KERNEL_RULES", "NORM_MAX_DIM", "STEP_MAX_K", "chunk_gated_delta_rule", "get_kernel", "is_available",
-           "low_memory_backward", "low_memory_backward_enabled"]
+           "low_memory_recurrence", "low_memory_recurrence_enabled"]

@@ -11,12 +11,14 @@ matrix G[t, s] = exp(b_t - b_s) for s <= t (0 above), and incoming state S (K x 
 
 Kernels:
   wy_prepare_kernel    grid (chunks, H): b, T, M, W, U0 of one chunk (parallel over chunks); T by a blocked
-                       inverse (unit_lower_inverse).
-  wy_recompute_kernel  grid (chunks, HS): W and U0 again from the stored T, for the backward.
+                       inverse (unit_lower_inverse). W and U0 are left out when the forward goes head by head.
+  wy_recompute_kernel  grid (chunks, HS): W and U0 again from the stored T for HS heads (the backward, and a
+                       forward head by head).
   state_pass_kernel    grid (N x HS x V tiles,): the sequential pass over one sequence's chunks; stores the per-chunk
                        incoming states and U (forward, and the backward's recompute a group of HS heads at a
                        time) or, for inputs of one chunk per sequence, writes O itself; and the final state.
-  chunk_output_kernel  grid (chunks, H, V tiles): O of one chunk from its stored state and U (parallel).
+  chunk_output_kernel  grid (chunks, HS, V tiles): O of one chunk from its stored state and U (parallel), for the
+                       HS heads of a pass (all H, or one at a time).
 
 Token-major layouts: q, k, W (tokens, H, K); v, U0, U, o (tokens, H, V); g, beta, b (tokens, H);
 T, M (tokens, H, C) in k's dtype; per-chunk states (chunks, H, K, V). Chunk j covers tokens
@@ -128,8 +130,9 @@ def unit_lower_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
 def wy_prepare_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, b_ptr, tinv_ptr, m_ptr, w_ptr, u0_ptr,
                       chunk_start_ptr, chunk_end_ptr, scale,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
-    """One chunk and head: b, T = (I + A)^-1, M, W = T diag(beta exp(b)) K, U0 = T diag(beta) V."""
+                      BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, STORE_WY: tl.constexpr,
+                      PREC: tl.constexpr):
+    """One chunk and head: b, T = (I + A)^-1, M, and (STORE_WY) W = T diag(beta exp(b)) K, U0 = T diag(beta) V."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
     eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
@@ -163,8 +166,9 @@ def wy_prepare_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, b_ptr, tinv_ptr, m_p
     tinv = unit_lower_inverse(a, C, PREC)
     store_tile(tinv_ptr + i_h * C, tinv, tok, valid, H * C, rows, C)
 
-    apply_wy(tinv, beta, b, k_ptr + i_h * K, v_ptr + i_h * V, w_ptr + i_h * K, u0_ptr + i_h * V, tok, valid,
-             H * K, H * V, H * K, H * V, K, V, BK, BV, PREC)
+    if STORE_WY:
+        apply_wy(tinv, beta, b, k_ptr + i_h * K, v_ptr + i_h * V, w_ptr + i_h * K, u0_ptr + i_h * V, tok, valid,
+                 H * K, H * V, H * K, H * V, K, V, BK, BV, PREC)
 
 
 @triton.jit
@@ -287,10 +291,12 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
 
 @triton.jit
 def chunk_output_kernel(q_ptr, b_ptr, m_ptr, states_ptr, u_ptr, o_ptr, chunk_start_ptr, chunk_end_ptr, scale,
-                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
-    """One chunk, head and V tile: O = diag(scale exp(b)) Q S + M U from the chunk's stored state S and U."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                        head0, H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
+    """One chunk, head head0 + i_hs and V tile: O = diag(scale exp(b)) Q S + M U from the chunk's stored state S and
+    U, which hold the HS heads of the pass."""
+    i_c, i_hs, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = head0 + i_hs
     bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
     eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
     if eos <= bos:
@@ -300,10 +306,10 @@ def chunk_output_kernel(q_ptr, b_ptr, m_ptr, states_ptr, u_ptr, o_ptr, chunk_sta
     tok = bos + rows
     valid = rows < eos - bos
     vcols = i_v * BV + tl.arange(0, BV)
-    chunk_head = i_c.to(tl.int64) * H + i_h
+    chunk_head = i_c.to(tl.int64) * HS + i_hs
     b = load_log_decay_stored(b_ptr + i_h, tok, valid, H, HAS_G)
     m = load_tile(m_ptr + i_h * C, tok, valid, H * C, rows, C).to(dt)  # (C, C)
-    u = load_tile(u_ptr + i_h * V, tok, valid, H * V, vcols, V).to(dt)  # (C, BV)
+    u = load_tile(u_ptr + i_hs * V, tok, valid, HS * V, vcols, V).to(dt)  # (C, BV)
     qs = tl.zeros((C, BV), dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         kcols = i_k * BK + tl.arange(0, BK)

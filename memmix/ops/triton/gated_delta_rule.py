@@ -6,6 +6,7 @@ filled on the device (no host sync).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -14,7 +15,7 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from memmix.ops.triton import low_memory_backward_enabled
+from memmix.ops.triton import low_memory_recurrence_enabled
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
 from memmix.ops.triton.gated_delta_fwd import (chunk_output_kernel, state_pass_kernel, wy_prepare_kernel,
                                                wy_recompute_kernel)
@@ -37,15 +38,32 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _state_config(K: int, V: int, dtype: torch.dtype) -> dict:
+def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = None, device=None) -> dict:
     """Tiles and warps for the sequential kernels: the whole K in one tile, V split for parallelism.
 
     At K = V = 256 on an H200, V tiles of 64 with 4 warps beat tiles of 32 with 8 (bf16 forward 0.37 vs 0.45 ms
     dense 8 x 2048, 0.89 vs 1.11 ms for 32 packed sequences; MoM layer forward+backward 10.0 vs 10.5 ms).
+    programs (sequences x heads of the launch), given on a GPU: 16-bit inputs narrow the V tile (64, 32, 16) while
+    the launch has programs for fewer than 3/4 of the SMs, as a long chain then sets the time. H200, MoM layer at
+    1 x 32768 (6 segments): forward+backward 21.4 -> 18.7 ms with tiles of 32; with low_memory (one head a pass)
+    44.5 -> 28.8 ms with 16. At 8 x 2048 (41 segments) 64 stays best (9.04 vs 9.37 ms at 32), and so it does for
+    the op on a dense 8 x 2048 batch of 4 heads (128 programs on 132 SMs: forward 0.32-0.38 vs 0.39-0.40 ms at 32).
     float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread, and at 64 x 4 warps the
     K = 256 kernels did not finish compiling within minutes."""
-    bv, warps = (32, 8) if dtype == torch.float32 else (64, 4)
+    if dtype == torch.float32:
+        bv, warps = 32, 8
+    else:
+        bv, warps = 64, 4
+        if programs is not None and not INTERPRET and torch.device(device).type == "cuda":
+            while bv > 16 and 4 * programs * triton.cdiv(V, bv) < 3 * _sm_count(torch.device(device)):
+                bv //= 2
     return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query costs host time on every launch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _chunk_config(K: int, V: int) -> dict:
@@ -175,8 +193,8 @@ def _layout_key(batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], de
 
 # --------------------------------------------------------------------------- launchers
 
-def _prepare(q, k, v, g, beta, scale, layout):
-    """b (tokens, H) float32, T and M (tokens, H, C) like k, W like k, U0 like v.
+def _prepare(q, k, v, g, beta, scale, layout, store_wy=True):
+    """b (tokens, H) float32, T and M (tokens, H, C) like k, W like k, U0 like v (W, U0 None unless store_wy).
 
     T and M are stored in k's dtype: every kernel that reads them casts them to it before its dot anyway."""
     num_tokens, H, K = k.shape
@@ -184,12 +202,13 @@ def _prepare(q, k, v, g, beta, scale, layout):
     b = torch.empty(num_tokens, H, device=k.device, dtype=torch.float32) if g is not None else beta
     tinv = torch.empty(num_tokens, H, CHUNK_SIZE, device=k.device, dtype=k.dtype)
     m = torch.empty_like(tinv)
-    w, u0 = torch.empty_like(k), torch.empty_like(v)
+    w, u0 = (torch.empty_like(k), torch.empty_like(v)) if store_wy else (None, None)
     if layout.num_chunks > 0:
         _launch(wy_prepare_kernel, lambda cfg: (layout.num_chunks, H),
-                (q, k, v, g if g is not None else beta, beta, b, tinv, m, w, u0,
-                 layout.chunk_start, layout.chunk_end, scale),
-                dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=g is not None, PREC=_dot_precision(k.dtype)),
+                (q, k, v, g if g is not None else beta, beta, b, tinv, m, k if w is None else w,
+                 v if u0 is None else u0, layout.chunk_start, layout.chunk_end, scale),
+                dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=g is not None, STORE_WY=store_wy,
+                     PREC=_dot_precision(k.dtype)),
                 _wy_prepare_config(K, V))  # no pipelining: see wy_prepare_kernel's K loop
     return b, tinv, m, w, u0
 
@@ -206,12 +225,13 @@ def _recompute_wy(k, v, beta, b, tinv, w, u0, layout, *, has_g, head0):
 
 
 def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, store_final, scratch=None,
-                head0=0, wy_local=False):
+                head0=0, wy_local=False, ht=None):
     """Sequential pass over the chunks: (o, states, u, final state), the unused ones None.
 
     output_in_loop: o is computed inside the pass; else the per-chunk incoming states (chunks, HS, K, V) like k
     and U (tokens, HS, V) like v are stored, for chunk_output_kernel or the backward: for all heads, or with
     scratch = (states, u) for heads head0 .. head0 + HS - 1 (w and u0 hold those heads only when wy_local).
+    store_final: the final states of the pass's heads go into ht (N, H, K, V) float32, made when not given.
     """
     num_tokens, H, K = k.shape
     V = u0.shape[-1]
@@ -223,7 +243,8 @@ def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, 
     elif not output_in_loop:
         states, u = k.new_empty(layout.num_chunks, H, K, V), torch.empty_like(u0)
     heads = H if states is None else states.shape[1]
-    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if store_final else None
+    if store_final and ht is None:
+        ht = k.new_empty(N, H, K, V, dtype=torch.float32)
     dummy = u0
     _launch(state_pass_kernel, lambda cfg: (N * heads * triton.cdiv(V, cfg["BV"]),),
             (q, k, w, u0, b, m, h0 if h0 is not None else dummy, o if o is not None else dummy,
@@ -233,21 +254,41 @@ def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, 
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
                  OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, WY_LOCAL=wy_local,
                  PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype))
+            _state_config(K, V, k.dtype, N * heads, k.device))
     return o, states, u, ht
 
 
-def _output(q, b, m, states, u, scale, layout, *, has_g):
-    """o (like u) of every chunk in parallel from the stored per-chunk states and U."""
+def _output(q, b, m, states, u, scale, layout, *, has_g, o=None, head0=0):
+    """o (tokens, H, V) like u of every chunk in parallel from the stored per-chunk states and U, which hold heads
+    head0 .. head0 + HS - 1 (all heads by default); written into o when it is given."""
     num_tokens, H, K = q.shape
-    V = u.shape[-1]
-    o = torch.empty_like(u)
+    V, heads = u.shape[-1], u.shape[1]
+    if o is None:
+        o = u.new_empty(num_tokens, H, V)
     if layout.num_chunks > 0:
-        _launch(chunk_output_kernel, lambda cfg: (layout.num_chunks, H, triton.cdiv(V, cfg["BV"])),
-                (q, b, m, states, u, o, layout.chunk_start, layout.chunk_end, scale),
-                dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(q.dtype)),
+        _launch(chunk_output_kernel, lambda cfg: (layout.num_chunks, heads, triton.cdiv(V, cfg["BV"])),
+                (q, b, m, states, u, o, layout.chunk_start, layout.chunk_end, scale, head0),
+                dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(q.dtype)),
                 _chunk_config(K, V))
     return o
+
+
+def _forward_by_head(q, k, v, beta, b, tinv, m, h0, scale, layout, *, has_g, store_final):
+    """The chunked forward one head at a time (low memory): W, U0, the per-chunk states and U are held for one
+    head, W and U0 recomputed from the stored T as in the backward. Returns o (tokens, H, V) like v and the final
+    states (N, H, K, V) float32 or None."""
+    num_tokens, H, K = k.shape
+    V = v.shape[-1]
+    w, u0 = k.new_empty(num_tokens, 1, K), v.new_empty(num_tokens, 1, V)
+    states, u = k.new_empty(layout.num_chunks, 1, K, V), torch.empty_like(u0)
+    ht = k.new_empty(layout.num_seqs, H, K, V, dtype=torch.float32) if store_final else None
+    o = v.new_empty(num_tokens, H, V)
+    for head in range(H):
+        _recompute_wy(k, v, beta, b, tinv, w, u0, layout, has_g=has_g, head0=head)
+        _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output_in_loop=False, store_final=store_final,
+                    scratch=(states, u), head0=head, wy_local=True, ht=ht)
+        _output(q, b, m, states, u, scale, layout, has_g=has_g, o=o, head0=head)
+    return o, ht
 
 
 def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_g, head0, wy_local):
@@ -261,7 +302,7 @@ def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_
              layout.cu_seqlens, layout.chunk_offsets, layout.seq_order, scale, head0),
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_DHT=dht is not None,
                  STORE_DH0=dh0 is not None, WY_LOCAL=wy_local, PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype))
+            _state_config(K, V, k.dtype, N * heads, k.device))
 
 
 def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, *, has_g, head0):
@@ -289,7 +330,7 @@ def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device, dtype
     if target is None:
         if INTERPRET or device.type != "cuda":
             return H
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _sm_count(torch.device(device))
     v_tiles = triton.cdiv(V, _state_config(K, V, dtype)["BV"])
     for heads in range(1, H + 1):
         if H % heads == 0 and num_seqs * heads * v_tiles >= target:
@@ -305,20 +346,26 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout):
         has_g = g is not None
-        b, tinv, m, w, u0 = _prepare(q, k, v, g, beta, scale, layout)
+        low_memory = low_memory_recurrence_enabled()
         # O = diag(scale exp(b)) Q S + M U needs each chunk's incoming state S. Inside the sequential pass it doubles
         # the dots of every step of the chain (and adds Q and M, ~40% of its loads at K = V = 256); storing S (K x V
         # per chunk, in k's dtype like the backward recompute) and U moves it to a parallel kernel. With at most one
         # chunk per sequence there is no chain to shorten, so the pass computes O itself and writes no states.
         in_loop = layout.max_seq_len <= CHUNK_SIZE
-        o, states, u, ht = _state_pass(q, k, w, u0, b, m, initial_state, scale, layout, has_g=has_g,
-                                       output_in_loop=in_loop, store_final=output_final_state)
-        if not in_loop:
-            o = _output(q, b, m, states, u, scale, layout, has_g=has_g)
+        by_head = low_memory and not in_loop
+        b, tinv, m, w, u0 = _prepare(q, k, v, g, beta, scale, layout, store_wy=not by_head)
+        if by_head:
+            o, ht = _forward_by_head(q, k, v, beta, b, tinv, m, initial_state, scale, layout, has_g=has_g,
+                                     store_final=output_final_state)
+        else:
+            o, states, u, ht = _state_pass(q, k, w, u0, b, m, initial_state, scale, layout, has_g=has_g,
+                                           output_in_loop=in_loop, store_final=output_final_state)
+            if not in_loop:
+                o = _output(q, b, m, states, u, scale, layout, has_g=has_g)
         # W and U0 are not saved: the backward recomputes them from T for the heads of each of its passes
         ctx.save_for_backward(q, k, v, beta, initial_state, b, tinv, m)
         ctx.scale, ctx.layout, ctx.has_g = scale, layout, has_g
-        ctx.one_head_per_pass = low_memory_backward_enabled()
+        ctx.one_head_per_pass = low_memory
         ctx.g_dtype = None if g is None else g.dtype
         return o, ht
 

@@ -279,11 +279,14 @@ def _groups(fg):
 
 class SegmentConvFunction(torch.autograd.Function):
     """q_src (T_tok, H*K); kv_src (T_tok, P, H*K + H*V + G); weight (2HK + HV, W) -> q, k (L, H*K), v (L, H*V),
-    gates (L, G). tails (num_segments, W - 1, 2HK + HV) or None (no gradient flows to tails). kv_inputs: None, or
-    (x, w) that kv_src is the product of: then those are saved and kv_src is rebuilt in the backward."""
+    gates (L, G). tails (num_segments, W - 1, 2HK + HV) or None (no gradient flows to tails).
+
+    kv_x (T_tok, D), kv_w (P * F, D) or None: kv_src's projection inputs (kv_src = kv_x kv_w^T). Given, they are
+    saved instead of kv_src and receive the gradient themselves (kv_src gets none); the backward rebuilds one
+    feature group (k, v, gates) of kv_src at a time, so neither kv_src nor its gradient is ever whole."""
 
     @staticmethod
-    def forward(ctx, q_src, kv_src, weight, tables, fg, tails, kv_inputs):
+    def forward(ctx, q_src, kv_src, weight, tables, fg, tails, kv_x, kv_w):
         L, W = tables.num_rows, fg.conv_size
         outs = []
         for name, offset, width, heads, conv, norm, woff in _groups(fg):
@@ -298,8 +301,9 @@ class SegmentConvFunction(torch.autograd.Function):
                         W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), CONV=conv, NORM=norm, HAS_TAILS=tails is not None,
                         num_warps=_warps(width))
             outs.append(out)
-        ctx.kv_shape, ctx.kv_dtype = (None, None) if kv_inputs is None else (kv_src.shape, kv_src.dtype)
-        ctx.save_for_backward(q_src, weight, tails, *((kv_src,) if kv_inputs is None else kv_inputs))
+        ctx.rebuild = kv_x is not None
+        ctx.kv_shape = kv_src.shape
+        ctx.save_for_backward(q_src, weight, tails, *((kv_x, kv_w) if ctx.rebuild else (kv_src,)))
         ctx.tables, ctx.fg = tables, fg
         return tuple(outs)
 
@@ -307,17 +311,18 @@ class SegmentConvFunction(torch.autograd.Function):
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dq, dk, dv, dgates):
         q_src, weight, tails, *kv_saved = ctx.saved_tensors
-        if ctx.kv_shape is None:
-            kv_src, = kv_saved
-        else:
-            x, w = kv_saved  # in kv_src's dtype, as autocast made it in the forward (no autocast in the backward)
-            kv_src = torch.nn.functional.linear(x.to(ctx.kv_dtype), w.to(ctx.kv_dtype)).view(ctx.kv_shape)
         tables, fg = ctx.tables, ctx.fg
         L, W = tables.num_rows, fg.conv_size
         num_tokens, S = tables.slot_row.shape
-        per_memory = kv_src.shape[1] > 1  # k, v, gates: one source row per (token, memory), row-major scatter
+        P, F = ctx.kv_shape[1], ctx.kv_shape[2]
+        per_memory = P > 1  # k, v, gates: one source row per (token, memory), row-major scatter
+        if ctx.rebuild:
+            kv_x, kv_w = kv_saved
+            kv = _RebuiltProjection(kv_x, kv_w, P, F)
+        else:
+            kv_src, = kv_saved
+            d_kv_src = torch.zeros_like(kv_src) if per_memory else torch.empty_like(kv_src)  # unpicked rows stay 0
         d_q_src = torch.empty_like(q_src)
-        d_kv_src = torch.zeros_like(kv_src) if per_memory else torch.empty_like(kv_src)  # unpicked rows stay 0
         row_tiles = triton.cdiv(L, ROWS_PER_PROGRAM)
         scatter_tiles = triton.cdiv(L, SCATTER_ROWS_PER_PROGRAM)
         token_tiles = triton.cdiv(num_tokens, TOKENS_PER_PROGRAM)
@@ -331,7 +336,14 @@ class SegmentConvFunction(torch.autograd.Function):
         for (name, offset, width, heads, conv, norm, woff), dout in zip(_groups(fg), (dq, dk, dv, dgates)):
             if width == 0:
                 continue
-            src, tok_stride, mem_stride = _source(q_src, kv_src, offset)
+            if offset is None:
+                src, dsrc = q_src, d_q_src
+            elif ctx.rebuild:
+                src, dsrc = kv.group(offset, heads * width)
+            else:
+                src, dsrc = kv_src[:, :, offset:], d_kv_src[:, :, offset:]
+            tok_stride, mem_stride = _strides(src)
+            dtok_stride, dmem_stride = _strides(dsrc)
             dout = torch.zeros(L, heads * width, device=q_src.device, dtype=q_src.dtype) if dout is None \
                 else dout.contiguous()
             if conv and L > 0:
@@ -345,8 +357,7 @@ class SegmentConvFunction(torch.autograd.Function):
                         num_warps=_warps(width))
             else:
                 dacc = dout
-            dsrc, dtok_stride, dmem_stride = _source(d_q_src, d_kv_src, offset)
-            if not _shared_source(kv_src, offset):
+            if offset is not None and per_memory:
                 if L > 0:
                     _launch(segment_conv_bwd_scatter_kernel, (scatter_tiles, heads),
                             dacc, weight[woff:] if conv else weight, src, tok_stride, mem_stride, dsrc, dtok_stride,
@@ -360,20 +371,54 @@ class SegmentConvFunction(torch.autograd.Function):
                         dw[:, woff:] if conv else dw, dw.stride(0), tables.slot_row, tables.row_segment,
                         num_tokens, L, width,
                         S=S, W=W, WP=triton.next_power_of_2(W), BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv)
+            del dacc, dout, src  # this group's scratch is freed before the next group's is made
+            if offset is not None and ctx.rebuild:
+                kv.backward_group(offset, dsrc)
+            del dsrc
         dw = dw.sum(0) + (dw_rows.sum(0) if per_memory else 0) + (dw_tails.sum(0) if tails is not None else 0)
-        return d_q_src, d_kv_src, dw.to(weight.dtype), None, None, None, None
+        if ctx.rebuild:
+            return d_q_src, None, dw.to(weight.dtype), None, None, None, kv.dx, kv.dw
+        return d_q_src, d_kv_src, dw.to(weight.dtype), None, None, None, None, None
+
+
+class _RebuiltProjection:
+    """kv_src = x w^T rebuilt one feature group (a column range of every memory's row) at a time, with the
+    gradients of x (T_tok, D) and w (P * F, D) accumulated group by group."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, P: int, F: int):
+        self.x, self.w3 = x, w.view(P, F, -1)
+        self.dx = torch.zeros_like(x)
+        self.dw = torch.zeros_like(w)
+        self.rows = P > 1  # per-memory rows: unpicked (token, memory) gradients stay zero
+
+    def _weight(self, offset: int, width: int) -> torch.Tensor:
+        """(P * width, D) the group's weight rows."""
+        return self.w3[:, offset:offset + width].reshape(-1, self.w3.shape[-1])
+
+    def group(self, offset: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source (T_tok, P, width), its zero-initialised gradient buffer)."""
+        src = torch.nn.functional.linear(self.x, self._weight(offset, width)).view(self.x.shape[0], -1, width)
+        return src, (torch.zeros_like(src) if self.rows else torch.empty_like(src))
+
+    def backward_group(self, offset: int, dsrc: torch.Tensor) -> None:
+        """Add the group's share of dx; write its rows of dw."""
+        width = dsrc.shape[-1]
+        d2 = dsrc.view(dsrc.shape[0], -1)
+        self.dx.addmm_(d2, self._weight(offset, width))
+        self.dw.view_as(self.w3)[:, offset:offset + width] = (d2.t() @ self.x).view(-1, width, self.w3.shape[-1])
 
 
 def _source(q_src, kv_src, offset):
     """(pointer tensor, token stride, memory stride) of a feature group's source; memory stride 0 when every
     memory reads the same row (q, or a single per-memory row)."""
-    if offset is None:
-        return q_src, q_src.stride(0), 0
-    return kv_src[:, :, offset:], kv_src.stride(0), kv_src.stride(1) if kv_src.shape[1] > 1 else 0
+    src = q_src if offset is None else kv_src[:, :, offset:]
+    return (src, *_strides(src))
 
 
-def _shared_source(kv_src, offset) -> bool:
-    return offset is None or kv_src.shape[1] == 1
+def _strides(src):
+    """(token stride, memory stride) of a (T_tok, C) shared source or a (T_tok, P, C) per-memory one; memory
+    stride 0 when there is one memory row (every memory reads it)."""
+    return src.stride(0), (src.stride(1) if src.dim() == 3 and src.shape[1] > 1 else 0)
 
 
 def _tails_args(tails, woff, like):
