@@ -255,8 +255,8 @@ class MixtureOfMemories(nn.Module):
         q_src = self.q_proj(x).reshape(B * T, self.key_dim)
         x_flat, kv_weight = x.reshape(B * T, D), self._stacked_kv_weight().reshape(-1, D)
         if self.low_memory and torch.is_autocast_enabled(x.device.type):
-            # the projection's inputs as autocast casts them: the linear keeps these for its own backward, so the
-            # convolution rebuilding kv_src from them keeps nothing more (the float32 originals would be copies)
+            # the projection's inputs as autocast casts them: the convolution keeps these and rebuilds kv_src from
+            # them exactly as the forward made it
             dtype = torch.get_autocast_dtype(x.device.type)
             x_flat, kv_weight = x_flat.to(dtype), kv_weight.to(dtype)
         # low_memory: the convolution keeps x and the weights, not the every-memory projection, and differentiates

@@ -75,6 +75,9 @@ def segment_conv(q_src: torch.Tensor, kv_src: torch.Tensor, weight: torch.Tensor
                 kv_src.shape[0], kv_src.shape[1] * kv_src.shape[2]):
             raise ValueError(f"segment_conv: kv_inputs must be x (T_tok, D) and w (P * F, D) of kv_src "
                              f"{tuple(kv_src.shape)}, got {tuple(x.shape)} and {tuple(w.shape)}")
+        if not x.dtype == w.dtype == kv_src.dtype:  # the backward rebuilds kv_src from x and w as they are
+            raise ValueError(f"segment_conv: kv_inputs x and w must have kv_src's dtype {kv_src.dtype} (cast them "
+                             f"as the product was made), got {x.dtype} and {w.dtype}")
         kv_src, x, w = kv_src.detach(), x.contiguous(), w.contiguous()  # the gradient goes to x and w
     else:
         x = w = None

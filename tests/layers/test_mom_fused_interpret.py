@@ -33,9 +33,11 @@ CASES = {
     # recurrence runs one head at a time
     "triton_recurrence": dict(B=2, T=33, impl="triton"),
     "low_memory": dict(B=2, T=33, impl="triton", layer=dict(low_memory=True)),
-    # under bf16 autocast (forward only, as in training), low_memory against the default Triton path: the rebuilt
-    # projection must be the forward's bf16 one, so every output and gradient is the same -- but dx, which sums the
-    # three feature groups' bf16 products where the default path makes one product (bf16 rounding apart)
+    # as in training: no cache, so the projection is made without a graph and only the convolution keeps x
+    "low_memory_training": dict(B=2, T=33, impl="triton", layer=dict(low_memory=True), use_cache=False),
+    # under bf16 autocast (forward only, as in training), low_memory against the default Triton path: the rebuild
+    # takes the forward's bf16 inputs, so every output and gradient is the same -- but dx, which adds the three
+    # feature groups' bf16 products in float32 where the default path makes one product (bf16 rounding apart)
     "low_memory_autocast": dict(B=2, T=33, autocast=True, against="default", tolerance={"dx": 1e-2}),
     # a default layer inside memmix.ops.triton.low_memory_recurrence(): the caller's choice holds
     "outer_low_memory_context": dict(B=2, T=33, impl="triton", outer_low_memory=True),
@@ -97,7 +99,7 @@ def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.get("autocast", False)):
-            result = layer(x, use_cache=True, **kwargs)
+            result = layer(x, use_cache=case.get("use_cache", True), **kwargs)
         y, state = result.hidden_states, result.state
         out["saved_shapes"] = saved_shapes
     gen = torch.Generator().manual_seed(99)
@@ -106,8 +108,9 @@ def _run(layer, inputs: dict, case: dict, impl: str) -> dict:
         loss.backward()
     out["backward_shapes"] = made.shapes
     out["output"] = y.detach()
-    out["state_memory"] = state.memory.detach()
-    out["state_conv"] = state.conv.detach()
+    if state is not None:
+        out["state_memory"] = state.memory.detach()
+        out["state_conv"] = state.conv.detach()
     out["dx"] = x.grad
     out.update({"d" + name: p.grad for name, p in layer.named_parameters() if p.grad is not None})
     return {k: v if k.endswith("_shapes") else v.double() for k, v in out.items()}
@@ -187,23 +190,30 @@ def _main() -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_dispatch_matches_pytorch_dispatch(interpret_results, name):
     errors = interpret_results[name]["errors"]
-    assert {"output", "state_memory", "state_conv", "dx", "dq_proj.weight", "dk_proj", "dv_proj",
-            "dq_conv1d.weight", "dgate.weight", "do_proj.weight"} <= set(errors)
-    tolerance = CASES[name].get("tolerance", {})
-    bad = {key: err for key, err in errors.items() if not err <= tolerance.get(key, TOLERANCE)}
-    assert not bad, f"relative errors above {TOLERANCE}: {bad}"
+    expected = {"output", "dx", "dq_proj.weight", "dk_proj", "dv_proj", "dq_conv1d.weight", "dgate.weight",
+                "do_proj.weight"}
+    if CASES[name].get("use_cache", True):
+        expected |= {"state_memory", "state_conv"}
+    assert expected <= set(errors)
+    tolerance = {key: CASES[name].get("tolerance", {}).get(key, TOLERANCE) for key in errors}
+    bad = {key: (err, tolerance[key]) for key, err in errors.items() if not err <= tolerance[key]}
+    assert not bad, f"(relative error, tolerance) above tolerance: {bad}"
 
 
 def test_low_memory_rebuilds_the_projection_by_groups_and_runs_one_head_at_a_time(interpret_results):
-    default, low = interpret_results["triton_recurrence"], interpret_results["low_memory"]
+    default = interpret_results["triton_recurrence"]
     assert default["kept_kv_projection"] and default["recurrence_passes"] == {"forward": 1, "backward": 1}
-    assert not low["kept_kv_projection"]
-    # the default path's backward makes the projection's whole gradient; low_memory's, one feature group at a time
-    assert default["whole_kv_projection_in_backward"] and not low["whole_kv_projection_in_backward"]
-    assert low["recurrence_passes"] == {"forward": BASE["num_heads"], "backward": BASE["num_heads"]}  # head by head
-    # under autocast the rebuild keeps the bf16 x that the linear keeps anyway, not a float32 copy of its own
-    assert low["kept_float32_flat_input"] and not interpret_results["low_memory_autocast"]["kept_float32_flat_input"]
-    assert interpret_results["outer_low_memory_context"]["recurrence_passes"]["backward"] == BASE["num_heads"]
+    # the default path's backward makes the projection's whole gradient
+    assert default["whole_kv_projection_in_backward"]
+    for low in (interpret_results["low_memory"], interpret_results["low_memory_training"]):
+        assert not low["kept_kv_projection"]
+        assert not low["whole_kv_projection_in_backward"]  # one feature group at a time
+        assert low["recurrence_passes"] == {"forward": BASE["num_heads"], "backward": BASE["num_heads"]}
+        assert low["kept_float32_flat_input"]  # float32 layer: x itself
+    # under autocast the rebuild keeps the bf16 cast of x, not a float32 copy
+    assert not interpret_results["low_memory_autocast"]["kept_float32_flat_input"]
+    heads = BASE["num_heads"]
+    assert interpret_results["outer_low_memory_context"]["recurrence_passes"] == {"forward": heads, "backward": heads}
 
 
 def test_low_memory_is_checked():
@@ -223,6 +233,24 @@ def test_segment_conv_checks_kv_inputs():
     with pytest.raises(ValueError, match=r"kv_inputs must be x \(T_tok, D\) and w \(P \* F, D\)"):
         segment_conv(torch.zeros(4, 2), kv_src, torch.zeros(6, 4), rows, FeatureGroups(1, 2, 2, 6, 4),
                      kv_inputs=(torch.zeros(4, 8), torch.zeros(10, 8)))  # w must have 2 x 10 rows
+    with pytest.raises(ValueError, match=r"kv_inputs x and w must have kv_src's dtype torch.float32"):
+        segment_conv(torch.zeros(4, 2), kv_src, torch.zeros(6, 4), rows, FeatureGroups(1, 2, 2, 6, 4),
+                     kv_inputs=(torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(20, 8, dtype=torch.bfloat16)))
+
+
+def test_segment_conv_rebuild_takes_no_tokens():
+    pytest.importorskip("triton")
+    from memmix.ops.segments import FeatureGroups, SegmentRows, segment_conv
+
+    empty = torch.zeros(0, dtype=torch.int32)
+    rows = SegmentRows(empty, empty, empty, empty, torch.zeros(0, 3, dtype=torch.int32), num_segments=0)
+    q_src, x = torch.zeros(0, 2, requires_grad=True), torch.zeros(0, 8, requires_grad=True)
+    w, conv = torch.randn(2 * 10, 8, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    kv_src = (x @ w.t()).detach().view(0, 2, 10)
+    outputs = segment_conv(q_src, kv_src, conv, rows, FeatureGroups(1, 2, 2, 6, 4), kv_inputs=(x, w))
+    sum(o.sum() for o in outputs).backward()
+    assert x.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros(20, 8))
+    assert torch.equal(conv.grad, torch.zeros(6, 4))
 
 
 if __name__ == "__main__":

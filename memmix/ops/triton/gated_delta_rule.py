@@ -322,7 +322,8 @@ def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layo
 def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device, dtype: torch.dtype) -> int:
     """How many heads the backward takes per pass: the fewest (a divisor of H) whose sequential kernels still
     have N x heads x V tiles >= MIN_BACKWARD_PROGRAMS programs (default: two per SM; all heads at once under the
-    interpreter). The per-chunk states, their gradients, W, U0, U and dU are held for one pass's heads only.
+    interpreter), counting V tiles of 64 (the launches may then narrow them: _state_config). The per-chunk states,
+    their gradients, W, U0, U and dU are held for one pass's heads only.
 
     MoM layer at 8 x 2048, 4 heads of 256 (41 segments, 4 V tiles), H200: two heads a pass (the default) 10.05 ms
     forward+backward at 1729 MiB peak; one head a pass (MIN_BACKWARD_PROGRAMS = 0) 10.94 ms at 1474 MiB."""

@@ -338,8 +338,8 @@ class SegmentConvFunction(torch.autograd.Function):
                 continue
             if offset is None:
                 src, dsrc = q_src, d_q_src
-            elif ctx.rebuild:
-                src, dsrc = kv.group(offset, heads * width)
+            elif ctx.rebuild:  # the gates pass through (no conv): their source is never read, so not rebuilt
+                src, dsrc = kv.group(offset, heads * width, rebuild=conv)
             else:
                 src, dsrc = kv_src[:, :, offset:], d_kv_src[:, :, offset:]
             tok_stride, mem_stride = _strides(src)
@@ -371,41 +371,44 @@ class SegmentConvFunction(torch.autograd.Function):
                         dw[:, woff:] if conv else dw, dw.stride(0), tables.slot_row, tables.row_segment,
                         num_tokens, L, width,
                         S=S, W=W, WP=triton.next_power_of_2(W), BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv)
-            del dacc, dout, src  # this group's scratch is freed before the next group's is made
+            del dacc, src  # this group's scratch is freed before the next group's is made
             if offset is not None and ctx.rebuild:
                 kv.backward_group(offset, dsrc)
             del dsrc
         dw = dw.sum(0) + (dw_rows.sum(0) if per_memory else 0) + (dw_tails.sum(0) if tails is not None else 0)
         if ctx.rebuild:
-            return d_q_src, None, dw.to(weight.dtype), None, None, None, kv.dx, kv.dw
+            return d_q_src, None, dw.to(weight.dtype), None, None, None, kv.dx.to(kv.x.dtype), kv.dw
         return d_q_src, d_kv_src, dw.to(weight.dtype), None, None, None, None, None
 
 
 class _RebuiltProjection:
-    """kv_src = x w^T rebuilt one feature group (a column range of every memory's row) at a time, with the
-    gradients of x (T_tok, D) and w (P * F, D) accumulated group by group."""
+    """kv_src = x w^T, x (T_tok, D), w (P * F, D), rebuilt one feature group (a column range of every memory's row)
+    at a time, with the gradients of x (accumulated in float32 over the groups) and w."""
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, P: int, F: int):
-        self.x, self.w3 = x, w.view(P, F, -1)
-        self.dx = torch.zeros_like(x)
+        self.x, self.w3, self.P = x, w.view(P, F, -1), P
+        self.dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
         self.dw = torch.zeros_like(w)
-        self.rows = P > 1  # per-memory rows: unpicked (token, memory) gradients stay zero
 
     def _weight(self, offset: int, width: int) -> torch.Tensor:
         """(P * width, D) the group's weight rows."""
         return self.w3[:, offset:offset + width].reshape(-1, self.w3.shape[-1])
 
-    def group(self, offset: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source (T_tok, P, width), its zero-initialised gradient buffer)."""
-        src = torch.nn.functional.linear(self.x, self._weight(offset, width)).view(self.x.shape[0], -1, width)
-        return src, (torch.zeros_like(src) if self.rows else torch.empty_like(src))
+    def group(self, offset: int, width: int, rebuild: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source (T_tok, P, width), its gradient buffer (zeros where P > 1: unpicked rows get none)); without
+        rebuild the source is not made and the buffer stands in for it."""
+        T, P = self.x.shape[0], self.P
+        dsrc = (torch.zeros if P > 1 else torch.empty)(T, P, width, device=self.x.device, dtype=self.x.dtype)
+        if not rebuild:
+            return dsrc, dsrc
+        return torch.nn.functional.linear(self.x, self._weight(offset, width)).view(T, P, width), dsrc
 
     def backward_group(self, offset: int, dsrc: torch.Tensor) -> None:
         """Add the group's share of dx; write its rows of dw."""
-        width = dsrc.shape[-1]
-        d2 = dsrc.view(dsrc.shape[0], -1)
-        self.dx.addmm_(d2, self._weight(offset, width))
-        self.dw.view_as(self.w3)[:, offset:offset + width] = (d2.t() @ self.x).view(-1, width, self.w3.shape[-1])
+        T, P, width = dsrc.shape
+        d2 = dsrc.view(T, P * width)
+        self.dx += d2 @ self._weight(offset, width)
+        self.dw.view_as(self.w3)[:, offset:offset + width] = (d2.t() @ self.x).view(P, width, -1)
 
 
 def _source(q_src, kv_src, offset):
