@@ -273,14 +273,22 @@ def _output(q, b, m, states, u, scale, layout, *, has_g, o=None, head0=0):
     return o
 
 
+def _pass_scratch(k, v, layout, heads: int):
+    """Scratch of a pass over `heads` heads: W (tokens, heads, K) like k, U0 and U (tokens, heads, V) like v, the
+    per-chunk states (chunks, heads, K, V) like k."""
+    num_tokens, _, K = k.shape
+    V = v.shape[-1]
+    w, u0 = k.new_empty(num_tokens, heads, K), v.new_empty(num_tokens, heads, V)
+    return w, u0, k.new_empty(layout.num_chunks, heads, K, V), torch.empty_like(u0)
+
+
 def _forward_by_head(q, k, v, beta, b, tinv, m, h0, scale, layout, *, has_g, store_final):
     """The chunked forward one head at a time (low memory): W, U0, the per-chunk states and U are held for one
     head, W and U0 recomputed from the stored T as in the backward. Returns o (tokens, H, V) like v and the final
     states (N, H, K, V) float32 or None."""
     num_tokens, H, K = k.shape
     V = v.shape[-1]
-    w, u0 = k.new_empty(num_tokens, 1, K), v.new_empty(num_tokens, 1, V)
-    states, u = k.new_empty(layout.num_chunks, 1, K, V), torch.empty_like(u0)
+    w, u0, states, u = _pass_scratch(k, v, layout, heads=1)
     ht = k.new_empty(layout.num_seqs, H, K, V, dtype=torch.float32) if store_final else None
     o = v.new_empty(num_tokens, H, V)
     for head in range(H):
@@ -384,9 +392,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                  torch.empty(num_tokens, H, device=k.device, dtype=torch.float32) if has_g else None)
         dh0 = None if h0 is None else k.new_empty(layout.num_seqs, H, K, V, dtype=torch.float32)
         heads = 1 if ctx.one_head_per_pass else heads_per_backward_pass(layout.num_seqs, H, K, V, k.device, k.dtype)
-        w, u0 = k.new_empty(num_tokens, heads, K), v.new_empty(num_tokens, heads, V)
-        states, dstates = k.new_empty(layout.num_chunks, heads, K, V), k.new_empty(layout.num_chunks, heads, K, V)
-        u, du = torch.empty_like(u0), torch.empty_like(u0)
+        w, u0, states, u = _pass_scratch(k, v, layout, heads)
+        dstates, du = torch.empty_like(states), torch.empty_like(u)
         for head0 in range(0, H, heads):
             _recompute_wy(k, v, beta, b, tinv, w, u0, layout, has_g=has_g, head0=head0)
             _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output_in_loop=False, store_final=False,

@@ -339,7 +339,8 @@ class SegmentConvFunction(torch.autograd.Function):
             if offset is None:
                 src, dsrc = q_src, d_q_src
             elif ctx.rebuild:  # the gates pass through (no conv): their source is never read, so not rebuilt
-                src, dsrc = kv.group(offset, heads * width, rebuild=conv)
+                kv_weight = kv.weight(offset, heads * width)
+                src, dsrc = kv.group(kv_weight, rebuild=conv)
             else:
                 src, dsrc = kv_src[:, :, offset:], d_kv_src[:, :, offset:]
             tok_stride, mem_stride = _strides(src)
@@ -373,7 +374,7 @@ class SegmentConvFunction(torch.autograd.Function):
                         S=S, W=W, WP=triton.next_power_of_2(W), BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv)
             del dacc, src  # this group's scratch is freed before the next group's is made
             if offset is not None and ctx.rebuild:
-                kv.backward_group(offset, dsrc)
+                kv.backward_group(offset, kv_weight, dsrc)
             del dsrc
         dw = dw.sum(0) + (dw_rows.sum(0) if per_memory else 0) + (dw_tails.sum(0) if tails is not None else 0)
         if ctx.rebuild:
@@ -390,24 +391,25 @@ class _RebuiltProjection:
         self.dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
         self.dw = torch.zeros_like(w)
 
-    def _weight(self, offset: int, width: int) -> torch.Tensor:
-        """(P * width, D) the group's weight rows."""
+    def weight(self, offset: int, width: int) -> torch.Tensor:
+        """(P * width, D) the rows of a group of `width` features from `offset` (a copy: made once per group)."""
         return self.w3[:, offset:offset + width].reshape(-1, self.w3.shape[-1])
 
-    def group(self, offset: int, width: int, rebuild: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source (T_tok, P, width), its gradient buffer (zeros where P > 1: unpicked rows get none)); without
-        rebuild the source is not made and the buffer stands in for it."""
+    def group(self, weight: torch.Tensor, rebuild: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source (T_tok, P, width) of the group with these weight rows, its gradient buffer (zeros where P > 1:
+        unpicked rows get none)); without rebuild the source is not made and the buffer stands in for it."""
         T, P = self.x.shape[0], self.P
+        width = weight.shape[0] // P
         dsrc = (torch.zeros if P > 1 else torch.empty)(T, P, width, device=self.x.device, dtype=self.x.dtype)
         if not rebuild:
             return dsrc, dsrc
-        return torch.nn.functional.linear(self.x, self._weight(offset, width)).view(T, P, width), dsrc
+        return torch.nn.functional.linear(self.x, weight).view(T, P, width), dsrc
 
-    def backward_group(self, offset: int, dsrc: torch.Tensor) -> None:
+    def backward_group(self, offset: int, weight: torch.Tensor, dsrc: torch.Tensor) -> None:
         """Add the group's share of dx; write its rows of dw."""
         T, P, width = dsrc.shape
         d2 = dsrc.view(T, P * width)
-        self.dx += d2 @ self._weight(offset, width)
+        self.dx += d2 @ weight
         self.dw.view_as(self.w3)[:, offset:offset + width] = (d2.t() @ self.x).view(P, width, -1)
 
 
