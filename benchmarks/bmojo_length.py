@@ -17,7 +17,7 @@ import os
 import time
 
 import torch
-from common import write_json_atomic
+from common import atomic_write_json
 
 from memmix.data.mqar import IGNORE_INDEX, generate_mqar, split_seed
 from memmix.models import MoMConfig, MoMForCausalLM
@@ -138,7 +138,7 @@ def main() -> None:
         accs = " ".join(f"{r['accuracy'][str(t)]:>8.3f}" for t in lengths)
         seconds = r["train_seconds"]
         print(f"{r['model']:<9} {r['lr']:>6g} {r['params']:>8,} {r['final_loss']:>6.3f} {accs} {seconds:>8.1f}")
-    write_json_atomic(args.json, dict(settings=vars(args), results=rows, load_average=os.getloadavg()[0]))
+    atomic_write_json(args.json, dict(settings=vars(args), results=rows, load_average=os.getloadavg()[0]))
     print(f"wrote {args.json}")
 
 

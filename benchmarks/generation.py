@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_json_atomic  # noqa: E402
+from common import atomic_write_json  # noqa: E402
 from memmix import MoMConfig, MoMForCausalLM  # noqa: E402
 
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 _print_row(row)
                 # rewritten after every row: a run stopped at a time limit keeps what it measured
-                write_json_atomic(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
+                atomic_write_json(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
                                               "notes": notes, "rows": rows})
     for note in notes:
         print("note:", note)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cpu_median_ms, write_json_atomic  # noqa: E402
+from common import cpu_median_ms, atomic_write_json  # noqa: E402
 from memmix.layers import BMojo, MixtureOfMemories  # noqa: E402
 
 
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             rows.append({"layer": name, "batch": B, "seq_len": T, "tokens": B * T, **result})
             _print_row(rows[-1])
             # rewritten after every row: a run stopped at a time limit keeps what it measured
-            write_json_atomic(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
+            atomic_write_json(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
                                           "notes": notes, "rows": rows, "scaling": scaling(rows)})
     for layer, ratios in scaling(rows).items():
         print(f"per-token fwd+bwd time vs T={seq_lens[0]}, {layer}: "

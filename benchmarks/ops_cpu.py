@@ -11,7 +11,7 @@ import os
 import platform
 
 import torch
-from common import cpu_median_ms, write_json_atomic
+from common import cpu_median_ms, atomic_write_json
 
 from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, l2norm, linear_attention
 
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
                              "chunk_ms": times["chunk"], "recurrent_over_chunk": ratio})
                 print(f"{rule:<24}{pass_name:<18}{T:>6}{times['recurrent']:>14.2f}{times['chunk']:>11.2f}"
                       f"{ratio:>7.1f}x", flush=True)
-    write_json_atomic(args.json, {
+    atomic_write_json(args.json, {
         "config": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": "float32",
                    "warmup": args.warmup, "repeats": args.repeats, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),

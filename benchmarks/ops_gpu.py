@@ -16,7 +16,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from common import write_json_atomic
+from common import atomic_write_json
 
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "ops_gpu.json")
 
@@ -163,7 +163,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['case']:42s} | {row['impl']:24s} | {row['forward_ms']:8.3f} | "
               f"{_ms(row['forward_backward_ms'], 10)} | {row['rel_err_vs_fp32_chunk']:9.1e} |")
-    write_json_atomic(args.json, dict(device=device, torch=torch.__version__, triton=triton.__version__,
+    atomic_write_json(args.json, dict(device=device, torch=torch.__version__, triton=triton.__version__,
                                       dtype="bfloat16", fla_backward_unlocked=fla_unlocked, results=rows))
     print(f"wrote {args.json}")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_json_atomic  # noqa: E402
+from common import atomic_write_json  # noqa: E402
 from memmix.layers import MixtureOfMemories  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     for r in rows[: args.top]:
         print(f"{r['kernel']:<90} {r['calls_per_step']:6.1f} {r['ms_per_step']:8.3f}")
     print(f"sum of kernel time per step: {total_ms:.2f} ms ({len(rows)} kernel kinds)")
-    write_json_atomic(args.json, {"device": torch.cuda.get_device_name(), "args": vars(args),
+    atomic_write_json(args.json, {"device": torch.cuda.get_device_name(), "args": vars(args),
                                   "kernel_ms_per_step": total_ms, "rows": rows})
     return 0
 

@@ -89,6 +89,7 @@ def _recall_int_list(name: str, raw: list[str]) -> list[int]:
 
 def _run_recall(args: argparse.Namespace) -> int:
     from memmix.evaluation import recall
+    from memmix.files import atomic_write_json
 
     try:
         settings = _recall_settings(args)
@@ -101,7 +102,7 @@ def _run_recall(args: argparse.Namespace) -> int:
     report = recall.run_recall(settings, progress=args.progress)
     print(recall.format_table(report))
     if args.json_path:
-        recall.write_json_atomic(args.json_path, report.as_dict())
+        atomic_write_json(args.json_path, report.as_dict())
     if args.plot_path:
         recall.plot_accuracy(report, args.plot_path)
     print(recall.summary_line(report))
@@ -112,7 +113,8 @@ def _run_mixed_recall(args: argparse.Namespace) -> int:
     """`memmix recall --task mixed`: memmix.evaluation.mixed_recall with the recall options that apply."""
     import torch
     from memmix.evaluation import mixed_recall as mixed
-    from memmix.evaluation.recall import RecallSettingError, write_json_atomic
+    from memmix.evaluation.recall import RecallSettingError
+    from memmix.files import atomic_write_json
 
     options = {**_RECALL_OPTIONS, "topks": "--topk", "num_segments": "--num-segments"}
     if args.preset != "default" or args.plot_path or args.workers is not None:
@@ -137,7 +139,7 @@ def _run_mixed_recall(args: argparse.Namespace) -> int:
     report = mixed.run_mixed_recall(settings, progress=args.progress)
     print(mixed.format_mixed_table(report))
     if args.json_path:
-        write_json_atomic(args.json_path, report.as_dict())
+        atomic_write_json(args.json_path, report.as_dict())
     print(mixed.mixed_summary_line(report))
     return 0
 
@@ -273,7 +275,7 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
     from memmix.data.corpus import load_corpus
     from memmix.evaluation.loading import default_device, load_model_and_tokenizer
     from memmix.evaluation.perplexity import perplexity
-    from memmix.training.checkpoint import atomic_write_text
+    from memmix.files import atomic_write_text
 
     device = args.device or default_device()
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)

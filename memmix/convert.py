@@ -240,6 +240,7 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
 
 
 def _save_atomically(model: MoMForCausalLM, dst: Path) -> None:
+    """save_pretrained into dst, each file landing through os.replace (other files in dst are kept)."""
     dst.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst))
     try:

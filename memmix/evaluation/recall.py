@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from memmix.files import atomic_write
 from memmix.data.mqar import IGNORE_INDEX, MQARData, make_mqar_splits, max_kv_pairs
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -613,22 +612,6 @@ def _order_text(chain: list[str]) -> str:
     return "".join(f"{a} {'>=' if a == 'attention' else '>'} " for a in chain[:-1]) + chain[-1]
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temp file in the same directory and os.replace."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".recall-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot_accuracy(report: RecallReport, path: str | os.PathLike) -> None:
     """PNG: accuracy against num_kv_pairs, one panel per seq_len, one line per model; written atomically."""
     import matplotlib
@@ -654,16 +637,7 @@ def plot_accuracy(report: RecallReport, path: str | os.PathLike) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"MQAR recall, {s.num_layers} layers, {s.steps} steps", fontsize=10)
     fig.tight_layout()
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".recall-", suffix=".png.tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
     finally:
         plt.close(fig)

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from memmix.data.errors import InputError
+from memmix.files import atomic_write, atomic_write_text  # noqa: F401  (atomic_write_text: re-exported)
 
 FORMAT = "memmix-train-checkpoint"
 FORMAT_VERSION = 1
@@ -30,45 +31,9 @@ _STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path: str) -> None:
-    """torch.save to `path` via a temporary file + fsync + os.replace (never a half-written `path`)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save to `path` atomically (memmix.files.atomic_write: never a half-written `path`)."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def rng_state() -> dict:

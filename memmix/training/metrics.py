@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from memmix.training.checkpoint import atomic_write_text
+from memmix.files import atomic_write_text
 
 
 class MetricsLog:

@@ -26,7 +26,6 @@ from memmix.data.packing import BatchSource, PackedRows
 from memmix.data.tokenizer import load_tokenizer
 from memmix.training.checkpoint import (
     CheckpointDir,
-    atomic_write_text,
     full_model_state,
     full_optimizer_state,
     load_checkpoint,
@@ -34,6 +33,7 @@ from memmix.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from memmix.files import atomic_replace_dir, atomic_write_text
 from memmix.training.config import TrainConfig
 from memmix.training.distributed import (
     DistInfo,
@@ -180,15 +180,11 @@ def save_hf_folder(model: nn.Module, raw_model: nn.Module, tokenizer, path: str,
     """model.save_pretrained + tokenizer into `path`, replacing it atomically (rank 0 writes)."""
     state = full_model_state(model)
     if info.is_main and hasattr(raw_model, "save_pretrained"):
-        tmp = f"{path}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        raw_model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        old = f"{path}.old{os.getpid()}"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        def fill(folder: str) -> None:
+            raw_model.save_pretrained(folder, state_dict=state)
+            tokenizer.save_pretrained(folder)
+
+        atomic_replace_dir(path, fill)
     barrier(info)
 
 

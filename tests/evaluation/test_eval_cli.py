@@ -1,4 +1,3 @@
-import pytest
 
 from memmix.cli import main
 

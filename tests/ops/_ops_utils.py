@@ -7,7 +7,6 @@ import torch
 
 from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention
 
-from helpers import rel_err
 
 # name -> (function, takes g, takes beta)
 RULES = {

@@ -73,7 +73,7 @@ def test_killed_writer_leaves_a_loadable_checkpoint(tmp_path):
     deadline = time.time() + 60
     def writing_step_2():
         names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
-        return "latest" in names and any(n.startswith("step_00000002.pt.tmp") for n in names)
+        return "latest" in names and any(n.startswith(".step_00000002.pt.") for n in names)  # atomic_write's temporary file
 
     while time.time() < deadline and not writing_step_2():
         time.sleep(0.005)
