@@ -316,21 +316,18 @@ def fit(model: nn.Module, train: dict[int, Any], s: Any, model_inputs: Callable[
 
     s: settings with lr, weight_decay, warmup_fraction, steps, batch_size, seed, device. Returns every step's loss.
     """
+    from memmix.training.step import TrainStep
+
     optimizer, schedule = _optimizer_and_schedule(model, s)
+    step = TrainStep(model, optimizer, schedule,
+                     lambda m, batch: m(**model_inputs(batch), labels=batch.labels.to(s.device)).loss, grad_clip=1.0)
     model.train()
     losses = []
     batches = endless_batches(train, s.batch_size, s.seed)
-    for step in range(s.steps):
-        batch = next(batches)
-        out = model(**model_inputs(batch), labels=batch.labels.to(s.device))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+    for index in range(s.steps):
+        losses.append(step([next(batches)]).loss.item())
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(index, losses[-1])
     return losses
 
 

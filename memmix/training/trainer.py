@@ -45,6 +45,7 @@ from memmix.training.distributed import (
 )
 from memmix.training.metrics import MetricsLog, progress_bar
 from memmix.training.optim import build_optimizer, cosine_schedule
+from memmix.training.step import TrainStep
 from memmix.training.presets import build_model, check_preset, preset_config_kwargs, PRESETS
 
 
@@ -136,15 +137,6 @@ def grad_sync(model: nn.Module, enabled: bool):
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Clip to `max_norm` (0 = only measure); returns the total norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -264,6 +256,8 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
                   f"of {config.seq_len}; {rows * config.seq_len:,} tokens per step"
                   + (f"; resuming at step {step}" if resume_path else ""), file=sys.stderr)
     autocast = autocast_context(config, info.device)
+    train_step = TrainStep(model, optimizer, scheduler, lambda m, batch: lm_loss(m, *batch), grad_clip=config.grad_clip,
+                           autocast=autocast, micro_context=lambda i, n: grad_sync(model, i == n - 1))
     rows_per_step = info.world_size * config.grad_accum * config.micro_batch_size
     bar = progress_bar(config.max_steps, step, config.progress and info.is_main)
     model.train()
@@ -271,25 +265,18 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
 
     while step < config.max_steps:
         # one optimiser step over grad_accum micro-batches
-        loss_sum = torch.zeros((), device=info.device)
-        for micro in range(config.grad_accum):
-            input_ids, cu_seqlens = source.micro_batch(rows_consumed, micro, info.rank, info.world_size)
-            input_ids, cu_seqlens = input_ids.to(info.device), cu_seqlens.to(info.device)  # (1, B*L), (N+1,)
-            with grad_sync(model, micro == config.grad_accum - 1), autocast:
-                loss = lm_loss(model, input_ids, cu_seqlens)
-            (loss / config.grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_gradients(model, config.grad_clip)
+        micro_batches = [tuple(t.to(info.device) for t in source.micro_batch(rows_consumed, micro, info.rank,
+                                                                             info.world_size))
+                         for micro in range(config.grad_accum)]  # each (input_ids (1, B*L), cu_seqlens (N+1,))
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = train_step(micro_batches)
+        grad_norm = float(result.grad_norm)
         step += 1
         rows_consumed += rows_per_step
         tokens_seen += rows_per_step * config.seq_len
         window_tokens += rows_per_step * config.seq_len
 
-        loss_value = mean_across_ranks(loss_sum.item() / config.grad_accum, info)
+        loss_value = mean_across_ranks(result.loss.item(), info)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or check the data")
         if info.is_main:
