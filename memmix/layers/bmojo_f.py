@@ -15,8 +15,8 @@ fading_k_proj, fading_v_proj (and norms), its logits being fading_q(x) . fading_
 
 Training / prefill (no incoming state): the rows of real tokens are compacted (padding and packed documents ->
 one row per sequence), the mixer runs over them with one call of its memory rule, and attention runs either as
-one SDPA with a (L, 2L) mask (L <= DENSE_MAX_LEN) or blocked: each block of queries against the in-context and
-fading keys it can reach, memory O(L (block + w)), one batched SDPA over all blocks. Decoding (an incoming
+one SDPA with a (L, 2L) mask (short rows) or blocked: each block of queries against the in-context and fading
+keys it can reach, memory O(L (block + w)), one batched SDPA over all blocks. Decoding (an incoming
 state) steps one token at a time; BMojoFState keeps the mixer's state and conv tails, the last w in-context
 keys/values and the last 2w fading keys/values (fading keys enter the band w steps after they are made).
 
@@ -44,8 +44,7 @@ RULES = {"gated_delta": (ops.gated_delta_rule, True, True), "delta": (ops.delta_
 FADING_RULES = tuple(RULES)
 MEMORY_IMPLS = ("auto", "recurrent", "chunk", "triton")
 ATTN_IMPLS = ("auto", "dense", "blocked")
-DENSE_MAX_LEN = 1024  # attn_impl="auto": one masked SDPA up to this many tokens per row, blocked above
-MIN_BLOCK = 64  # query block of the blocked path: max(window, MIN_BLOCK) tokens
+MIN_BLOCK = 64  # the blocked path's query blocks hold at least max(window, MIN_BLOCK) tokens
 
 
 # ---------------------------------------------------------------------------------------------- state / output
@@ -246,7 +245,8 @@ class BMojoF(nn.Module):
                            fading_head_dim=fading_head_dim, tie_attn_weights=tie_attn_weights, qk_norm=qk_norm,
                            rope_theta=rope_theta, conv_size=conv_size, norm_eps=norm_eps, impl=impl,
                            attn_impl=attn_impl)
-        self.hidden_size, self.num_heads, self.head_dim, self.num_kv_heads = hidden_size, num_heads, head_dim, num_kv_heads
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.num_kv_heads = num_kv_heads
         self.window_size = window_size
         self.tie_attn_weights, self.qk_norm, self.rope_theta = tie_attn_weights, qk_norm, rope_theta
         self.attn_impl = attn_impl
@@ -271,7 +271,7 @@ class BMojoF(nn.Module):
 
     def reset_parameters(self) -> None:
         """Small Xavier attention weights, norms at 1 (the mixer initialises itself)."""
-        for name, module in self.named_children():
+        for module in self.children():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight, gain=2**-2.5)
             elif isinstance(module, RMSNorm):
@@ -384,9 +384,9 @@ class BMojoF(nn.Module):
         fading_pos = _ring_positions(position, 2 * w)  # (B, 2w)
         mask = torch.cat([ctx_pos >= 0, (fading_pos >= 0) & (fading_pos <= position[:, None] - w)], dim=1)
         query, ctx_keys, band_keys = _joint_queries(q, keys, fq, fading_keys)
-        o = F.scaled_dot_product_attention(query, torch.cat([ctx_keys, band_keys], 2),
+        o = F.scaled_dot_product_attention(_fold_groups(query, self.num_kv_heads), torch.cat([ctx_keys, band_keys], 2),
                                            torch.cat([values, fading_values], 2), attn_mask=mask[:, None, None],
-                                           scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+                                           scale=self.scale)  # (B, Hkv, group, Dh): one query per head
         out = self.o_proj(o.reshape(B, self.num_heads * self.head_dim)) * valid[:, None].to(x.dtype)
         new_state = BMojoFState(memory, conv.to(state.conv.dtype), keys.to(state.keys.dtype),
                                 values.to(state.values.dtype), fading_keys.to(state.fading_keys.dtype),
@@ -408,31 +408,55 @@ def banded_attention(query, ctx_keys, ctx_values, fading_keys, fading_values, wi
     """One softmax over in-context keys at distance [0, w) and fading keys at distance [w, 2w) of each query.
 
     query (N, H, L, E); ctx_keys, fading_keys (N, Hkv, L, E); ctx_values, fading_values (N, Hkv, L, Dv), with
-    H a multiple of Hkv (grouped-query heads). impl: "dense" (one SDPA, (L, 2L) mask), "blocked" (query blocks
-    against the keys they can reach, memory O(L (block + w))) or "auto" (dense for L <= DENSE_MAX_LEN).
-    Returns (N, H, L, Dv).
+    H a multiple of Hkv (head h reads kv head h // (H / Hkv)). impl: "dense" (one SDPA, (L, 2L) mask),
+    "blocked" (query blocks against the keys they can reach, memory O(L (block + w))) or "auto" (dense while a
+    block's keys, 2 (block + w - 1), would be as many as the row's 2L; blocked above). Returns (N, H, L, Dv).
     """
     L = query.shape[2]
     window = min(window, L)  # a window past the row start sees the same keys: the fading band is then empty
-    gqa = query.shape[1] != ctx_keys.shape[1]
-    if impl == "dense" or (impl == "auto" and L <= DENSE_MAX_LEN):
+    if impl == "dense" or (impl == "auto" and L <= block_size(window) + window - 1):  # blocks would save nothing
         keys, values = torch.cat([ctx_keys, fading_keys], 2), torch.cat([ctx_values, fading_values], 2)
-        mask = band_mask(L, window, query.device)
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return _blocked_attention(query, ctx_keys, ctx_values, fading_keys, fading_values, window, scale, gqa)
+        group = query.shape[1] // keys.shape[1]
+        mask = band_mask(L, window, query.device).repeat(group, 1)  # (group L, 2L)
+        out = F.scaled_dot_product_attention(_fold_groups(query, keys.shape[1]), keys, values, attn_mask=mask,
+                                             scale=scale)
+        return _unfold_groups(out, group)
+    return _blocked_attention(query, ctx_keys, ctx_values, fading_keys, fading_values, window, scale)
 
 
-def _blocked_attention(query, ctx_keys, ctx_values, fading_keys, fading_values, window: int, scale: float,
-                       gqa: bool) -> torch.Tensor:
-    """banded_attention by query blocks of C = max(w, MIN_BLOCK) tokens (shapes as there).
+def block_size(window: int) -> int:
+    """Queries per block of the blocked path: >= max(window, MIN_BLOCK), with block + window - 1 (the keys of
+    one source a block reads) a multiple of 8, so masks are aligned for CUDA's kernels."""
+    return -(-(max(window, MIN_BLOCK) + window - 1) // 8) * 8 - (window - 1)
+
+
+def _fold_groups(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(N, H, L, E) -> (N, Hkv, (H / Hkv) L, E): the query heads sharing a kv head become one longer query axis,
+    so grouped heads need neither copied keys nor SDPA's enable_gqa (which CUDA's masked kernels lack)."""
+    N, H, L, E = query.shape
+    return query.reshape(N, kv_heads, (H // kv_heads) * L, E)
+
+
+def _unfold_groups(out: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, Hkv, group L, Dv) -> (N, Hkv group, L, Dv)."""
+    N, Hkv, GL, Dv = out.shape
+    return out.reshape(N, Hkv * group, GL // group, Dv)
+
+
+def _blocked_attention(query, ctx_keys, ctx_values, fading_keys, fading_values, window: int,
+                       scale: float) -> torch.Tensor:
+    """banded_attention by query blocks of C >= max(w, MIN_BLOCK) tokens (shapes as there).
 
     Block j (queries [jC, jC + C)) reads the C + w - 1 in-context keys [jC - w + 1, jC + C) and the C + w - 1
     fading keys [jC - 2w + 1, jC + C - w); in both, query a sees key b of the block when a <= b <= a + w - 1.
+    All blocks go through one 4-D SDPA call.
     """
     N, H, L, E = query.shape
+    Hkv = ctx_keys.shape[1]
+    group = H // Hkv
     w = window
-    C = min(max(w, MIN_BLOCK), L)
     P = w - 1
+    C = min(block_size(w), L)
     NB = -(-L // C)
     pad = NB * C - L
 
@@ -441,18 +465,22 @@ def _blocked_attention(query, ctx_keys, ctx_values, fading_keys, fading_values, 
         t = F.pad(t, (0, 0, front, pad))[:, :, : NB * C + P]
         return t.unfold(2, C + P, C).permute(0, 2, 1, 4, 3)
 
-    keys = torch.cat([blocks(ctx_keys, P), blocks(fading_keys, P + w)], dim=3)  # (N, NB, Hkv, 2(C + P), E)
-    values = torch.cat([blocks(ctx_values, P), blocks(fading_values, P + w)], dim=3)
-    q = F.pad(query, (0, 0, 0, pad)).view(N, H, NB, C, E).transpose(1, 2)  # (N, NB, H, C, E)
+    S = 2 * (C + P)
+    keys = torch.cat([blocks(ctx_keys, P), blocks(fading_keys, P + w)], dim=3).reshape(N * NB, Hkv, S, E)
+    values = torch.cat([blocks(ctx_values, P), blocks(fading_values, P + w)], dim=3).reshape(N * NB, Hkv, S, -1)
+    q = F.pad(query, (0, 0, 0, pad)).view(N, Hkv, group, NB, C, E).permute(0, 3, 1, 2, 4, 5)
+    q = q.reshape(N * NB, Hkv, group * C, E)  # (N NB, Hkv, group C, E)
     device = query.device
     a, b = torch.arange(C, device=device)[:, None], torch.arange(C + P, device=device)[None]
     band = (b >= a) & (b <= a + P)  # (C, C + P)
     start = torch.arange(NB, device=device)[:, None] * C  # (NB, 1)
     ctx_real = (start - P + b) >= 0  # (NB, C + P): keys before the row start are padding
     fading_real = (start - P - w + b) >= 0
-    mask = torch.cat([band & ctx_real[:, None], band & fading_real[:, None]], dim=-1)  # (NB, C, 2(C + P))
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(N, H, NB * C, -1)[:, :, :L]
+    mask = torch.cat([band & ctx_real[:, None], band & fading_real[:, None]], dim=-1)  # (NB, C, S)
+    mask = mask.repeat(1, group, 1).expand(N, NB, group * C, S).reshape(N * NB, 1, group * C, S)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # (N NB, Hkv, group C, Dv)
+    out = out.view(N, NB, Hkv, group, C, -1).permute(0, 2, 3, 1, 4, 5)
+    return out.reshape(N, H, NB * C, -1)[:, :, :L]
 
 
 def _joint_queries(q, k, fq, fk):
@@ -565,7 +593,8 @@ def _reference_sequence(layer: BMojoF, x: torch.Tensor) -> torch.Tensor:
             t = apply_rope(t[None], positions[None], layer.rope_theta)[0]
         return t
 
-    q, k, v = heads(layer.q_proj(x), layer.q_norm), heads(layer.k_proj(x), layer.k_norm), heads(layer.v_proj(x), None, False)
+    q, k = heads(layer.q_proj(x), layer.q_norm), heads(layer.k_proj(x), layer.k_norm)
+    v = heads(layer.v_proj(x), None, False)
     if layer.tie_attn_weights:
         fq, fk = q, heads(layer.k_proj(f), layer.k_norm)
         fv = heads(layer.v_proj(f), None, False)

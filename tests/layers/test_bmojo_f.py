@@ -155,9 +155,10 @@ def test_fading_tokens_reach_only_queries_at_least_w_later():
     assert (after[:, w:] - before[:, w:]).abs().amax(-1).min() > 1e-6
 
 
-def test_auto_uses_blocks_above_dense_max_len_without_a_quadratic_mask(monkeypatch):
-    w, T = 3, 200
-    monkeypatch.setattr(bmojo_f_module, "DENSE_MAX_LEN", 64)
+@pytest.mark.parametrize("w, T, blocked", [(3, 200, True), (3, 60, False), (40, 100, False), (40, 300, True)])
+def test_auto_uses_blocks_without_a_quadratic_mask(monkeypatch, w, T, blocked):
+    """auto: one (T, 2T) mask only while a block's keys would be as many; above, one SDPA over all blocks whose
+    keys and mask grow as T (block + w), not T^2."""
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -169,10 +170,14 @@ def test_auto_uses_blocks_above_dense_max_len_without_a_quadratic_mask(monkeypat
     layer = make_layer(window_size=w)
     x = torch.randn(1, T, D, dtype=torch.float64)
     out = layer(x).hidden_states
-    block = bmojo_f_module.MIN_BLOCK
-    keys_per_block = 2 * (block + w - 1)
-    assert len(seen) == 1 and seen[0][0][-2] == keys_per_block  # (N, NB, Hkv, 2(C + w - 1), Dh)
-    assert seen[0][1] <= -(-T // block) * block * keys_per_block < T * 2 * T
+    assert len(seen) == 1  # one SDPA call, all blocks in it
+    (rows, _, keys, _), mask_size = seen[0]
+    block = max(w, bmojo_f_module.MIN_BLOCK)
+    if blocked:
+        assert keys <= 2 * (block + w - 1 + 7) and rows == -(-T // bmojo_f_module.block_size(w))
+        assert mask_size <= (T + block + 7) * keys < T * 2 * T
+    else:
+        assert (rows, keys) == (1, 2 * T) and 2 * T <= 2 * (block + w - 1 + 7)
     assert rel_err(out, bmojo_f_reference(layer, x)) < TOL
 
 
