@@ -3,14 +3,32 @@
 Used for the attention layers of hybrid models and for the all-attention Transformer baseline. It follows the
 MoM layer's calling convention (`attention_mask` = last T columns used, `cu_seqlens`, `state`, `use_cache`) so
 the model can treat both kinds of layer alike.
+
+Packed documents (`cu_seqlens`, B == 1: how `memmix train` feeds every micro-batch) take one of three paths,
+chosen by `packed_impl`:
+  "mask"    the reference: a dense (T, T) document-causal mask through SDPA. At 8 x 2048 packed tokens that is a
+            16384^2 mask, it rules out the flash kernel, and every score of every document pair is computed.
+  "flex"    FlexAttention with a block mask built on the device from cu_seqlens (document_block_mask): a 128 x 128
+            tile of scores is computed only where a query may see a key of its own document, tiles wholly inside one
+            document skip the mask, nothing is read back to the host (CUDA graphs can capture it). Compiled Triton
+            kernels on CUDA; on the CPU flex runs its eager (dense) reference, forward only.
+  "varlen"  flash attention over variable-length documents (torch.nn.attention.varlen, CUDA, 16-bit): exact, but
+            it needs the longest document's length on the host; reading it would synchronise, so T is passed as
+            the bound and the kernel launches tiles for every document up to T (most exit at once).
+  "auto"    "flex" on CUDA, "mask" elsewhere.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+PACKED_IMPLS = ("auto", "mask", "flex", "varlen")
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: one block-mask entry per 128 queries x 128 keys
 
 
 @dataclass
@@ -83,6 +101,109 @@ def document_ids(cu_seqlens: torch.Tensor, total_len: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
 
 
+def document_block_mask(
+    cu_seqlens: torch.Tensor, total_len: int, window_size: int | None = None, block_size: int = FLEX_BLOCK_SIZE
+):
+    """FlexAttention BlockMask of causal attention within packed documents (and a sliding window, if given).
+
+    cu_seqlens int64 (N+1,) on the tensors' device, ending at total_len = T. Built from the first and last document
+    of every block of `block_size` tokens, on the device and without host synchronisation: query block i needs key
+    block j <= i when their documents overlap (and some pair is within the window); the pair is "full" (no
+    mask evaluated) when both blocks lie in one document, j < i and no window applies. Partial blocks evaluate
+    mask_mod: same document, key <= query (, query - key < window).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    num_blocks = -(-total_len // block_size)
+    doc = document_ids(cu_seqlens, total_len)  # (T,), non-decreasing
+    # padded to whole blocks with an id no real token has, so tile-edge indices never match a document
+    doc = torch.cat((doc, doc.new_full((num_blocks * block_size - total_len,), cu_seqlens.numel())))
+    starts = torch.arange(num_blocks, device=device) * block_size
+    first_doc = doc[starts]  # (nb,)
+    last_doc = doc[(starts + block_size).clamp(max=total_len) - 1]
+    q_block, kv_block = starts[:, None] // block_size, starts[None, :] // block_size  # (nb, 1), (1, nb)
+    needed = (kv_block <= q_block) & (last_doc[None, :] >= first_doc[:, None])  # (nb, nb)
+    if window_size is not None:  # the closest pair of the two blocks: first query, last key
+        needed &= starts[:, None] - (starts[None, :] + block_size - 1) < window_size
+        full = torch.zeros_like(needed)
+    else:
+        full = (kv_block < q_block) & (first_doc[None, :] == last_doc[:, None])
+    partial = needed & ~full
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+        if window_size is not None:
+            keep = keep & (q_idx - kv_idx < window_size)
+        return keep
+
+    kv_num, kv_indices = _ordered_blocks(partial)
+    full_num, full_indices = _ordered_blocks(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(total_len, total_len))
+
+
+def _ordered_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nb, nb) bool -> BlockMask's (1, 1, nb) int32 count per row and (1, 1, nb, nb) int32 column indices, the
+    row's True columns first in increasing order."""
+    count = blocks.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count[None, None], order[None, None]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    """flex_attention compiled to its fused Triton kernels (called eagerly it is a dense reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            window_size: int | None = None, block_size: int = FLEX_BLOCK_SIZE) -> torch.Tensor:
+    """Causal attention within packed documents through FlexAttention.
+
+    q (1, H, T, K), k / v (1, H_kv, T, K) with H a multiple of H_kv; cu_seqlens int64 (N+1,). Returns (1, H, T, K).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = document_block_mask(cu_seqlens, q.shape[2], window_size, block_size)
+    fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    gqa = q.shape[1] != k.shape[1]
+    # q, k, v already share one dtype (autocast made them in the layer); flex's kernels need no autocast
+    with torch.autocast(q.device.type, enabled=False):
+        return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def varlen_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                              window_size: int | None = None) -> torch.Tensor:
+    """Causal attention within packed documents through torch's variable-length flash attention (CUDA, fp16/bf16).
+
+    q (1, H, T, K), k / v (1, H_kv, T, K); cu_seqlens int64 (N+1,). Returns (1, H, T, K). The longest document is
+    bounded by T (its true length would need a host read).
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    total_len, groups = q.shape[2], q.shape[1] // k.shape[1]
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {}
+    if groups > 1 and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    left = -1 if window_size is None else window_size - 1  # flash counts the keys left of the query
+    if "window_size" in params:  # newer torch: causal is window (left, 0)
+        kwargs["window_size"] = (left, 0)
+    elif window_size is None:  # torch <= 2.10 spelled causal as is_causal and had no window
+        kwargs["is_causal"] = True
+    else:
+        raise ValueError("packed_impl='varlen' with a window needs a torch whose varlen_attn takes window_size")
+    cu = cu_seqlens.to(torch.int32)
+    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # (T, H, K)
+    out = varlen_attn(q, k, v, cu, cu, total_len, total_len, **kwargs)  # (T, H, K)
+    return out.transpose(0, 1)[None]
+
+
 def new_token_positions(
     valid: torch.Tensor, state: AttentionState | None, cu_seqlens: torch.Tensor | None
 ) -> torch.Tensor:
@@ -101,6 +222,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with RoPE and grouped-query heads (no biases).
 
     Parameters: q_proj.weight (H*K, D), k_proj.weight (H_kv*K, D), v_proj.weight (H_kv*K, D), o_proj.weight (D, H*K).
+    packed_impl: "auto" | "mask" | "flex" | "varlen", the kernel for packed documents (module docstring).
     """
 
     def __init__(
@@ -112,6 +234,7 @@ class CausalSelfAttention(nn.Module):
         rope_theta: float = 10000.0,
         window_size: int | None = None,
         layer_idx: int | None = None,
+        packed_impl: str = "auto",
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -125,6 +248,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"head_dim must be an even integer >= 2 (RoPE), got {head_dim}")
         if window_size is not None and window_size < 1:
             raise ValueError(f"window_size must be None or >= 1, got {window_size}")
+        if packed_impl not in PACKED_IMPLS:
+            raise ValueError(f"packed_impl must be one of {PACKED_IMPLS}, got {packed_impl!r}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -132,6 +257,7 @@ class CausalSelfAttention(nn.Module):
         self.rope_theta = rope_theta
         self.window_size = window_size
         self.layer_idx = layer_idx
+        self.packed_impl = packed_impl  # how packed documents (cu_seqlens) are attended: see the module docstring
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
@@ -160,6 +286,15 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(hidden_states).view(batch_size, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)  # (B, H, T, K)
 
+        packed = self._packed_kernel(q, attention_mask, cu_seqlens)
+        if packed is not None:  # training on packed documents: no mask of T x T, no cache
+            if packed == "flex":
+                out = flex_document_attention(q, k, v, cu_seqlens, self.window_size)  # (1, H, T, K)
+            else:
+                out = varlen_document_attention(q, k, v, cu_seqlens, self.window_size)
+            out = self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, self.num_heads * self.head_dim))
+            return AttentionOutput(hidden_states=out)
+
         full = self._extend_state(state, k, v, valid, positions)
         groups = self.num_heads // self.num_kv_heads
         keys = full.keys.repeat_interleave(groups, dim=1)  # (B, H, T_past + T, K)
@@ -172,6 +307,17 @@ class CausalSelfAttention(nn.Module):
         out = self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, self.num_heads * self.head_dim))
         new_state = self._trim_to_window(full) if use_cache else None
         return AttentionOutput(hidden_states=out, state=new_state)
+
+    def _packed_kernel(self, q: torch.Tensor, attention_mask, cu_seqlens) -> str | None:
+        """"flex" / "varlen" when packed documents take a fast kernel, None for the masked reference path."""
+        if cu_seqlens is None or attention_mask is not None:
+            return None
+        impl = self.packed_impl
+        if impl == "auto":
+            impl = "flex" if q.is_cuda else "mask"
+        if impl == "varlen" and not q.is_cuda:
+            raise ValueError("packed_impl='varlen' needs CUDA tensors; use 'flex' or 'mask' on other devices")
+        return None if impl == "mask" else impl
 
     @staticmethod
     def _new_token_mask(

@@ -136,3 +136,168 @@ def test_invalid_arguments_raise():
         layer(x, cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match=r"attention_mask must be 2-D \(B, T_total >= T\)"):
         layer(x, attention_mask=torch.ones(2, 4))
+
+
+# ------------------------------------------------------------------------------------ packed documents, fast paths
+
+import warnings  # noqa: E402
+
+import torch.nn.attention.flex_attention as flex_module  # noqa: E402
+
+from memmix.layers.attention import document_block_mask  # noqa: E402
+from memmix.training.step import find_host_syncs  # noqa: E402
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor, T: int, window=None) -> torch.Tensor:
+    """(T, T) bool: query i sees key j of its own document with j <= i (and i - j < window)."""
+    doc = torch.searchsorted(cu_seqlens[1:], torch.arange(T), right=True)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    mask = (doc[:, None] == doc[None, :]) & (j <= i)
+    return mask & (i - j < window) if window is not None else mask
+
+
+def blocks_as_dense(num: torch.Tensor, indices: torch.Tensor, nb: int) -> torch.Tensor:
+    """BlockMask's ordered (count, indices) of one row set -> (nb, nb) bool of the listed blocks."""
+    dense = torch.zeros(nb, nb, dtype=torch.bool)
+    for row in range(nb):
+        dense[row, indices[0, 0, row, : num[0, 0, row]].long()] = True
+    return dense
+
+
+def kernel_view(block_mask, T: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a flex kernel attends: full blocks whole, partial blocks through mask_mod, nothing else.
+    Returns (the (T, T) mask, partial blocks (nb, nb), full blocks (nb, nb))."""
+    nb = -(-T // block)
+    partial = blocks_as_dense(block_mask.kv_num_blocks, block_mask.kv_indices, nb)
+    full = blocks_as_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nb)
+    qb, kb = torch.arange(T)[:, None] // block, torch.arange(T)[None, :] // block
+    mod = block_mask.mask_mod(0, 0, torch.arange(T)[:, None], torch.arange(T)[None, :])
+    return full[qb, kb] | (partial[qb, kb] & mod), partial, full
+
+
+def random_cu_seqlens(gen: torch.Generator, T: int) -> torch.Tensor:
+    """Documents of random lengths (1 up to T) filling T tokens."""
+    bounds, pos = [0], 0
+    while pos < T:
+        pos = min(T, pos + int(torch.randint(1, max(2, T // 3), (1,), generator=gen)))
+        bounds.append(pos)
+    return torch.tensor(bounds)
+
+
+PACKINGS = {
+    "odd_lengths_and_length_1": ([0, 5, 6, 13, 14, 23], 23),
+    "three_rows_of_8_cut_at_row_ends": ([0, 3, 8, 16, 17, 20, 24], 24),
+    "one_document": ([0, 17], 17),
+    "every_document_length_1": (list(range(10)), 9),
+    "empty_document_entry": ([0, 4, 4, 11], 11),
+}
+
+
+@pytest.mark.parametrize("block", [4, 8])
+@pytest.mark.parametrize("window", [None, 3, 6])
+@pytest.mark.parametrize("packing", list(PACKINGS) + ["random_0", "random_1", "random_2"])
+def test_document_block_mask_is_the_document_causal_mask_and_lists_only_needed_blocks(packing, window, block):
+    if packing.startswith("random"):
+        gen = torch.Generator().manual_seed(100 + int(packing[-1]) + 7 * block + (window or 0))
+        T = int(torch.randint(block, 6 * block, (1,), generator=gen))
+        cu_seqlens = random_cu_seqlens(gen, T)
+    else:
+        bounds, T = PACKINGS[packing]
+        cu_seqlens = torch.tensor(bounds)
+    block_mask = document_block_mask(cu_seqlens, T, window, block_size=block)
+    seen, partial, full = kernel_view(block_mask, T, block)
+    expected = document_causal_mask(cu_seqlens, T, window)
+    assert torch.equal(seen, expected)
+    qb, kb = torch.arange(T)[:, None] // block, torch.arange(T)[None, :] // block
+    nb = -(-T // block)
+    any_pair = torch.zeros(nb, nb, dtype=torch.long).index_put_((qb.expand(T, T), kb.expand(T, T)), expected.long(),
+                                                                 accumulate=True)
+    assert not (partial & full).any()
+    assert (any_pair[partial | full] > 0).all()  # no tile of keys the queries cannot see is computed
+    assert ((partial | full) == (any_pair > 0)).all()  # and every tile they can see is
+
+
+def make_packed_layer(impl: str, seed: int, num_kv_heads: int = 2, window=None) -> CausalSelfAttention:
+    layer = make_layer(seed=seed, num_kv_heads=num_kv_heads, window_size=window)
+    layer.packed_impl = impl
+    return layer
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """Let flex_attention's eager (dense, float64-capable) reference differentiate on the CPU: torch refuses CPU
+    backward only in this device check; its eager backward is the plain math the CUDA kernels are tested against.
+    The block structure the kernels use is tested separately (test_document_block_mask_...)."""
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention.*")
+        warnings.filterwarnings("ignore", message=".*_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG.*")
+        yield
+
+
+@pytest.mark.parametrize("num_kv_heads, window", [(4, None), (2, None), (1, 4)], ids=["mha", "gqa", "mqa-window"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_flex_matches_masked_reference_values_and_gradients(flex_backward_on_cpu, num_kv_heads, window, seed):
+    gen = torch.Generator().manual_seed(200 + seed)
+    T = 37
+    cu_seqlens = random_cu_seqlens(gen, T) if seed else torch.tensor([0, 6, 7, 20, 21, 37])
+    fast = make_packed_layer("flex", seed=10 + seed, num_kv_heads=num_kv_heads, window=window)
+    reference = make_packed_layer("mask", seed=10 + seed, num_kv_heads=num_kv_heads, window=window)
+    x = torch.randn(1, T, D, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = fast(x, cu_seqlens=cu_seqlens).hidden_states
+    expected = reference(x, cu_seqlens=cu_seqlens).hidden_states
+    torch.testing.assert_close(out, expected, **TOL)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    grads = torch.autograd.grad(out, [x, *fast.parameters()], grad_out)
+    expected_grads = torch.autograd.grad(expected, [x, *reference.parameters()], grad_out)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_packed_rows_equal_separate_rows_on_the_flex_path(flex_backward_on_cpu):
+    """B rows of L tokens cut at row ends (memmix train's micro-batch) give each row's own forward."""
+    layer = make_packed_layer("flex", seed=6)
+    rows = torch.randn(3, 9, D, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 4, 9, 18, 19, 27])  # row 0 holds two documents, row 2 a length-1 one and the rest
+    out = layer(rows.reshape(1, 27, D), cu_seqlens=cu_seqlens).hidden_states[0]
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        alone = layer(rows.reshape(27, D)[start:end][None]).hidden_states[0]
+        torch.testing.assert_close(out[start:end], alone, **TOL)
+
+
+@pytest.mark.parametrize("impl", ["auto", "flex"])
+def test_padding_and_cached_decoding_keep_the_reference_path(impl):
+    """packed_impl only concerns cu_seqlens: padded batches and KV-cache decoding are unchanged by it."""
+    layer, reference = make_packed_layer(impl, seed=7, window=4), make_packed_layer("mask", seed=7, window=4)
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    assert torch.equal(layer(x, attention_mask=mask).hidden_states, reference(x, attention_mask=mask).hidden_states)
+    out, ref = layer(x[:, :5], use_cache=True), reference(x[:, :5], use_cache=True)
+    step = layer(x[:, 5:6], state=out.state, use_cache=True).hidden_states
+    assert torch.equal(step, reference(x[:, 5:6], state=ref.state, use_cache=True).hidden_states)
+
+
+def test_auto_on_cpu_is_the_reference():
+    layer, reference = make_packed_layer("auto", seed=8), make_packed_layer("mask", seed=8)
+    x, cu_seqlens = torch.randn(1, 12, D, dtype=torch.float64), torch.tensor([0, 5, 12])
+    assert torch.equal(layer(x, cu_seqlens=cu_seqlens).hidden_states,
+                       reference(x, cu_seqlens=cu_seqlens).hidden_states)
+
+
+def test_flex_path_reads_nothing_back_to_the_host(monkeypatch):
+    """The layer's packed path (block mask, RoPE positions, projections) and its backward: no host read.
+    find_host_syncs's dispatch mode cannot see inside the flex_attention higher-order op, so a stand-in of the
+    same shapes takes its place here; flex's own kernels read nothing back (they take the block mask as tensors)."""
+    monkeypatch.setattr(flex_module, "flex_attention", lambda q, k, v, block_mask, enable_gqa: q * 1.5)
+    layer = make_packed_layer("flex", seed=9)
+    x, cu_seqlens = torch.randn(1, 40, D, dtype=torch.float64), torch.tensor([0, 3, 4, 29, 40])
+    assert find_host_syncs(lambda: layer(x, cu_seqlens=cu_seqlens).hidden_states.sum().backward()) == []
+    assert find_host_syncs(lambda: document_block_mask(cu_seqlens, 40, 5, block_size=8)) == []
+
+
+def test_invalid_packed_impl_raises():
+    with pytest.raises(ValueError, match="packed_impl must be one of"):
+        CausalSelfAttention(D, num_heads=2, packed_impl="flash")
+    layer = make_packed_layer("varlen", seed=0)
+    with pytest.raises(ValueError, match="packed_impl='varlen' needs CUDA tensors"):
+        layer(torch.randn(1, 5, D, dtype=torch.float64), cu_seqlens=torch.tensor([0, 5]))
