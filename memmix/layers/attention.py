@@ -119,10 +119,11 @@ def document_block_mask(
     doc = document_ids(cu_seqlens, total_len)  # (T,), non-decreasing
     # padded to whole blocks with an id no real token has, so tile-edge indices never match a document
     doc = torch.cat((doc, doc.new_full((num_blocks * block_size - total_len,), cu_seqlens.numel())))
-    starts = torch.arange(num_blocks, device=device) * block_size
+    blocks = torch.arange(num_blocks, device=device)
+    starts = blocks * block_size
     first_doc = doc[starts]  # (nb,)
     last_doc = doc[(starts + block_size).clamp(max=total_len) - 1]
-    q_block, kv_block = starts[:, None] // block_size, starts[None, :] // block_size  # (nb, 1), (1, nb)
+    q_block, kv_block = blocks[:, None], blocks[None, :]  # rows: query blocks i, columns: key blocks j
     needed = (kv_block <= q_block) & (last_doc[None, :] >= first_doc[:, None])  # (nb, nb)
     if window_size is not None:  # the closest pair of the two blocks: first query, last key
         needed &= starts[:, None] - (starts[None, :] + block_size - 1) < window_size
@@ -185,23 +186,31 @@ def varlen_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from torch.nn.attention.varlen import varlen_attn
 
     total_len, groups = q.shape[2], q.shape[1] // k.shape[1]
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_parameters()
     kwargs = {}
     if groups > 1 and "enable_gqa" in params:
         kwargs["enable_gqa"] = True
     elif groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     left = -1 if window_size is None else window_size - 1  # flash counts the keys left of the query
-    if "window_size" in params:  # newer torch: causal is window (left, 0)
+    if "window_size" in params:  # newer torch: causal is the window (left, 0)
         kwargs["window_size"] = (left, 0)
-    elif window_size is None:  # torch <= 2.10 spelled causal as is_causal and had no window
+    elif window_size is None:  # older torch: is_causal, and no window
         kwargs["is_causal"] = True
     else:
         raise ValueError("packed_impl='varlen' with a window needs a torch whose varlen_attn takes window_size")
     cu = cu_seqlens.to(torch.int32)
-    q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # (T, H, K)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # (T, H, K), rows of K contiguous
     out = varlen_attn(q, k, v, cu, cu, total_len, total_len, **kwargs)  # (T, H, K)
     return out.transpose(0, 1)[None]
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_parameters() -> frozenset[str]:
+    """Keyword names of this torch's varlen_attn (its causal / window / GQA spelling changed between versions)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def new_token_positions(

@@ -144,7 +144,11 @@ import warnings  # noqa: E402
 
 import torch.nn.attention.flex_attention as flex_module  # noqa: E402
 
-from memmix.layers.attention import document_block_mask  # noqa: E402
+import torch.nn.attention.varlen as varlen_module  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from memmix.layers import attention as attention_module  # noqa: E402
+from memmix.layers.attention import document_block_mask, varlen_document_attention  # noqa: E402
 from memmix.training.step import find_host_syncs  # noqa: E402
 
 
@@ -293,6 +297,63 @@ def test_flex_path_reads_nothing_back_to_the_host(monkeypatch):
     x, cu_seqlens = torch.randn(1, 40, D, dtype=torch.float64), torch.tensor([0, 3, 4, 29, 40])
     assert find_host_syncs(lambda: layer(x, cu_seqlens=cu_seqlens).hidden_states.sum().backward()) == []
     assert find_host_syncs(lambda: document_block_mask(cu_seqlens, 40, 5, block_size=8)) == []
+
+
+def documents_attention(q, k, v, cu_seq_q, left: int) -> torch.Tensor:
+    """varlen_attn's documented semantics, one document at a time: q (T, H, K), k / v (T, H, K); key j is seen by
+    query i of its document when j <= i and (left < 0 or i - j <= left)."""
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        n = end - start
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        mask = (j <= i) & ((i - j <= left) if left >= 0 else True)
+        out[start:end] = F.scaled_dot_product_attention(
+            *(x[start:end].transpose(0, 1) for x in (q, k, v)), attn_mask=mask).transpose(0, 1)
+    return out
+
+
+def new_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1),
+                    enable_gqa=False):
+    assert cu_seq_q.dtype == torch.int32 and max_q >= int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    assert window_size[1] == 0 and (enable_gqa or query.shape[1] == key.shape[1])
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return documents_attention(query, key, value, cu_seq_q, window_size[0])
+
+
+def old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    assert is_causal and query.shape[1] == key.shape[1]
+    return documents_attention(query, key, value, cu_seq_q, -1)
+
+
+@pytest.fixture
+def fresh_varlen_signature():
+    """The wrapper caches varlen_attn's signature; stand-ins have their own."""
+    attention_module._varlen_parameters.cache_clear()
+    yield
+    attention_module._varlen_parameters.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", [new_varlen_attn, old_varlen_attn], ids=["window_size_api", "is_causal_api"])
+@pytest.mark.parametrize("num_kv_heads, window", [(4, None), (2, None), (1, 4)], ids=["mha", "gqa", "mqa-window"])
+def test_varlen_wrapper_passes_documents_layout_heads_and_window(monkeypatch, fresh_varlen_signature, kernel,
+                                                                num_kv_heads, window):
+    """The CUDA kernel cannot run here; a stand-in with its documented semantics checks what the wrapper hands it:
+    (T, H, K) layout, int32 offsets, a length bound, GQA, and the window as flash counts it (window - 1 keys)."""
+    monkeypatch.setattr(varlen_module, "varlen_attn", kernel)
+    gen = torch.Generator().manual_seed(num_kv_heads)
+    T, cu_seqlens = 29, torch.tensor([0, 6, 7, 20, 29])
+    q = torch.randn(1, 4, T, 6, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(1, num_kv_heads, T, 6, dtype=torch.float64, generator=gen) for _ in range(2))
+    if kernel is old_varlen_attn and window is not None:
+        with pytest.raises(ValueError, match="with a window needs a torch whose varlen_attn takes window_size"):
+            varlen_document_attention(q, k, v, cu_seqlens, window)
+    else:
+        mask = document_causal_mask(cu_seqlens, T, window)
+        groups = 4 // num_kv_heads
+        expected = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                                  attn_mask=mask)
+        torch.testing.assert_close(varlen_document_attention(q, k, v, cu_seqlens, window), expected, **TOL)
 
 
 def test_invalid_packed_impl_raises():
