@@ -93,7 +93,8 @@ def test_captured_training_step_of_an_attention_model_follows_the_eager_one():
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(8):  # 2 rows of 256 tokens, each cut into two documents: cu_seqlens keeps its shape
-        first, second = int(torch.randint(1, 255, (1,), generator=gen)), int(torch.randint(257, 511, (1,), generator=gen))
+        first = int(torch.randint(1, 255, (1,), generator=gen))
+        second = int(torch.randint(257, 511, (1,), generator=gen))
         ids = torch.randint(0, 320, (1, 512), generator=gen)
         batches.append((ids.cuda(), torch.tensor([0, first, 256, second, 512]).cuda()))
     losses = {}
