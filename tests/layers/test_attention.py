@@ -281,7 +281,7 @@ def test_padding_and_cached_decoding_keep_the_reference_path(impl):
     assert torch.equal(step, reference(x[:, 5:6], state=ref.state, use_cache=True).hidden_states)
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_auto_is_the_reference_until_flex_is_measured_on_a_gpu():
     layer, reference = make_packed_layer("auto", seed=8), make_packed_layer("mask", seed=8)
     x, cu_seqlens = torch.randn(1, 12, D, dtype=torch.float64), torch.tensor([0, 5, 12])
     assert torch.equal(layer(x, cu_seqlens=cu_seqlens).hidden_states,
