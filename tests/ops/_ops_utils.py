@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from helpers import rel_err  # noqa: F401 (the op tests import it from here)
 from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention
 
 
