@@ -22,15 +22,10 @@ from memmix.ops import triton as triton_ops
 from memmix.ops.segments import FeatureGroups, segment_combine, segment_conv
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
+from memmix.ops.registry import get_rule, rules
 from memmix.routing import DispatchPlan, allowed_memories, plan_dispatch, route
 
-MEMORY_RULES = ("gated_delta", "delta", "gla", "linear")
-_USES_BETA = {"gated_delta": True, "delta": True, "gla": False, "linear": False}
-_USES_DECAY = {"gated_delta": True, "delta": False, "gla": True, "linear": False}
-_RULES = {"gated_delta": ops.gated_delta_rule, "delta": ops.delta_rule,
-          "gla": ops.gated_linear_attention, "linear": ops.linear_attention}
-_OP_NAMES = {"gated_delta": "gated_delta_rule", "delta": "delta_rule", "gla": "gated_linear_attention",
-             "linear": "linear_attention"}
+MEMORY_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 # inputs up to this length use the dense layout (decoding steps, short prompts)
 DENSE_LAYOUT_MAX_LEN = 16
 
@@ -82,7 +77,7 @@ class MixtureOfMemories(nn.Module):
 
     low_memory: trade time for training memory on the Triton path. The convolution keeps x and the weights
     instead of the every-memory k/v projection and rebuilds it in its backward one feature group at a time, and
-    the recurrence runs one head at a time, forward and backward (memmix.ops.triton.low_memory_recurrence).
+    the recurrence runs one head at a time, forward and backward (an argument of the rule op and its kernel).
     """
 
     def __init__(
@@ -135,8 +130,9 @@ class MixtureOfMemories(nn.Module):
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Parameter(torch.empty(rows, self.key_dim, hidden_size))
         self.v_proj = nn.Parameter(torch.empty(rows, self.value_dim, hidden_size))
-        self.b_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if _USES_BETA[memory_rule] else None
-        self.a_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if _USES_DECAY[memory_rule] else None
+        rule = get_rule(memory_rule)
+        self.b_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_beta else None
+        self.a_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_gate else None
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.dt_bias = nn.Parameter(torch.empty(num_heads))
         self.A_log._no_weight_decay = True
@@ -339,12 +335,12 @@ class MixtureOfMemories(nn.Module):
         if not use_cache:
             before = memory.reshape(-1, *memory.shape[2:]).index_select(0, picked)  # (B*S, H, K, V)
             args = [t.unsqueeze(1) for t in (q, k, v, g, beta) if t is not None]  # (B*S, 1, H, ...)
-            o, _ = _RULES[self.memory_rule](*args, initial_state=before, use_qk_l2norm=True, impl="recurrent")
+            o, _ = get_rule(self.memory_rule).op(*args, initial_state=before, use_qk_l2norm=True, impl="recurrent")
             return o[:, 0], None
         if not self.inplace_decode:
             memory = memory.clone(memory_format=torch.contiguous_format)
         impl = "auto" if self.impl in ("auto", "triton") else "recurrent"
-        o = ops.memory_step(_OP_NAMES[self.memory_rule], q, k, v, g, beta, memory.view(-1, *memory.shape[2:]),
+        o = ops.memory_step(self.memory_rule, q, k, v, g, beta, memory.view(-1, *memory.shape[2:]),
                             picked, keep, impl=impl)
         return o, memory
 
@@ -462,10 +458,9 @@ class MixtureOfMemories(nn.Module):
         extra = [(t if t.shape[0] == L else t[:L]).reshape(*shape, H) for t in (g, beta) if t is not None]
         kwargs = dict(
             initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=not normalized,
-            impl=self.impl
+            low_memory=self.low_memory, impl=self.impl
         )
-        with triton_ops.low_memory_recurrence(self.low_memory or triton_ops.low_memory_recurrence_enabled()):
-            o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
+        o, final = get_rule(self.memory_rule).op(*args, *extra, **kwargs)
         o = o.reshape(L, H, V)
         if plan.layout == "dense":
             o = torch.cat([o, o.new_zeros(plan.buffer_len - L, H, V)])

@@ -6,8 +6,6 @@ as a script prints one JSON object of relative errors) and the tests check them.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,8 +37,6 @@ CASES = {
     # takes the forward's bf16 inputs, so every output and gradient is the same -- but dx, which adds the three
     # feature groups' bf16 products in float32 where the default path makes one product (bf16 rounding apart)
     "low_memory_autocast": dict(B=2, T=33, autocast=True, against="default", tolerance={"dx": 1e-2}),
-    # a default layer inside memmix.ops.triton.low_memory_recurrence(): the caller's choice holds
-    "outer_low_memory_context": dict(B=2, T=33, impl="triton", outer_low_memory=True),
 }
 TOLERANCE = 1e-4
 
@@ -137,7 +133,7 @@ def run_case(name: str, seed: int) -> dict:
     "whole_kv_projection_in_backward": whether its backward made a tensor of that shape (the projection's gradient),
     "recurrence_passes": how many head groups its recurrence took, {"forward": n, "backward": n},
     "kept_float32_flat_input": whether it kept a float32 (tokens, hidden) copy of x}."""
-    from memmix.ops.triton import gated_delta_rule as kernels, low_memory_recurrence
+    from memmix.ops.triton import gated_delta_rule as kernels
 
     case = CASES[name]
     layer = _layer(case, seed)
@@ -157,10 +153,8 @@ def run_case(name: str, seed: int) -> dict:
         return launch
 
     kernels._output, kernels._state_grad = counted("forward"), counted("backward")
-    outer = low_memory_recurrence() if case.get("outer_low_memory") else contextlib.nullcontext()
     try:
-        with outer:
-            actual = _run(layer, inputs, case, case.get("impl", "auto"))  # Triton dispatch under the interpreter
+        actual = _run(layer, inputs, case, case.get("impl", "auto"))  # Triton dispatch under the interpreter
     finally:
         kernels._output, kernels._state_grad = originals["forward"], originals["backward"]
     saved = actual.pop("saved_shapes", set())
@@ -212,8 +206,6 @@ def test_low_memory_rebuilds_the_projection_by_groups_and_runs_one_head_at_a_tim
         assert low["kept_float32_flat_input"]  # float32 layer: x itself
     # under autocast the rebuild keeps the bf16 cast of x, not a float32 copy
     assert not interpret_results["low_memory_autocast"]["kept_float32_flat_input"]
-    heads = BASE["num_heads"]
-    assert interpret_results["outer_low_memory_context"]["recurrence_passes"] == {"forward": heads, "backward": heads}
 
 
 def test_low_memory_is_checked():

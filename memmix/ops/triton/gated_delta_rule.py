@@ -15,13 +15,13 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from memmix.ops.triton import low_memory_recurrence_enabled
+from memmix.ops.normalize import l2norm
+from memmix.ops.triton import MAX_HEAD_DIM
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
 from memmix.ops.triton.gated_delta_fwd import (chunk_output_kernel, state_pass_kernel, wy_prepare_kernel,
                                                wy_recompute_kernel)
 
 CHUNK_SIZE = 64
-MAX_HEAD_DIM = 256
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MIN_BACKWARD_PROGRAMS = None  # see heads_per_backward_pass: None = two per SM; 0 = one head per pass (least memory)
 
@@ -347,9 +347,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """Autograd over the packed kernels; inputs are (tokens, H, D) contiguous, g may be None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout, low_memory):
         has_g = g is not None
-        low_memory = low_memory_recurrence_enabled()
         # O = diag(scale exp(b)) Q S + M U needs each chunk's incoming state S. Inside the sequential pass it doubles
         # the dots of every step of the chain (and adds Q and M, ~40% of its loads at K = V = 256); storing S (K x V
         # per chunk, in k's dtype like the backward recompute) and U moves it to a parallel kernel. With at most one
@@ -399,17 +398,20 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dq, dk, dv, dbeta, dg = grads
         dg = None if dg is None else dg.to(ctx.g_dtype)
         dh0 = None if dh0 is None else dh0.to(h0.dtype)
-        return dq, dk, dv, dg, dbeta.to(beta.dtype), None, dh0, None, None
+        return dq, dk, dv, dg, dbeta.to(beta.dtype), None, dh0, None, None, None
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
                            beta: torch.Tensor, scale: Optional[float] = None,
                            initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-                           cu_seqlens: Optional[torch.Tensor] = None, use_qk_l2norm: bool = False):
+                           cu_seqlens: Optional[torch.Tensor] = None, use_qk_l2norm: bool = False,
+                           low_memory: bool = False):
     """Gated delta rule (delta rule when g is None) on the chunked Triton kernels; differentiable.
 
     q, k: (B, T, H, K); v: (B, T, H, V) bf16/fp16/fp32 with K, V <= 256; g: (B, T, H) log decay or None;
-    beta: (B, T, H); initial_state: (N, H, K, V) or None; cu_seqlens: (N + 1,) int with B == 1, or None.
+    beta: (B, T, H); initial_state: (N, H, K, V) or None; cu_seqlens: (N + 1,) int with B == 1, or None;
+    low_memory: forward and backward one head at a time (the per-chunk states, their gradients and the WY
+    scratch are held for one head: least memory; the sequential kernels get fewer programs).
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) float32 (None unless asked for).
     """
     B, T, H, K = q.shape
@@ -417,7 +419,6 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"q/k and v head dims must be <= {MAX_HEAD_DIM} for the Triton kernels, got K={K}, V={V}")
     if use_qk_l2norm:
-        from memmix.ops.common import l2norm
         q, k = l2norm(q), l2norm(k)
     scale = K ** -0.5 if scale is None else float(scale)
     layout = ChunkLayout.build(B, T, cu_seqlens, q.device)
@@ -427,5 +428,5 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
 
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = ChunkGatedDeltaRuleFunction.apply(packed(q), packed(k), packed(v.to(q.dtype)), packed(g),
-                                              packed(beta), scale, h0, output_final_state, layout)
+                                              packed(beta), scale, h0, output_final_state, layout, low_memory)
     return o.reshape(B, T, H, V).to(v.dtype), ht

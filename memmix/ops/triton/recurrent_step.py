@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memmix.ops.normalize import L2NORM_EPS
 from memmix.ops.triton import STEP_MAX_K
-
-L2NORM_EPS = 1e-6  # memmix.ops.common.l2norm's default
 
 
 @triton.jit

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from memmix.ops.normalize import L2NORM_EPS
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-L2NORM_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- kernels
