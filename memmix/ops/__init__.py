@@ -1,5 +1,4 @@
-"""Stateless memory-rule ops (pure PyTorch, any device; Triton kernels under memmix.ops.triton, found through the
-registry).
+"""Stateless ops (pure PyTorch, any device; Triton kernels under memmix.ops.triton, found through the registry).
 
 Memory rules (one record each in memmix.ops.registry) share one calling convention (flash-linear-attention
 layout), see memmix.ops.common:
@@ -12,6 +11,7 @@ impl: "recurrent" (step loop, the readable reference), "chunk" (chunkwise-parall
 registered for the rule, else "chunk"; on CPU "recurrent" for T <= 8 (decode steps), else "chunk".
 
 memory_step (memmix.ops.decode) is one decoding step of any rule for picked states of a state bank, in place.
+memmix.ops.mom is the Mixture-of-Memories mixer: routed tokens -> per-memory convolution and recurrence -> mix.
 """
 from memmix.ops.decode import memory_step
 from memmix.ops.delta_rule import delta_rule, gated_delta_rule

@@ -1,4 +1,5 @@
-"""The memory-rule registry: one record per rule, lookups by name and alias, the kernels a backend registers."""
+"""The memory-rule registry: one record per rule, lookups by name and alias, the kernels a backend registers, and
+the rule that the ops never import the Triton backend themselves."""
 from __future__ import annotations
 
 import ast
@@ -52,6 +53,8 @@ def test_the_backend_registers_its_kernels():
     for rule in rules():
         assert (rule.chunk_kernel is not None) == (rule.name in backend.KERNEL_RULES), rule.name
         assert rule.step_kernel is not None and rule.step_kernel.max_head_dim == backend.STEP_MAX_K
+    assert registry.find_kernel("mom_segment_conv") is not None
+    assert registry.find_kernel("mom_segment_combine") is not None
     assert registry.find_kernel("no_such_kernel") is None
     # auto on CUDA takes a rule's registered kernel, else its chunked PyTorch form (no CUDA needed to decide)
     cuda = torch.device("cuda")
@@ -86,6 +89,14 @@ def _imports(path: Path, top_level_only: bool = False) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
     return names
+
+
+def test_ops_never_import_the_triton_backend():
+    """Outside memmix/ops/triton no ops module imports it, at any level: the registry finds its kernels."""
+    modules = [p for p in OPS_DIR.rglob("*.py") if "triton" not in p.relative_to(OPS_DIR).parts[:-1]]
+    assert len(modules) > 10
+    for path in modules:
+        assert not any(name.startswith("memmix.ops.triton") for name in _imports(path)), path
 
 
 def test_normalize_is_a_leaf():

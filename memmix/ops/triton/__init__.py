@@ -1,6 +1,6 @@
 """Triton GPU kernels: the chunked gated delta rule (forward and backward; the delta rule is it without decay),
-recurrent_step (one decoding step of any rule, in place in a state bank), the MoM layer's segment convolution and
-combine (memmix.ops.segments), and the fused output-gated RMSNorm.
+recurrent_step (one decoding step of any rule, in place in a state bank), the MoM mixer's segment convolution and
+combine, and the fused output-gated RMSNorm.
 
 Importing this package registers its kernels in memmix.ops.registry (when Triton is installed); memmix.ops finds
 them there and never imports this package itself (the registry does, on its first lookup). Importing it never
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from memmix.ops.registry import Kernel, register_kernels
+from memmix.ops.registry import Kernel, register_kernel, register_kernels
 
 KERNEL_RULES = ("gated_delta_rule", "delta_rule")  # the rules with a chunked sequence kernel
 STEP_RULES = ("gated_delta_rule", "delta_rule", "gated_linear_attention", "linear_attention")
@@ -55,11 +55,25 @@ def _recurrent_step(q, k, v, g, beta, bank, index, keep, scale):
     return recurrent_step(q, k, v, g, beta, bank, index, keep, scale)
 
 
+def _segment_conv(*args):
+    """segment_conv.SegmentConvFunction.apply, loaded on first use (arguments: see that Function)."""
+    from memmix.ops.triton.segment_conv import SegmentConvFunction
+    return SegmentConvFunction.apply(*args)
+
+
+def _segment_combine(rows, slot_row, weight):
+    """segment_conv.SegmentCombineFunction.apply, loaded on first use."""
+    from memmix.ops.triton.segment_conv import SegmentCombineFunction
+    return SegmentCombineFunction.apply(rows, slot_row, weight)
+
+
 def _register() -> None:
     chunk = Kernel(chunk_gated_delta_rule, runs_on=is_available, max_head_dim=MAX_HEAD_DIM)
     step = Kernel(_recurrent_step, runs_on=is_available, max_head_dim=STEP_MAX_K)
     for rule in STEP_RULES:
         register_kernels(rule, chunk=chunk if rule in KERNEL_RULES else None, step=step)
+    register_kernel("mom_segment_conv", Kernel(_segment_conv, runs_on=is_available))
+    register_kernel("mom_segment_combine", Kernel(_segment_combine, runs_on=is_available))
 
 
 if triton_importable():

@@ -1,4 +1,5 @@
-"""Triton kernels of memmix.ops.segments (gathered segment convolution, weighted combine) and their autograd.
+"""Triton kernels of the MoM mixer's Triton path (memmix.ops.mom.triton_path): gathered segment convolution and
+weighted combine, and their autograd.
 
 Launch layout: row kernels take (row tile, head) programs over the L buffer rows; the token kernel takes
 (token tile, head) programs for a source that a token's slots share (q), summing its rows' gradients without
