@@ -13,31 +13,26 @@ import platform
 import torch
 from common import cpu_median_ms, atomic_write_json
 
-from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, l2norm, linear_attention
+from memmix.ops import l2norm
+from memmix.ops.registry import rules
 
-RULES = {
-    "gated_delta_rule": (gated_delta_rule, True, True),
-    "delta_rule": (delta_rule, False, True),
-    "gated_linear_attention": (gated_linear_attention, True, False),
-    "linear_attention": (linear_attention, False, False),
-}
+RULES = {rule.name: rule for rule in rules()}
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ops_cpu.json")
 
 
 def make_args(rule: str, B: int, T: int, H: int, K: int, V: int, requires_grad: bool) -> list[torch.Tensor]:
     """Positional inputs of `rule` in float32: q, k (unit norm), v[, g][, beta]."""
-    _, takes_g, takes_beta = RULES[rule]
     args = [torch.randn(B, T, H, K), l2norm(torch.randn(B, T, H, K)), torch.randn(B, T, H, V)]
-    if takes_g:
+    if RULES[rule].uses_gate:
         args.append(torch.nn.functional.logsigmoid(torch.randn(B, T, H) + 3))
-    if takes_beta:
+    if RULES[rule].uses_beta:
         args.append(torch.rand(B, T, H))
     return [x.requires_grad_(requires_grad) for x in args]
 
 
 def time_rule(rule: str, impl: str, T: int, backward: bool, args: argparse.Namespace) -> float:
     """Median ms of one forward (or forward + backward) of `rule` with `impl`."""
-    fn = RULES[rule][0]
+    fn = RULES[rule].op
     inputs = make_args(rule, args.batch, T, args.heads, args.head_dim, args.head_dim, requires_grad=backward)
 
     def forward():

@@ -1,10 +1,10 @@
-"""Router, load-balancing loss and the dispatch plan."""
+"""Router, load-balancing loss and modality groups (the dispatch plan: tests/ops/mom/test_mom_plan.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memmix.routing import load_balancing_loss, plan_dispatch, route
+from memmix.routing import load_balancing_loss, route
 
 
 def test_route_picks_topk_and_renormalises():
@@ -56,39 +56,6 @@ def test_load_balancing_loss_is_minimal_when_balanced():
     assert load_balancing_loss(balanced, M, 1) < load_balancing_loss(collapsed, M, 1)
     with pytest.raises(ValueError, match="mode"):
         load_balancing_loss(balanced, M, 1, mode="sum")
-
-
-@pytest.mark.parametrize("layout", ["packed", "dense"])
-def test_plan_groups_slots_by_segment_in_time_order(layout):
-    B, T, S, P = 3, 11, 2, 5
-    ids = torch.stack([torch.randperm(P)[:S] for _ in range(B * T)]).view(B, T, S)
-    valid = torch.rand(B, T) > 0.2
-    plan = plan_dispatch(ids, valid, P, layout=layout)
-    payload = torch.arange(B * T * S, dtype=torch.float64).view(B, T, S, 1)
-    buf = plan.dispatch(payload)[:, 0]
-    for b in range(B):
-        for m in range(P):
-            seg = b * P + m
-            want = [payload[b, t, s, 0].item() for t in range(T) for s in range(S) if valid[b, t] and ids[b, t, s] == m]
-            start = plan.starts[seg].item()
-            assert plan.counts[seg].item() == len(want)
-            assert buf[start : start + len(want)].tolist() == want
-    back = plan.collect(plan.dispatch(payload))
-    torch.testing.assert_close(back, payload * valid.view(B, T, 1, 1))
-
-
-def test_plan_with_documents_restarts_each_segment():
-    T, S, P = 12, 1, 2
-    ids = torch.tensor([0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0]).view(1, T, S)
-    cu = torch.tensor([0, 4, 4, 9, 12])
-    plan = plan_dispatch(ids, torch.ones(1, T, dtype=torch.bool), P, cu_seqlens=cu)
-    counts = plan.counts.view(4, P)
-    for d in range(4):
-        seg_ids = ids[0, cu[d] : cu[d + 1], 0]
-        assert counts[d].tolist() == [int((seg_ids == m).sum()) for m in range(P)]
-    # token order inside (document, memory) segments follows time
-    buf = plan.dispatch(torch.arange(T, dtype=torch.float64).view(1, T, 1, 1))[:, 0]
-    assert buf[plan.starts[4] : plan.starts[5]].tolist() == [6.0, 8.0]  # document 2 (t = 4..8), memory 0
 
 
 def test_grouped_balance_is_the_mean_of_each_groups_own_loss():

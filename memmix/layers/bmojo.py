@@ -41,13 +41,10 @@ from memmix import ops
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import RMSNorm
 from memmix.ops.common import _segment_index, pad_packed
+from memmix.ops.registry import get_rule, rules
 
-FADING_RULES = ("gated_delta", "delta", "gla", "linear")
+FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 EVICTIONS = ("score", "fifo")
-_USES_BETA = {"gated_delta": True, "delta": True, "gla": False, "linear": False}
-_USES_DECAY = {"gated_delta": True, "delta": False, "gla": True, "linear": False}
-_RULES = {"gated_delta": ops.gated_delta_rule, "delta": ops.delta_rule,
-          "gla": ops.gated_linear_attention, "linear": ops.linear_attention}
 INNOVATION_EPS = 1e-6
 NEG_INF = float("-inf")
 
@@ -157,8 +154,9 @@ class BMojo(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.inner_dim, bias=False)
         self.conv1d = nn.Conv1d(3 * self.inner_dim, 3 * self.inner_dim, conv_size, groups=3 * self.inner_dim,
                                 padding=conv_size - 1, bias=False)  # weight holder, applied functionally
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False) if _USES_BETA[fading_rule] else None
-        if _USES_DECAY[fading_rule]:
+        rule = get_rule(fading_rule)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False) if rule.uses_beta else None
+        if rule.uses_gate:
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
             self.A_log = nn.Parameter(torch.empty(num_heads))
             self.dt_bias = nn.Parameter(torch.empty(num_heads))
@@ -316,8 +314,8 @@ class BMojo(nn.Module):
         next_k = torch.cat([k[:, 1:], torch.zeros_like(k[:, :1])], dim=1)  # read with the next token's key
         doubled = [torch.cat([a, b], dim=2) for a, b in ((q, next_k), (k, k), (v, v))]
         gates = [torch.cat([t, t], dim=2) for t in (g, beta) if t is not None]
-        o, final = _RULES[self.fading_rule](*doubled, *gates, scale=1.0, output_final_state=use_cache,
-                                            use_qk_l2norm=True, impl=self.impl)
+        o, final = get_rule(self.fading_rule).op(*doubled, *gates, scale=1.0, output_final_state=use_cache,
+                                                 use_qk_l2norm=True, impl=self.impl)
         o_fading = o[:, :, :H] * Dh**-0.5
         after = o[:, :, H:]  # S_t^T k_{t+1}: the state before token t + 1 read with its key
         prediction = torch.cat([torch.zeros_like(after[:, :1]), after[:, :-1]], dim=1)  # empty state before t = 0
@@ -449,8 +447,8 @@ class BMojo(nn.Module):
         prediction = decay[..., None] * torch.einsum("bhk,bhkv->bhv", ops.l2norm(k.to(dtype)), memory)
         score = self._innovation(v.to(dtype), prediction)  # (B, H)
         args = [t[:, None] for t in (q, k, v)] + [t[:, None] for t in (g, beta) if t is not None]
-        o_fading, memory = _RULES[self.fading_rule](*args, initial_state=memory, output_final_state=True,
-                                                    use_qk_l2norm=True, impl="recurrent")
+        o_fading, memory = get_rule(self.fading_rule).op(*args, initial_state=memory, output_final_state=True,
+                                                         use_qk_l2norm=True, impl="recurrent")
         fading_k, fading_v = self._fading_tokens(o_fading[:, 0].to(x.dtype))  # (B, H, Dh)
         position = state.seen  # (B,)
 

@@ -5,8 +5,9 @@ memory keeps its own recurrent state (gated delta rule by default) and runs a ca
 over its own token sub-sequence. Outputs are mixed by the routing weights, the shared memory's output is
 added, then an output-gated RMSNorm and the output projection.
 
-The shared memory is handled as memory number M with weight 1 on every token, so one dispatch, one
-convolution and one recurrence call serve all M + 1 memories (no per-memory Python loop).
+The layer holds the weights and makes the router call, one call of the mixer op (memmix.ops.mom.mom_mixer: the
+dispatch, every memory's convolution and recurrence, the mix; docs/design.md) and the output gate, norm and
+projection.
 """
 from __future__ import annotations
 
@@ -15,24 +16,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from memmix import ops
-from memmix.ops import triton as triton_ops
-from memmix.ops.segments import FeatureGroups, segment_combine, segment_conv
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
-from memmix.routing import DispatchPlan, allowed_memories, plan_dispatch, route
+from memmix.ops.mom import MoMWeights, mom_mixer
+from memmix.ops.registry import get_rule, rules
+from memmix.routing import allowed_memories, route
 
-MEMORY_RULES = ("gated_delta", "delta", "gla", "linear")
-_USES_BETA = {"gated_delta": True, "delta": True, "gla": False, "linear": False}
-_USES_DECAY = {"gated_delta": True, "delta": False, "gla": True, "linear": False}
-_RULES = {"gated_delta": ops.gated_delta_rule, "delta": ops.delta_rule,
-          "gla": ops.gated_linear_attention, "linear": ops.linear_attention}
-_OP_NAMES = {"gated_delta": "gated_delta_rule", "delta": "delta_rule", "gla": "gated_linear_attention",
-             "linear": "linear_attention"}
-# inputs up to this length use the dense layout (decoding steps, short prompts)
-DENSE_LAYOUT_MAX_LEN = 16
+MEMORY_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 
 
 @dataclass
@@ -82,7 +73,8 @@ class MixtureOfMemories(nn.Module):
 
     low_memory: trade time for training memory on the Triton path. The convolution keeps x and the weights
     instead of the every-memory k/v projection and rebuilds it in its backward one feature group at a time, and
-    the recurrence runs one head at a time, forward and backward (memmix.ops.triton.low_memory_recurrence).
+    the recurrence runs one head at a time, forward and backward (passed to mom_mixer and down to the kernels).
+    impl: the mixer op's path, see memmix.ops.mom.mixer (MIXER_IMPLS).
     """
 
     def __init__(
@@ -135,8 +127,9 @@ class MixtureOfMemories(nn.Module):
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Parameter(torch.empty(rows, self.key_dim, hidden_size))
         self.v_proj = nn.Parameter(torch.empty(rows, self.value_dim, hidden_size))
-        self.b_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if _USES_BETA[memory_rule] else None
-        self.a_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if _USES_DECAY[memory_rule] else None
+        rule = get_rule(memory_rule)
+        self.b_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_beta else None
+        self.a_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_gate else None
         self.A_log = nn.Parameter(torch.empty(num_heads))
         self.dt_bias = nn.Parameter(torch.empty(num_heads))
         self.A_log._no_weight_decay = True
@@ -197,156 +190,26 @@ class MixtureOfMemories(nn.Module):
         B, T, _ = hidden_states.shape
         valid = valid_tokens(hidden_states, attention_mask, cu_seqlens)
         decision = route(self.gate(hidden_states), self.topk, self._allowed(modality_ids, B, T, hidden_states.device))
-        memory_ids, slot_weights = self._slots(decision.indices, decision.weights)
-        if T == 1 and cu_seqlens is None:
-            return self._decode_step(hidden_states, valid, decision, memory_ids, slot_weights, state, use_cache)
-        layout = "dense" if cu_seqlens is None and T <= DENSE_LAYOUT_MAX_LEN else "packed"
-        plan = plan_dispatch(memory_ids, valid, self.num_slots_memories, cu_seqlens, layout)
-        N = plan.num_sequences
-        if state is not None and state.memory.shape[0] != N:
-            raise ValueError(f"state holds {state.memory.shape[0]} sequences but the input has {N}")
-
-        tails = None if state is None else state.conv.reshape(plan.num_segments, self.conv_size - 1, -1)
-        initial = None if state is None else state.memory.reshape(plan.num_segments, *state.memory.shape[2:])
-        if self._fused_dispatch(plan, hidden_states, tails):
-            o, final, new_tails = self._memories_fused(hidden_states, memory_ids, slot_weights, valid, plan, tails,
-                                                       initial, use_cache)
-        else:
-            o, final, new_tails = self._memories(hidden_states, memory_ids, slot_weights, plan, tails, initial,
-                                                 use_cache)
-        o = self._output(hidden_states, o)
-
+        mixed = mom_mixer(
+            hidden_states, decision.indices, decision.weights, self._weights(), rule=self.memory_rule,
+            num_heads=self.num_heads, num_memories=self.num_memories, shared_memory=self.shared_mem,
+            memory=None if state is None else state.memory, conv=None if state is None else state.conv, valid=valid,
+            cu_seqlens=cu_seqlens, use_cache=use_cache, low_memory=self.low_memory, inplace=self.inplace_decode,
+            impl=self.impl,
+        )
+        o = self._output(hidden_states, mixed.o)
         new_state = None
         if use_cache:
-            P = self.num_slots_memories
-            memory = final.reshape(N, P, *final.shape[1:])
-            conv = new_tails.reshape(N, P, self.conv_size - 1, -1)
-            new_state = MoMState(memory, conv.to(memory.dtype), self.num_memories)
+            written = state is not None and mixed.memory is state.memory and mixed.conv is state.conv
+            new_state = state if written else MoMState(mixed.memory, mixed.conv, self.num_memories)
         return MoMLayerOutput(o, decision.logits, new_state)
 
-    def _fused_dispatch(self, plan: DispatchPlan, x: torch.Tensor, tails: torch.Tensor | None) -> bool:
-        """Use the Triton segment kernels: packed layout, impl auto/triton, Triton on x's device, and no
-        gradient wanted for the incoming conv tails (the PyTorch path differentiates those)."""
-        return (plan.layout == "packed" and self.impl in ("auto", "triton") and triton_ops.is_available(x)
-                and not (tails is not None and tails.requires_grad))
-
-    def _memories(self, x, memory_ids, slot_weights, plan, tails, initial, use_cache):
-        """PyTorch path: dispatch copies, one conv1d over the segment buffer, recurrence, combine.
-
-        Returns the mixed outputs (B, T, Vd), the final states (R, H, K, V) or None, the new tails (R, W-1, C).
-        """
-        conv_in, gates_in = self._slot_projections(x, memory_ids)
-        conv_out, new_tails = self._segment_conv(plan, plan.dispatch(conv_in), tails)
-        q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta, g = self._gates(plan.dispatch(gates_in))
-        if plan.layout == "dense":  # unused cells must leave the state unchanged
-            filled = plan.filled_rows().unsqueeze(-1)
-            k = k * filled
-            beta = None if beta is None else beta * filled
-            g = None if g is None else g * filled
-        o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache)
-        return plan.combine(o.reshape(plan.buffer_len, -1), slot_weights), final, new_tails
-
-    def _memories_fused(self, x, memory_ids, slot_weights, valid, plan, tails, initial, use_cache):
-        """Triton path: q, k, v gathered and convolved straight from the projections (memmix.ops.segments),
-        recurrence, fused weighted combine. Same returns as _memories."""
-        B, T, D = x.shape
-        rows = plan.segment_rows(memory_ids)
-        q_src = self.q_proj(x).reshape(B * T, self.key_dim)
-        x_flat, kv_weight = x.reshape(B * T, D), self._stacked_kv_weight().reshape(-1, D)
-        if self.low_memory and torch.is_autocast_enabled(x.device.type):
-            # the projection's inputs as autocast casts them: the convolution keeps these and rebuilds kv_src from
-            # them exactly as the forward made it
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x_flat, kv_weight = x_flat.to(dtype), kv_weight.to(dtype)
-        # low_memory: the convolution keeps x and the weights, not the every-memory projection, and differentiates
-        # them itself (rebuilding the projection one feature group at a time); the projection is then made without
-        # a graph, unless the returned conv tails (use_cache) need one
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (use_cache or not self.low_memory)):
-            kv_src = F.linear(x_flat, kv_weight).view(B * T, self.k_proj.shape[0], -1)
-        groups = FeatureGroups(self.num_heads, self.head_k_dim, self.head_v_dim,
-                               kv_src.shape[-1] - self.key_dim - self.value_dim, self.conv_size)
-        kv_inputs = (x_flat, kv_weight) if self.low_memory else None
-        q, k, v, gates = segment_conv(q_src, kv_src, self._conv_weight(), rows, groups,
-                                      None if tails is None else tails.detach(), kv_inputs)
-        new_tails = self._last_inputs(plan, rows, q_src, kv_src, tails) if use_cache else None
-        del kv_src  # unless the convolution kept it, it is freed before the recurrence allocates its scratch
-        beta, g = self._gates(gates)
-        o, final = self._recurrence(plan, q, k, v, g, beta, initial, use_cache, normalized=True)
-        weights = (slot_weights * valid.unsqueeze(-1)).reshape(B * T, -1)
-        mixed = segment_combine(o.reshape(plan.buffer_len, -1), rows.slot_row, weights).view(B, T, -1)
-        return mixed, final, new_tails
-
-    def _last_inputs(self, plan, rows, q_src, kv_src, tails) -> torch.Tensor:
-        """(R, W-1, C) the last W-1 conv inputs of every segment, reaching into the old tails when a segment
-        is shorter than that."""
-        W, R = self.conv_size, plan.num_segments
-        position = plan.counts[:R].unsqueeze(1) + torch.arange(W - 1, device=q_src.device)  # in [tails; segment]
-        row = (plan.starts[:R].unsqueeze(1) + position - (W - 1)).clamp(0, max(plan.buffer_len - 1, 0))
-        tok, mem = rows.row_token[row].long(), rows.row_memory[row].long()
-        if kv_src.shape[1] == 1:
-            mem = torch.zeros_like(mem)
-        inputs = torch.cat([q_src[tok], kv_src[tok, mem, : self.key_dim + self.value_dim]], dim=-1)
-        if tails is None:
-            tails = inputs.new_zeros(R, W - 1, inputs.shape[-1])
-        old = tails.to(inputs.dtype).gather(1, position.clamp(max=W - 2).unsqueeze(-1).expand_as(inputs))
-        return torch.where((position >= W - 1).unsqueeze(-1), inputs, old)
-
-    def _decode_step(self, x, valid, decision, memory_ids, slot_weights, state, use_cache) -> MoMLayerOutput:
-        """One token per sequence: step the picked memories' states and conv tails; the others are not touched.
-
-        x (B, 1, D); valid (B, 1); memory_ids, slot_weights (B, 1, S).
-        """
-        B, _, S = memory_ids.shape
-        P, W, H = self.num_slots_memories, self.conv_size, self.num_heads
-        if state is None:
-            state = self.init_state(B, x.device, torch.promote_types(x.dtype, torch.float32))
-        elif state.memory.shape[0] != B:
-            raise ValueError(f"state holds {state.memory.shape[0]} sequences but the input has {B}")
-        conv_in, gates_in = self._slot_projections(x, memory_ids)
-        picked = (torch.arange(B, device=x.device).unsqueeze(1) * P + memory_ids[:, 0]).reshape(-1)  # (B*S,)
-        tails = state.conv.reshape(B * P, W - 1, -1).index_select(0, picked)  # (B*S, W-1, C)
-        window = torch.cat([tails.to(conv_in.dtype), conv_in.reshape(B * S, 1, -1)], dim=1)  # (B*S, W, C)
-        weight = self._conv_weight()  # (C, W)
-        conv_out = F.silu((window * weight.t().to(window.dtype)).sum(1))  # (B*S, C)
-        q, k, v = (t.reshape(B * S, H, -1) for t in conv_out.split([self.key_dim, self.key_dim, self.value_dim], -1))
-        beta, g = self._gates(gates_in.reshape(B * S, -1))
-        keep = valid.reshape(B, 1).expand(B, S).reshape(-1)
-        o, memory = self._step_memories(q, k, v, g, beta, state.memory, picked, keep, use_cache)
-        o = o.reshape(B, 1, S, self.value_dim) * (slot_weights * valid.unsqueeze(-1)).unsqueeze(-1).to(o.dtype)
-        o = self._output(x, o.sum(2))
-        new_state = None
-        if use_cache:
-            new_tails = torch.where(keep.view(-1, 1, 1), window[:, 1:].to(state.conv.dtype), tails)
-            conv = state.conv.reshape(B * P, W - 1, -1)
-            if self.inplace_decode:
-                conv.index_copy_(0, picked, new_tails)
-                new_state = state
-            else:
-                new_state = MoMState(memory, conv.index_copy(0, picked, new_tails).view_as(state.conv),
-                                     self.num_memories)
-        return MoMLayerOutput(o, decision.logits, new_state)
-
-    def _step_memories(self, q, k, v, g, beta, memory, picked, keep, use_cache):
-        """One recurrent step of the picked states of memory (N, P, H, K, V), flat rows `picked` (B*S,).
-
-        q, k (B*S, H, K); v (B*S, H, V); g, beta (B*S, H) or None; keep (B*S,) bool: pads change nothing.
-        Returns o (B*S, H, V) and the new memory: `memory` itself when inplace_decode, a new tensor otherwise
-        (the caller's is not modified), None without use_cache. The states are stepped in their bank by
-        ops.memory_step: on Triton without a gradient to track (one read and one write of each picked state),
-        else by its differentiable gather / step / scatter.
-        """
-        if not use_cache:
-            before = memory.reshape(-1, *memory.shape[2:]).index_select(0, picked)  # (B*S, H, K, V)
-            args = [t.unsqueeze(1) for t in (q, k, v, g, beta) if t is not None]  # (B*S, 1, H, ...)
-            o, _ = _RULES[self.memory_rule](*args, initial_state=before, use_qk_l2norm=True, impl="recurrent")
-            return o[:, 0], None
-        if not self.inplace_decode:
-            memory = memory.clone(memory_format=torch.contiguous_format)
-        impl = "auto" if self.impl in ("auto", "triton") else "recurrent"
-        o = ops.memory_step(_OP_NAMES[self.memory_rule], q, k, v, g, beta, memory.view(-1, *memory.shape[2:]),
-                            picked, keep, impl=impl)
-        return o, memory
+    def _weights(self) -> MoMWeights:
+        """The mixer's weights: the stacked per-memory k, v, beta, decay projections (P, Kd + Vd + gates, D) and the
+        q | k | v depthwise conv weights (2 Kd + Vd, W), made from the parameters for this call."""
+        stacked = [self.k_proj, self.v_proj] + [w for w in (self.b_proj, self.a_proj) if w is not None]
+        conv = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
+        return MoMWeights(self.q_proj.weight, torch.cat(stacked, dim=1), conv, self.A_log, self.dt_bias)
 
     def _allowed(self, modality_ids, B: int, T: int, device) -> torch.Tensor | None:
         """(B, T, M) bool memories open to each token under modality groups, or None without groups."""
@@ -369,117 +232,6 @@ class MixtureOfMemories(nn.Module):
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(B, T, self.value_dim))
-
-    def _slots(self, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the shared memory (id M, weight 1) to every token's top-k picks: (B, T, S) each."""
-        if not self.shared_mem:
-            return indices, weights
-        shared = torch.full_like(indices[..., :1], self.num_memories)
-        return torch.cat([indices, shared], -1), torch.cat([weights, torch.ones_like(weights[..., :1])], -1)
-
-    def _slot_projections(self, x: torch.Tensor, memory_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each slot's convolution inputs (q, k, v) and gate inputs (b, a) from its memory's projections.
-
-        x (B, T, D), memory_ids (B, T, S) -> (B, T, S, 2 Kd + Vd), (B, T, S, n_gates * H).
-        One wide product over all memories' weights, then a gather of each slot's memory.
-        """
-        B, T, S = memory_ids.shape
-        rows = self.k_proj.shape[0]
-        wide = self._stacked_kv_weight()  # (P, C, D)
-        proj = F.linear(x, wide.reshape(-1, wide.shape[-1])).view(B, T, rows, -1)  # (B, T, P, C)
-        if rows == 1:
-            proj = proj.expand(B, T, S, proj.shape[-1])
-        else:
-            proj = proj.gather(2, memory_ids.unsqueeze(-1).expand(B, T, S, proj.shape[-1]))
-        kv, gates = proj.split([self.key_dim + self.value_dim, proj.shape[-1] - self.key_dim - self.value_dim], -1)
-        q = self.q_proj(x).unsqueeze(2).expand(B, T, S, self.key_dim)
-        return torch.cat([q, kv], dim=-1), gates
-
-    def _stacked_kv_weight(self) -> torch.Tensor:
-        """(P, Kd + Vd + n_gates * H, D): every memory's k, v, beta, decay projections, one row per memory."""
-        weights = [self.k_proj, self.v_proj] + [w for w in (self.b_proj, self.a_proj) if w is not None]
-        return torch.cat(weights, dim=1)
-
-    def _conv_weight(self) -> torch.Tensor:
-        """(2 Kd + Vd, W) depthwise conv weights of q, k, v."""
-        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
-
-    def _segment_conv(
-        self, plan: DispatchPlan, x: torch.Tensor, tails: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv + SiLU over every segment, continuing from its tail.
-
-        x (buffer_len, C) grouped by segment; tails (R, W-1, C) or None.
-        Returns the outputs (buffer_len, C) and the new tails (R, W-1, C).
-        Each segment gets W-1 rows in front of it holding its tail, so one convolution over the whole
-        buffer never mixes segments.
-        """
-        W = self.conv_size
-        R = plan.num_segments
-        C = x.shape[-1]
-        row = torch.arange(plan.buffer_len, device=x.device)
-        seg_of_row = torch.bucketize(row, plan.starts[1:], right=True)  # (buffer_len,) in [0, R]
-        shifted = row + (seg_of_row + 1) * (W - 1)
-        ext_len = plan.buffer_len + (R + 1) * (W - 1)
-        ext = x.new_zeros(ext_len, C).index_copy(0, shifted, x)
-        tail_rows = (plan.starts[:R] + torch.arange(R, device=x.device) * (W - 1)).unsqueeze(1) + torch.arange(
-            W - 1, device=x.device
-        )  # (R, W-1)
-        if tails is not None:
-            ext = ext.index_copy(0, tail_rows.reshape(-1), tails.reshape(-1, C).to(ext.dtype))
-        weight = self._conv_weight().unsqueeze(1).to(ext.dtype)  # (C, 1, W)
-        y = F.conv1d(ext.t().unsqueeze(0), weight, padding=W - 1, groups=C)[0, :, :ext_len].t()
-        out = F.silu(y.index_select(0, shifted))
-        new_tails = ext.index_select(0, (tail_rows + plan.counts.unsqueeze(1)).reshape(-1)).view(R, W - 1, C)
-        return out, new_tails
-
-    def _gates(self, gates: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(buffer_len, n_gates * H) -> beta (sigmoid) and log decay g = -exp(A_log) softplus(a + dt_bias)."""
-        H = self.num_heads
-        beta = g = None
-        if self.b_proj is not None:
-            beta, gates = gates[:, :H].sigmoid(), gates[:, H:]
-        if self.a_proj is not None:
-            a = gates[:, :H]
-            dtype = torch.promote_types(a.dtype, torch.float32)
-            g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
-        return beta, g
-
-    def _recurrence(self, plan: DispatchPlan, q, k, v, g, beta, initial, use_cache: bool, normalized=False):
-        """Run the memory rule over every segment in one call (normalized: q, k already L2-normalised).
-        Returns o (buffer_len, H, V), final (R, H, K, V)."""
-        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        if plan.layout == "dense":
-            shape, L = (plan.num_segments, plan.row_len), plan.num_segments * plan.row_len
-            cu = None
-        else:
-            shape, L = (1, plan.buffer_len), plan.buffer_len
-            cu = plan.cu_seqlens
-            if initial is not None or use_cache:
-                initial = _with_trash_state(initial, plan.num_segments, H, K, V, q)
-        # a slice only when rows are left out: the backward of even a full-length slice copies the gradient
-        args = [(t if t.shape[0] == L else t[:L]).reshape(*shape, H, -1) for t in (q, k, v)]
-        extra = [(t if t.shape[0] == L else t[:L]).reshape(*shape, H) for t in (g, beta) if t is not None]
-        kwargs = dict(
-            initial_state=initial, output_final_state=use_cache, cu_seqlens=cu, use_qk_l2norm=not normalized,
-            impl=self.impl
-        )
-        with triton_ops.low_memory_recurrence(self.low_memory or triton_ops.low_memory_recurrence_enabled()):
-            o, final = _RULES[self.memory_rule](*args, *extra, **kwargs)
-        o = o.reshape(L, H, V)
-        if plan.layout == "dense":
-            o = torch.cat([o, o.new_zeros(plan.buffer_len - L, H, V)])
-        elif final is not None:
-            final = final[: plan.num_segments]
-        return o, final
-
-
-def _with_trash_state(initial, R: int, H: int, K: int, V: int, like: torch.Tensor) -> torch.Tensor:
-    """Append a zero state for the packed layout's trash segment: (R, H, K, V) -> (R + 1, H, K, V)."""
-    dtype = torch.promote_types(like.dtype, torch.float32)
-    if initial is None:
-        return torch.zeros(R + 1, H, K, V, dtype=dtype, device=like.device)
-    return torch.cat([initial, initial.new_zeros(1, H, K, V)])
 
 
 def _depthwise_conv(channels: int, kernel_size: int) -> nn.Conv1d:

@@ -1,4 +1,4 @@
-"""Shared plumbing for the memory-rule ops: validation, varlen padding, impl dispatch, l2norm.
+"""Shared plumbing for the memory-rule ops: validation, varlen padding, impl dispatch, chunk helpers.
 
 Every rule in this package is called the same way (flash-linear-attention layout):
 q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H) log decay; beta: (B, T, H);
@@ -6,7 +6,7 @@ states (N, H, K, V); with `cu_seqlens` (int, length N + 1) B must be 1 and the T
 
 `run_rule` validates the arguments once, picks an implementation, brings the inputs to the compute dtype
 (float32, or float64 for float64 inputs), pads a packed batch into one row per sequence and hands a
-rule's core function plain dense tensors:
+rule's core function (its registry record's `recurrent` or `chunk`) plain dense tensors:
 
     core(q, k, v, g, beta, state) -> (o, final_state)
     q, k: (N, L, H, K) (q already normalised and scaled); v: (N, L, H, V); g, beta: (N, L, H) or None;
@@ -18,33 +18,18 @@ to know about sequence lengths.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from memmix.ops.normalize import l2norm
+from memmix.ops.registry import MemoryRule, get_rule
+
 IMPLS = ("auto", "recurrent", "chunk", "triton")
 CHUNK_SIZE = 64
-# Which of (g, beta) each rule takes.
-RULE_ARGS = {
-    "gated_delta_rule": (True, True),
-    "delta_rule": (False, True),
-    "gated_linear_attention": (True, False),
-    "linear_attention": (False, False),
-}
 # On CPU, "auto" runs the step loop for sequences this short (decode steps, tiny prompts); measured
 # crossover with "chunk" at B=1, H=4, K=V=64: T ~ 8-12.
 RECURRENT_MAX_LEN = 8
-
-CoreFn = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) along the last dim, computed in >= float32; returns x's dtype.
-
-    x: (..., D) any floating dtype.
-    """
-    xf = x if x.dtype == torch.float64 else x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,7 +73,7 @@ def cu_seqlens_bounds(cu_seqlens: torch.Tensor, seq_len: int) -> list[int]:
 
 
 def validate_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, impl,
-                    needs_g: bool, needs_beta: bool) -> None:
+                    needs_g: bool, needs_beta: bool, low_memory: bool = False) -> None:
     """Check every argument of a rule without syncing the host (cu_seqlens' values: cu_seqlens_bounds).
 
     Raises ValueError naming the offending argument and what it may be.
@@ -115,6 +100,8 @@ def validate_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, impl,
             raise ValueError(f"{name} must have shape (B, T, H) = {tuple(q.shape[:3])}, got {tuple(x.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ValueError(f"scale must be None or a number, got {type(scale).__name__}")
+    if not isinstance(low_memory, bool):
+        raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
     if cu_seqlens is not None:
         _check_cu_seqlens_structure(cu_seqlens, B)
     num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -133,33 +120,16 @@ def validate_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, impl,
 
 # --------------------------------------------------------------------------- impl dispatch
 
-def triton_kernel(rule: str) -> Optional[CoreFn]:
-    """The Triton kernel for `rule` from memmix.ops.triton, or None when that package does not provide it.
-
-    Contract with memmix.ops.triton: `get_kernel(rule)` returns None or a function taking the public op's
-    arguments (q, k, v[, g][, beta], scale=..., initial_state=..., output_final_state=..., cu_seqlens=...,
-    use_qk_l2norm=...) with `scale` already resolved to a float, returning (o, final_state).
-    """
-    try:
-        from memmix.ops.triton import get_kernel
-    except ImportError:
-        return None
-    try:
-        return get_kernel(rule)
-    except (ImportError, KeyError, RuntimeError):
-        return None
-
-
 def resolve_impl(impl: str, rule: str, device: torch.device, seq_len: int) -> str:
     """Turn "auto" into a concrete implementation.
 
-    auto: CUDA -> "triton" when memmix.ops.triton provides the rule, else "chunk";
+    auto: CUDA -> "triton" when a backend registered a chunk kernel for the rule, else "chunk";
           other devices -> "recurrent" for T <= RECURRENT_MAX_LEN (decode steps), else "chunk".
     """
     if impl != "auto":
         return impl
     if device.type == "cuda":
-        return "triton" if triton_kernel(rule) is not None else "chunk"
+        return "triton" if get_rule(rule).chunk_kernel is not None else "chunk"
     return "recurrent" if seq_len <= RECURRENT_MAX_LEN else "chunk"
 
 
@@ -246,31 +216,33 @@ def causal_decay(b: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the runner
 
-def run_rule(rule: str, core_fns: dict[str, CoreFn], q, k, v, g, beta, *, scale, initial_state,
-             output_final_state, cu_seqlens, use_qk_l2norm, impl):
-    """Validate, dispatch and run one memory rule; see the module docstring for the core contract.
+def run_rule(name: str, q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
+             low_memory, impl):
+    """Validate, dispatch and run the memory rule `name`; see the module docstring for the core contract.
 
-    core_fns: {"recurrent": fn, "chunk": fn}. g / beta are None for rules without decay / without beta.
+    g / beta are None for rules without decay / without beta. low_memory: the Triton kernel runs one head at a
+    time, forward and backward (least memory); the PyTorch paths ignore it.
     Returns (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) float32/float64 or None).
     The Triton path gets the arguments as given and never syncs the host, so there the values of
     cu_seqlens (start 0, end T, non-decreasing) are the caller's promise; the PyTorch paths check them.
     """
-    needs_g, needs_beta = RULE_ARGS[rule]
-    validate_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                    cu_seqlens=cu_seqlens, impl=impl, needs_g=needs_g, needs_beta=needs_beta)
+    rule = get_rule(name)
+    validate_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, impl=impl,
+                    needs_g=rule.uses_gate, needs_beta=rule.uses_beta, low_memory=low_memory)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = resolve_impl(impl, rule, q.device, q.shape[1])
+    impl = resolve_impl(impl, name, q.device, q.shape[1])
     if impl == "triton":
         return _run_triton(rule, q, k, v, g, beta, scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                           use_qk_l2norm=use_qk_l2norm)
+                           use_qk_l2norm=use_qk_l2norm, low_memory=low_memory)
 
-    o, state = _run_pytorch(core_fns[impl], q, k, v, g, beta, scale=scale, initial_state=initial_state,
+    core = rule.recurrent if impl == "recurrent" else rule.chunk
+    o, state = _run_pytorch(core, q, k, v, g, beta, scale=scale, initial_state=initial_state,
                             cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
     return o, (state if output_final_state else None)
 
 
-def _run_pytorch(core: CoreFn, q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, use_qk_l2norm):
+def _run_pytorch(core, q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, use_qk_l2norm):
     """Compute dtype, l2norm and scale, varlen padding around a core; returns (o in v's dtype, state)."""
     bounds = None if cu_seqlens is None else cu_seqlens_bounds(cu_seqlens, q.shape[1])
     out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
@@ -297,17 +269,15 @@ def _run_pytorch(core: CoreFn, q, k, v, g, beta, *, scale: float, initial_state,
     return o.to(out_dtype), state
 
 
-def _run_triton(rule, q, k, v, g, beta, **kwargs):
-    """Call the Triton kernel for `rule`; RuntimeError when it is unavailable or the inputs are not on CUDA.
+def _run_triton(rule: MemoryRule, q, k, v, g, beta, **kwargs):
+    """Call a rule's chunk kernel; RuntimeError when there is none or the inputs are not on CUDA.
 
     CPU tensors are let through under TRITON_INTERPRET=1 (Triton's interpreter, used by kernel tests).
     """
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"impl='triton' needs CUDA tensors, got device {q.device}; "
                            "use impl='chunk' or 'recurrent' (or 'auto')")
-    kernel = triton_kernel(rule)
-    if kernel is None:
-        raise RuntimeError(f"impl='triton': memmix.ops.triton provides no kernel for {rule!r}; "
-                           "use impl='chunk' or 'recurrent' (or 'auto')")
-    args = [x for x in (g, beta) if x is not None]
-    return kernel(q, k, v, *args, **kwargs)
+    if rule.chunk_kernel is None:
+        raise RuntimeError(f"impl='triton': no kernel is registered for {rule.name!r} (memmix.ops.triton provides "
+                           "the delta rules when Triton is installed); use impl='chunk' or 'recurrent' (or 'auto')")
+    return rule.chunk_kernel.fn(q, k, v, g, beta, **kwargs)

@@ -5,10 +5,10 @@
 Slot n reads the state bank[index[n]], takes one step of `rule` (q and k L2-normalised, as use_qk_l2norm=True
 in the rule ops) and, where keep[n], writes the new state back to bank[index[n]].
 
-impl: "recurrent" (gather, the rule's step loop, scatter), "triton" (memmix.ops.triton.recurrent_step: each
-state read once and written once, straight in the bank; CUDA, or Triton's interpreter) or "auto": "triton"
-when Triton runs on these tensors, the bank is float32, K <= 256, the inputs are not float64 and no gradient
-is wanted, else "recurrent".
+impl: "recurrent" (gather, the rule's step loop, scatter), "triton" (the rule's step kernel in the registry,
+memmix.ops.triton.recurrent_step: each state read once and written once, straight in the bank; CUDA, or Triton's
+interpreter) or "auto": "triton" when that kernel runs on these tensors, the bank is float32, K is within the
+kernel's limit (256), the inputs are not float64 and no gradient is wanted, else "recurrent".
 """
 from __future__ import annotations
 
@@ -16,14 +16,9 @@ from typing import Optional
 
 import torch
 
-from memmix.ops import triton as triton_ops
-from memmix.ops.common import RULE_ARGS
-from memmix.ops.delta_rule import delta_rule, gated_delta_rule
-from memmix.ops.linear_attention import gated_linear_attention, linear_attention
+from memmix.ops.registry import MemoryRule, get_rule
 
 STEP_IMPLS = ("auto", "recurrent", "triton")
-_RULE_FNS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule,
-             "gated_linear_attention": gated_linear_attention, "linear_attention": linear_attention}
 
 
 def memory_step(rule: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
@@ -31,53 +26,55 @@ def memory_step(rule: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                 scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
     """One step of `rule` for N picked states of `bank`, which is updated in place.
 
-    rule: one of memmix.ops.common.RULE_ARGS; q, k: (N, H, K); v: (N, H, V), one float dtype;
+    rule: a memory rule's name or alias (memmix.ops.registry); q, k: (N, H, K); v: (N, H, V), one float dtype;
     g: (N, H) log decay for the gated rules, else None; beta: (N, H) for the delta rules, else None;
     bank: (slots, H, K, V) float states; index: (N,) int64/int32 bank rows, each at most once (not checked:
     it would need a host sync); keep: (N,) bool, False leaves that state untouched (padding);
     scale: defaults to K ** -0.5. Returns o (N, H, V) in q's dtype, read from the updated state.
     """
-    _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl)
+    record = _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "auto":
-        impl = "triton" if _triton_fits([x for x in (q, k, v, g, beta) if x is not None], bank) else "recurrent"
+        inputs = [x for x in (q, k, v, g, beta) if x is not None]
+        impl = "triton" if _triton_fits(record, inputs, bank) else "recurrent"
     if impl == "triton":
-        return _triton_step(q, k, v, g, beta, bank, index, keep, scale)
-    return recurrent_memory_step(rule, q, k, v, g, beta, bank, index, keep, scale)
+        return _triton_step(record, q, k, v, g, beta, bank, index, keep, scale)
+    return recurrent_memory_step(record, q, k, v, g, beta, bank, index, keep, scale)
 
 
-def recurrent_memory_step(rule: str, q, k, v, g, beta, bank, index, keep, scale: float) -> torch.Tensor:
+def recurrent_memory_step(rule: MemoryRule, q, k, v, g, beta, bank, index, keep, scale: float) -> torch.Tensor:
     """The reference: gather the picked states, one step of the rule's step loop, scatter back where keep."""
     before = bank.index_select(0, index)  # (N, H, K, V)
     args = [x.unsqueeze(1) for x in (q, k, v, g, beta) if x is not None]  # (N, 1, H, ...)
-    o, after = _RULE_FNS[rule](*args, scale=scale, initial_state=before, output_final_state=True,
-                               use_qk_l2norm=True, impl="recurrent")
+    o, after = rule.op(*args, scale=scale, initial_state=before, output_final_state=True, use_qk_l2norm=True,
+                       impl="recurrent")
     bank.index_copy_(0, index.long(), torch.where(keep.view(-1, 1, 1, 1), after, before).to(bank.dtype))
     return o.squeeze(1)
 
 
-def _triton_fits(inputs: list[torch.Tensor], bank: torch.Tensor) -> bool:
-    """auto's test: Triton runs here, float32 states, K <= STEP_MAX_K, no float64 inputs, no gradient wanted."""
+def _triton_fits(rule: MemoryRule, inputs: list[torch.Tensor], bank: torch.Tensor) -> bool:
+    """auto's test: the step kernel runs here, float32 states, K within its limit, no float64 inputs, no gradient
+    wanted (the kernel is not differentiable)."""
+    kernel = rule.step_kernel
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs + [bank])
-    return (triton_ops.is_available(bank, *inputs) and bank.dtype == torch.float32
-            and bank.shape[2] <= triton_ops.STEP_MAX_K and inputs[0].dtype != torch.float64 and not wants_grad)
+    fits_k = kernel is not None and (kernel.max_head_dim is None or bank.shape[2] <= kernel.max_head_dim)
+    return (fits_k and kernel.runs_on(bank, *inputs) and bank.dtype == torch.float32
+            and inputs[0].dtype != torch.float64 and not wants_grad)
 
 
-def _triton_step(q, k, v, g, beta, bank, index, keep, scale: float) -> torch.Tensor:
+def _triton_step(rule: MemoryRule, q, k, v, g, beta, bank, index, keep, scale: float) -> torch.Tensor:
     if bank.dtype != torch.float32:
         raise ValueError(f"impl='triton' needs a float32 bank, got {bank.dtype}; use impl='recurrent' (or 'auto')")
-    if not triton_ops.is_available(q, bank):
+    kernel = rule.step_kernel
+    if kernel is None or not kernel.runs_on(q, bank):
         raise RuntimeError(f"impl='triton' needs Triton and CUDA tensors, got device {q.device}; "
                            "use impl='recurrent' (or 'auto')")
-    from memmix.ops.triton.recurrent_step import recurrent_step
-
-    return recurrent_step(q, k, v, g, beta, bank, index, keep, scale)
+    return kernel.fn(q, k, v, g, beta, bank, index, keep, scale)
 
 
-def _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl) -> None:
-    """Raise ValueError naming the first bad argument and what it may be (no host sync)."""
-    if rule not in RULE_ARGS:
-        raise ValueError(f"rule must be one of {tuple(RULE_ARGS)}, got {rule!r}")
+def _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl) -> MemoryRule:
+    """The rule's record; ValueError naming the first bad argument and what it may be (no host sync)."""
+    record = get_rule(rule)
     if impl not in STEP_IMPLS:
         raise ValueError(f"impl must be one of {STEP_IMPLS}, got {impl!r}")
     for name, x, ndim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("bank", bank, 4)):
@@ -92,7 +89,7 @@ def _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl) -> None:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if bank.shape[1:] != (H, K, V):
         raise ValueError(f"bank must be (slots, H, K, V) = (*, {H}, {K}, {V}), got {tuple(bank.shape)}")
-    for name, x, needed in zip(("g", "beta"), (g, beta), RULE_ARGS[rule]):
+    for name, x, needed in zip(("g", "beta"), (g, beta), (record.uses_gate, record.uses_beta)):
         if not needed and x is not None:
             raise ValueError(f"{name} must be None for rule {rule!r}, which takes no {name}")
         if needed and (not isinstance(x, torch.Tensor) or x.shape != (N, H) or not x.is_floating_point()):
@@ -107,6 +104,7 @@ def _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl) -> None:
     for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta), ("bank", bank), ("index", index), ("keep", keep)):
         if x is not None and x.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    return record
 
 
 def _describe(x) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from memmix.ops.common import (CHUNK_SIZE, causal_decay, chunk_log_decay, cpu_rows, fit_chunk_size, merge_chunks,
                                run_rule, split_chunks)
+from memmix.ops.registry import MemoryRule, register_rule
 
 
 def recurrent_gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
@@ -57,37 +58,43 @@ def chunk_gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return merge_chunks(o, L), state
 
 
-_CORES = {"recurrent": recurrent_gated_linear_attention, "chunk": chunk_gated_linear_attention}
-
-
 def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
                            scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                            output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                           use_qk_l2norm: bool = False, impl: str = "auto"):
+                           use_qk_l2norm: bool = False, low_memory: bool = False, impl: str = "auto"):
     """Gated linear attention (scalar decay per head and token): S = exp(g) S + k v^T; o = S^T (scale q).
 
     q, k: (B, T, H, K); v: (B, T, H, V); g: (B, T, H) log decay (<= 0);
     scale: defaults to K ** -0.5; initial_state: (N, H, K, V) or None (zeros);
     cu_seqlens: int (N + 1,) boundaries of N sequences packed along T (then B == 1), else N = B;
     use_qk_l2norm: L2-normalise q and k over K first (inside the op, differentiable);
-    impl: "recurrent" (step loop), "chunk" (chunkwise-parallel), "triton" (CUDA kernel from memmix.ops.triton)
-    or "auto" (CUDA: triton when available else chunk; CPU: recurrent for T <= 8 else chunk).
+    low_memory: the Triton kernel runs one head at a time, forward and backward (least memory, more time); the
+    PyTorch forms ignore it;
+    impl: "recurrent" (step loop), "chunk" (chunkwise-parallel), "triton" (the CUDA kernel memmix.ops.triton
+    registers) or "auto" (CUDA: triton when registered else chunk; CPU: recurrent for T <= 8 else chunk).
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) (float32, float64 for float64
     inputs) when output_final_state, else None.
     """
-    return run_rule("gated_linear_attention", _CORES, q, k, v, g, None, scale=scale,
+    return run_rule("gated_linear_attention", q, k, v, g, None, scale=scale,
                     initial_state=initial_state, output_final_state=output_final_state,
-                    cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, impl=impl)
+                    cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, low_memory=low_memory, impl=impl)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                      output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                     use_qk_l2norm: bool = False, impl: str = "auto"):
+                     use_qk_l2norm: bool = False, low_memory: bool = False, impl: str = "auto"):
     """Linear attention: S = S + k v^T; o = S^T (scale q). gated_linear_attention with g = 0.
 
     Arguments and results as gated_linear_attention, without g.
     """
-    return run_rule("linear_attention", _CORES, q, k, v, None, None, scale=scale,
+    return run_rule("linear_attention", q, k, v, None, None, scale=scale,
                     initial_state=initial_state, output_final_state=output_final_state,
-                    cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, impl=impl)
+                    cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, low_memory=low_memory, impl=impl)
+
+
+register_rule(MemoryRule("gated_linear_attention", "gla", uses_gate=True, uses_beta=False,
+                          op=gated_linear_attention, recurrent=recurrent_gated_linear_attention,
+                          chunk=chunk_gated_linear_attention))
+register_rule(MemoryRule("linear_attention", "linear", uses_gate=False, uses_beta=False, op=linear_attention,
+                          recurrent=recurrent_gated_linear_attention, chunk=chunk_gated_linear_attention))

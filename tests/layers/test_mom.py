@@ -1,64 +1,35 @@
-"""MixtureOfMemories against a per-token, per-memory loop written straight from the paper."""
+"""MixtureOfMemories against the paper: its router by hand, the mixer's per-token loop (memmix.ops.mom.naive_mom),
+its output gate, norm and projection; state, decoding, padding, modality groups, argument checks. The mixer op's
+own paths are tested in tests/ops/mom."""
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from memmix.layers import MixtureOfMemories
 from memmix.layers import mom as mom_module
-from memmix.ops import l2norm
+from memmix.ops.mom import MoMWeights, naive_mom
 
 from helpers import rel_err
 
 
-def naive_mom(layer: MixtureOfMemories, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Loop over rows, memories and tokens: x (B, T, D) -> (B, T, D). Pads (mask 0) touch nothing."""
-    B, T, D = x.shape
-    H, K, V, M = layer.num_heads, layer.head_k_dim, layer.head_v_dim, layer.num_memories
-    W = layer.conv_size
+def paper_forward(layer: MixtureOfMemories, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax router, top-k renormalised, the naive mixer loop over the layer's weights, output gate / norm /
+    projection: x (B, T, D) -> (B, T, D). Pads (mask 0) touch nothing."""
+    B, T, _ = x.shape
+    H, V = layer.num_heads, layer.head_v_dim
     scores = layer.gate(x).float().softmax(-1)
     top_w, top_i = scores.topk(layer.topk, dim=-1)
     top_w = top_w / top_w.sum(-1, keepdim=True)
-    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
-    out = torch.zeros(B, T, H, V, dtype=x.dtype)
-    conv_w = torch.cat([layer.q_conv1d.weight, layer.k_conv1d.weight, layer.v_conv1d.weight])[:, 0]  # (C, W)
-    A = -layer.A_log.exp()
-    for b in range(B):
-        for m in range(M + int(layer.shared_mem)):
-            row = 0 if layer.single_kv_proj else m
-            if m < M:
-                times = [t for t in range(T) if mask[b, t] and m in top_i[b, t].tolist()]
-            else:
-                times = [t for t in range(T) if mask[b, t]]
-            S = torch.zeros(H, K, V, dtype=x.dtype)
-            history = []
-            for t in times:
-                xt = x[b, t]
-                raw = torch.cat([layer.q_proj.weight @ xt, layer.k_proj[row] @ xt, layer.v_proj[row] @ xt])
-                history.append(raw)
-                window = torch.stack(([torch.zeros_like(raw)] * W + history)[-W:])  # (W, C)
-                conv = F.silu((window.t() * conv_w).sum(-1))
-                q, k, v = conv.split([layer.key_dim, layer.key_dim, layer.value_dim])
-                q = l2norm(q.view(H, K)) * K**-0.5
-                k = l2norm(k.view(H, K))
-                v = v.view(H, V)
-                decay = torch.ones(H, dtype=x.dtype)
-                if layer.a_proj is not None:
-                    decay = torch.exp(A * F.softplus(layer.a_proj[row] @ xt + layer.dt_bias))
-                beta = torch.sigmoid(layer.b_proj[row] @ xt) if layer.b_proj is not None else None
-                S = S * decay.view(H, 1, 1)
-                if beta is not None:
-                    u = beta.view(H, 1) * (v - torch.einsum("hkv,hk->hv", S, k))
-                else:
-                    u = v
-                S = S + torch.einsum("hk,hv->hkv", k, u)
-                o = torch.einsum("hkv,hk->hv", S, q)
-                weight = 1.0 if m == M else top_w[b, t][top_i[b, t] == m].sum()
-                out[b, t] += weight * o
+    per_memory = [w for w in (layer.k_proj, layer.v_proj, layer.b_proj, layer.a_proj) if w is not None]
+    convs = torch.cat([layer.q_conv1d.weight, layer.k_conv1d.weight, layer.v_conv1d.weight])[:, 0]
+    weights = MoMWeights(layer.q_proj.weight, torch.cat(per_memory, dim=1), convs, layer.A_log, layer.dt_bias)
+    out, _, _ = naive_mom(x, top_i, top_w, weights, rule=layer.memory_rule, num_heads=H,
+                          num_memories=layer.num_memories, shared_memory=layer.shared_mem,
+                          valid=None if mask is None else mask.bool())
+    out = out.view(B, T, H, V)
     if layer.use_output_gate:
-        gate = layer.g_proj(x).view(B, T, H, V)
-        out = layer.o_norm(out, gate)
+        out = layer.o_norm(out, layer.g_proj(x).view(B, T, H, V))
     else:
         out = layer.o_norm(out)
     return layer.o_proj(out.reshape(B, T, -1))
@@ -89,11 +60,11 @@ CASES = [
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 @pytest.mark.parametrize("T", [1, 7, 33])
-def test_layer_matches_naive_loop(kw, T):
+def test_layer_matches_the_paper(kw, T):
     layer = make_layer(**kw)
     x = torch.randn(2, T, 16, dtype=torch.float64)
     got = layer(x).hidden_states
-    assert rel_err(got, naive_mom(layer, x)) < 1e-10
+    assert rel_err(got, paper_forward(layer, x)) < 1e-10
 
 
 def test_padding_touches_nothing():
@@ -104,7 +75,7 @@ def test_padding_touches_nothing():
     mask[1, 13:] = 0  # right padding
     mask[2, [3, 9]] = 0  # holes
     got = layer(x, attention_mask=mask).hidden_states
-    want = naive_mom(layer, x, mask)
+    want = paper_forward(layer, x, mask)
     real = mask.bool()
     assert rel_err(got[real], want[real]) < 1e-10
     assert got[~real].abs().max() == 0
@@ -148,21 +119,7 @@ def test_state_continuation_and_decoding(kw):
     assert state.memory_states.shape == (2, layer.num_memories, 2, 4, 4)
 
 
-def test_dense_and_packed_layouts_agree(monkeypatch):
-    layer = make_layer()
-    x = torch.randn(2, 12, 16, dtype=torch.float64)
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[0, :3] = 0
-    monkeypatch.setattr(mom_module, "DENSE_LAYOUT_MAX_LEN", 0)
-    packed = layer(x, attention_mask=mask, use_cache=True)
-    monkeypatch.setattr(mom_module, "DENSE_LAYOUT_MAX_LEN", 100)
-    dense = layer(x, attention_mask=mask, use_cache=True)
-    assert rel_err(dense.hidden_states, packed.hidden_states) < 1e-12
-    assert rel_err(dense.state.memory, packed.state.memory) < 1e-12
-    assert rel_err(dense.state.conv, packed.state.conv) < 1e-12
-
-
-def test_gradients_reach_every_parameter_and_match_naive():
+def test_gradients_reach_every_parameter_and_match_the_paper():
     layer = make_layer()
     x = torch.randn(2, 21, 16, dtype=torch.float64, requires_grad=True)
     layer(x).hidden_states.square().sum().backward()
@@ -171,7 +128,7 @@ def test_gradients_reach_every_parameter_and_match_naive():
     for p in layer.parameters():
         p.grad = None
     x.grad = None
-    naive_mom(layer, x).square().sum().backward()
+    paper_forward(layer, x).square().sum().backward()
     for name, p in layer.named_parameters():
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
         assert rel_err(grads[name], p.grad) < 1e-9, name
@@ -282,3 +239,25 @@ def test_memory_groups_keep_each_modality_in_its_own_memories():
 def test_bad_memory_groups(groups, match):
     with pytest.raises(ValueError, match=match):
         make_layer(num_memories=sum(groups) if match == "smallest" else 4, topk=2, memory_groups=groups)
+
+
+def test_forward_is_one_mixer_call_with_the_layers_settings(monkeypatch):
+    """The layer hands its runtime settings (impl, low_memory, in-place decoding) and the state to mom_mixer, and
+    returns the state it was given when the op wrote it in place."""
+    layer = make_layer(low_memory=True)
+    layer.impl, layer.inplace_decode = "recurrent", True
+    calls = []
+    real = mom_module.mom_mixer
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mom_module, "mom_mixer", spy)
+    state = layer.init_state(2, dtype=torch.float64)
+    out = layer(torch.randn(2, 1, 16, dtype=torch.float64), state=state, use_cache=True)
+    assert len(calls) == 1
+    assert {k: calls[0][k] for k in ("impl", "low_memory", "inplace", "use_cache")} == dict(
+        impl="recurrent", low_memory=True, inplace=True, use_cache=True)
+    assert calls[0]["memory"] is state.memory and calls[0]["conv"] is state.conv
+    assert out.state is state and state.memory.abs().sum() > 0  # written in place

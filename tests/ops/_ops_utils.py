@@ -5,16 +5,10 @@ from typing import Optional
 
 import torch
 
-from memmix.ops import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention
+from helpers import rel_err  # noqa: F401 (the op tests import it from here)
+from memmix.ops.registry import rules
 
-
-# name -> (function, takes g, takes beta)
-RULES = {
-    "gated_delta_rule": (gated_delta_rule, True, True),
-    "delta_rule": (delta_rule, False, True),
-    "gated_linear_attention": (gated_linear_attention, True, False),
-    "linear_attention": (linear_attention, False, False),
-}
+RULES = {rule.name: rule for rule in rules()}  # name -> its registry record
 INPUT_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
@@ -26,7 +20,7 @@ def make_inputs(rule: str, *, B: int = 2, T: int = 16, H: int = 2, K: int = 8, V
     lengths: packed varlen batch (B = 1, T = sum(lengths)). Keys have norm ~1 so that the delta rules
     stay contractive even without use_qk_l2norm.
     """
-    _, takes_g, takes_beta = RULES[rule]
+    takes_g, takes_beta = RULES[rule].uses_gate, RULES[rule].uses_beta
     gen = torch.Generator().manual_seed(seed)
     if lengths is not None:
         B, T = 1, sum(lengths)
@@ -51,11 +45,11 @@ def make_inputs(rule: str, *, B: int = 2, T: int = 16, H: int = 2, K: int = 8, V
 
 def call(rule: str, inputs: dict, **kwargs):
     """Run `rule` on make_inputs-style `inputs`; kwargs are the op's keywords (impl, scale, ...)."""
-    fn, takes_g, takes_beta = RULES[rule]
+    record = RULES[rule]
     args = [inputs["q"], inputs["k"], inputs["v"]]
-    args += [inputs["g"]] if takes_g else []
-    args += [inputs["beta"]] if takes_beta else []
-    return fn(*args, initial_state=inputs.get("initial_state"), cu_seqlens=inputs.get("cu_seqlens"), **kwargs)
+    args += [inputs["g"]] if record.uses_gate else []
+    args += [inputs["beta"]] if record.uses_beta else []
+    return record.op(*args, initial_state=inputs.get("initial_state"), cu_seqlens=inputs.get("cu_seqlens"), **kwargs)
 
 
 def grad_inputs(inputs: dict) -> list[str]:
@@ -68,7 +62,7 @@ def make_step_inputs(rule: str, *, N: int = 6, H: int = 2, K: int = 8, V: int = 
                      device: str = "cpu") -> dict:
     """Random arguments of memmix.ops.memory_step: q, k (N, H, K), v (N, H, V), g, beta (N, H) or None (as the
     rule takes them), bank (slots, H, K, V), index (N,) distinct int64 rows, keep (N,) with every third False."""
-    _, takes_g, takes_beta = RULES[rule]
+    takes_g, takes_beta = RULES[rule].uses_gate, RULES[rule].uses_beta
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):

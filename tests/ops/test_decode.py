@@ -2,11 +2,14 @@
 argument checks and the auto dispatch. The Triton path: test_decode_interpret.py and test_decode_gpu.py."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from _ops_utils import RULES, make_step_inputs, naive_memory_step, rel_err
-from memmix.ops import decode, memory_step
+from memmix.ops import decode, memory_step, registry
+from memmix.ops.registry import Kernel
 
 ALL_RULES = list(RULES)
 ARG_NAMES = ("q", "k", "v", "g", "beta", "bank", "index", "keep")
@@ -43,7 +46,8 @@ def test_recurrent_step_matches_naive_loop(rule, bank_dtype, bound, scale):
 def test_steps_equal_the_rule_over_the_tokens(rule):
     """T steps of one slot per sequence give the chunked rule's outputs and final states (use_qk_l2norm)."""
     B, T, H, K, V = 3, 5, 2, 6, 4
-    fn, takes_g, takes_beta = RULES[rule]
+    record = RULES[rule]
+    takes_g, takes_beta = record.uses_gate, record.uses_beta
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, B, T, H, K, generator=gen, dtype=torch.float64)
     v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
@@ -51,7 +55,7 @@ def test_steps_equal_the_rule_over_the_tokens(rule):
     beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) if takes_beta else None
     initial = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
     args = [x for x in (q, k, v, g, beta) if x is not None]
-    expected_o, expected_state = fn(*args, initial_state=initial, output_final_state=True, use_qk_l2norm=True,
+    expected_o, expected_state = record.op(*args, initial_state=initial, output_final_state=True, use_qk_l2norm=True,
                                     impl="chunk")
     bank = torch.cat([initial, torch.zeros_like(initial)])  # sequences in rows 0..B-1, unused rows after
     index, keep = torch.arange(B), torch.ones(B, dtype=torch.bool)
@@ -81,8 +85,9 @@ def test_auto_on_cpu_is_the_recurrent_path():
 ])
 def test_auto_takes_triton_only_for_float32_states_up_to_K256_without_grad(monkeypatch, case, expected):
     taken = []
-    monkeypatch.setattr(decode.triton_ops, "is_available", lambda *tensors: True)
-    monkeypatch.setattr(decode, "_triton_step", lambda *args: taken.append("triton"))
+    # a step kernel that runs anywhere, limited to K <= 256 as the Triton one
+    kernel = Kernel(lambda *args: taken.append("triton"), runs_on=lambda *tensors: True, max_head_dim=256)
+    monkeypatch.setitem(registry._RULES, "delta_rule", replace(registry.get_rule("delta_rule"), step_kernel=kernel))
     monkeypatch.setattr(decode, "recurrent_memory_step", lambda *args: taken.append("recurrent"))
     dtype = {"bfloat16_inputs": torch.bfloat16, "float64_inputs": torch.float64}.get(case, torch.float32)
     bank_dtype = torch.float64 if case == "float64_bank" else torch.float32
@@ -97,7 +102,8 @@ def test_triton_needs_a_float32_bank_and_cuda():
     inputs = make_step_inputs("linear_attention", bank_dtype=torch.float64)
     with pytest.raises(ValueError, match="float32 bank"):
         _step("linear_attention", inputs, impl="triton")
-    if not decode.triton_ops.is_available(inputs["q"]):
+    kernel = registry.get_rule("linear_attention").step_kernel
+    if kernel is None or not kernel.runs_on(inputs["q"]):
         inputs["bank"] = inputs["bank"].float()
         with pytest.raises(RuntimeError, match="CUDA"):
             _step("linear_attention", inputs, impl="triton")

@@ -27,7 +27,7 @@ CASES = {
     # the backward one head per pass, as for MoM's many segments (MIN_BACKWARD_PROGRAMS 0 forces it here)
     "backward_one_head_per_pass": dict(lengths=[300, 0, 1, 64, 700, 129], H=3, K=256, V=256,
                                        min_backward_programs=0),
-    # inside low_memory_recurrence(): forward and backward one head at a time
+    # low_memory=True: forward and backward one head at a time
     "low_memory_one_head_at_a_time": dict(lengths=[300, 0, 1, 64, 700, 129], H=3, K=256, V=256, low_memory=True),
 }
 
@@ -58,7 +58,8 @@ def _inputs(case: dict, dtype: torch.dtype, seed: int) -> dict:
     return inputs
 
 
-def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_float64: bool) -> dict:
+def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_float64: bool,
+                       low_memory: bool = False) -> dict:
     """Run memmix.ops with `impl`; return o, final_state and d<input> for every differentiable input."""
     from memmix.ops import delta_rule, gated_delta_rule
 
@@ -69,7 +70,7 @@ def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_f
     rule = gated_delta_rule if gated else delta_rule
     o, final_state = rule(*args, scale=case.get("scale"), initial_state=leaves.get("initial_state"),
                           output_final_state=True, cu_seqlens=inputs["cu_seqlens"],
-                          use_qk_l2norm=case.get("use_qk_l2norm", False), impl=impl)
+                          use_qk_l2norm=case.get("use_qk_l2norm", False), low_memory=low_memory, impl=impl)
     loss = (o.double() * upstream["o"]).sum() + (final_state.double() * upstream["final_state"]).sum()
     grads = torch.autograd.grad(loss, [leaves[n] for n in names])
     out = {"o": o, "final_state": final_state}
@@ -80,7 +81,7 @@ def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_f
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_float64_reference(name, dtype, monkeypatch):
-    from memmix.ops.triton import gated_delta_rule as kernels, low_memory_recurrence
+    from memmix.ops.triton import gated_delta_rule as kernels
 
     case = CASES[name]
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", case.get("min_backward_programs"))
@@ -94,8 +95,8 @@ def test_triton_matches_float64_reference(name, dtype, monkeypatch):
     upstream = {"o": torch.randn(v.shape, generator=gen, device="cuda", dtype=torch.float64),
                 "final_state": torch.randn(h0_shape, generator=gen, device="cuda", dtype=torch.float64)}
     expected = _outputs_and_grads("chunk", inputs, case, upstream, as_float64=True)
-    with low_memory_recurrence(case.get("low_memory", False)):
-        actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False)
+    actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False,
+                                low_memory=case.get("low_memory", False))
     assert actual["o"].dtype == dtype and actual["final_state"].dtype == torch.float32
     errors = {key: rel_err(actual[key], expected[key]) for key in expected}
     print(name, dtype, " ".join(f"{key}={err:.1e}" for key, err in errors.items()))

@@ -9,18 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import print_case_results, rel_err
+from helpers import count_recurrence_passes, print_case_results, rel_err
 
-# name -> shapes and options; lengths: a packed varlen batch (B = 1); "hook": call through get_kernel(rule).
+# name -> shapes and options; lengths: a packed varlen batch (B = 1); "public": call the public op with impl="triton"
+# (through the registry), else the kernel entry itself.
 CASES = {
     "dense_T1": dict(B=2, T=1, H=2, K=16, V=16),
     "dense_T63": dict(B=2, T=63, H=2, K=32, V=32),
     "dense_T65_no_initial_state": dict(B=1, T=65, H=2, K=32, V=16, initial_state=False),
     "dense_T130": dict(B=1, T=130, H=1, K=16, V=16),
     "varlen_empty_and_length1": dict(lengths=[5, 0, 1, 70, 64], H=2, K=16, V=16),
-    "delta_rule_varlen_small_dims": dict(lengths=[0, 1, 130], H=2, K=8, V=40, gated=False, hook=True),
+    "delta_rule_varlen_small_dims": dict(lengths=[0, 1, 130], H=2, K=8, V=40, gated=False, public=True),
     "l2norm_scale_no_final_state": dict(B=2, T=40, H=2, K=16, V=16, use_qk_l2norm=True, scale=0.3,
-                                        output_final_state=False, hook=True),
+                                        output_final_state=False, public=True),
     "float16": dict(B=1, T=65, H=2, K=32, V=32, dtype="float16"),
     # log decay ~ -2 per token: a partial last chunk (50 and 70 = 64 + 6 rows) decays past exp(-88), where
     # exp(b_pad - b_t) of a padded row overflows float32 unless padded rows repeat the last valid b
@@ -29,8 +30,10 @@ CASES = {
     "backward_one_head_per_pass": dict(lengths=[5, 70, 0, 64], H=4, K=16, V=16, min_backward_programs=0),
     "backward_two_heads_per_pass": dict(B=2, T=65, H=4, K=16, V=32, min_backward_programs=2 * 2 * 1,
                                         initial_state=False),
-    # inside low_memory_recurrence(): forward and backward one head at a time
-    "low_memory_one_head_at_a_time": dict(lengths=[5, 130, 0, 64], H=3, K=16, V=16, low_memory=True),
+    # low_memory=True: forward and backward one head at a time (through the public op, so the argument reaches the
+    # kernel), and the same on the kernel entry
+    "low_memory_one_head_at_a_time": dict(lengths=[5, 130, 0, 64], H=3, K=16, V=16, low_memory=True, public=True),
+    "low_memory_kernel_entry": dict(B=2, T=70, H=2, K=16, V=16, low_memory=True, gated=False),
 }
 # bf16 is left to the GPU tests: the interpreter's tl.dot mishandles bfloat16 operands (Triton 3.9).
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
@@ -65,7 +68,7 @@ def _run(fn, inputs: dict, case: dict, upstream: dict) -> dict:
     names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if inputs[n] is not None]
     kwargs = dict(scale=case.get("scale"), initial_state=inputs["initial_state"], cu_seqlens=inputs["cu_seqlens"],
                   output_final_state=case.get("output_final_state", True),
-                  use_qk_l2norm=case.get("use_qk_l2norm", False))
+                  use_qk_l2norm=case.get("use_qk_l2norm", False), low_memory=case.get("low_memory", False))
     args = [inputs[n] for n in ("q", "k", "v", "g", "beta") if inputs[n] is not None]
     o, final_state = fn(*args, **kwargs)
     loss = (o.double() * upstream["o"]).sum()
@@ -82,10 +85,10 @@ def _rel_err(actual, expected) -> float:
 
 
 def run_case(name: str, seed: int) -> dict:
-    """Relative errors of the Triton kernel vs the float64 step loop for CASES[name]."""
+    """Relative errors of the Triton kernel vs the float64 step loop for CASES[name], and "passes": how many head
+    groups its forward and backward took."""
     from memmix.ops import delta_rule, gated_delta_rule
-    from memmix.ops.triton import (chunk_gated_delta_rule, get_kernel, gated_delta_rule as kernels,
-                                   low_memory_recurrence)
+    from memmix.ops.triton import chunk_gated_delta_rule, gated_delta_rule as kernels
 
     case = CASES[name]
     kernels.MIN_BACKWARD_PROGRAMS = case.get("min_backward_programs")
@@ -103,8 +106,9 @@ def run_case(name: str, seed: int) -> dict:
     def reference(*args, **kwargs):
         return rule(*args, impl="recurrent", **kwargs)
 
-    if case.get("hook"):
-        kernel = get_kernel("gated_delta_rule" if gated else "delta_rule")
+    if case.get("public"):
+        def kernel(*args, **kwargs):
+            return rule(*args, impl="triton", **kwargs)
     elif gated:
         kernel = chunk_gated_delta_rule
     else:
@@ -118,9 +122,9 @@ def run_case(name: str, seed: int) -> dict:
                 "final_state": torch.randn(num_seqs, case["H"], case["K"], case["V"], generator=gen,
                                            dtype=torch.float64)}
     expected = _run(reference, reference_inputs, case, upstream)
-    with low_memory_recurrence(case.get("low_memory", False)):
+    with count_recurrence_passes() as passes:
         actual = _run(kernel, kernel_inputs, case, upstream)
-    return {key: _rel_err(actual[key], expected[key]) for key in expected}
+    return {"errors": {key: _rel_err(actual[key], expected[key]) for key in expected}, "passes": passes}
 
 
 INTERPRET_TIMEOUT = 300  # seconds for the child process
@@ -132,7 +136,7 @@ def _main() -> None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_step_loop_under_interpreter(interpret_results, name):
-    errors = interpret_results[name]
+    errors = interpret_results[name]["errors"]
     case = CASES[name]
     expected_keys = {"o", "final_state", "dq", "dk", "dv", "dbeta"}
     expected_keys |= {"dg"} if case.get("gated", True) else set()
@@ -143,14 +147,13 @@ def test_kernel_matches_step_loop_under_interpreter(interpret_results, name):
     assert not bad, f"relative errors above {tolerance}: {bad}"
 
 
-def test_get_kernel_covers_the_delta_rules_only():
-    from memmix.ops.triton import get_kernel, triton_importable
-
-    if not triton_importable():
-        assert get_kernel("gated_delta_rule") is None
-        return
-    assert callable(get_kernel("gated_delta_rule")) and callable(get_kernel("delta_rule"))
-    assert get_kernel("linear_attention") is None
+def test_low_memory_runs_one_head_at_a_time_forward_and_backward(interpret_results):
+    for name in ("low_memory_one_head_at_a_time", "low_memory_kernel_entry"):
+        heads = CASES[name]["H"]
+        assert interpret_results[name]["passes"] == {"forward": heads, "backward": heads}, name
+    # by default all heads at once under the interpreter (inputs longer than a chunk compute the output in one
+    # parallel pass after the state pass)
+    assert interpret_results["varlen_empty_and_length1"]["passes"] == {"forward": 1, "backward": 1}
 
 
 def test_backward_heads_per_pass_is_the_fewest_that_fill_the_gpu(monkeypatch):

@@ -1,47 +1,25 @@
-"""Triton GPU kernels for the memory rules (chunked gated delta rule, forward and backward; recurrent_step,
-one decoding step of any rule in place in a state bank, used by memmix.ops.decode).
+"""Triton GPU kernels: the chunked gated delta rule (forward and backward; the delta rule is it without decay),
+recurrent_step (one decoding step of any rule, in place in a state bank), the MoM mixer's segment convolution and
+combine, and the fused output-gated RMSNorm.
 
-The hook for memmix.ops: `get_kernel(rule)` returns the kernel of a rule, or None when Triton is missing or
-the rule has no kernel. Kernels take the public op's arguments with `scale` resolved:
-
-    kernel(q, k, v[, g], beta, scale=..., initial_state=..., output_final_state=..., cu_seqlens=...,
-           use_qk_l2norm=...) -> (o, final_state)
-
-Importing this package never imports Triton; the kernels load on first use.
+Importing this package registers its kernels in memmix.ops.registry (when Triton is installed); memmix.ops finds
+them there and never imports this package itself (the registry does, on its first lookup). Importing it never
+imports Triton: the kernels load on first use.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib.util
 import os
-from typing import Callable, Iterator, Optional
 
 import torch
 
-KERNEL_RULES = ("gated_delta_rule", "delta_rule")
+from memmix.ops.registry import Kernel, register_kernel, register_kernels
+
+KERNEL_RULES = ("gated_delta_rule", "delta_rule")  # the rules with a chunked sequence kernel
+STEP_RULES = ("gated_delta_rule", "delta_rule", "gated_linear_attention", "linear_attention")
+MAX_HEAD_DIM = 256  # the largest q/k and v head dims of the chunked kernels
 STEP_MAX_K = 256  # the largest q/k head dim of recurrent_step (it holds the whole K of a state tile)
 NORM_MAX_DIM = 4096  # the widest row of gated_rms_norm (one tile per row)
-
-
-_LOW_MEMORY_RECURRENCE = contextvars.ContextVar("memmix_low_memory_recurrence", default=False)
-
-
-@contextlib.contextmanager
-def low_memory_recurrence(enabled: bool = True) -> Iterator[None]:
-    """Inside, the chunked rules run one head at a time, forward and backward: the per-chunk states, their
-    gradients and the WY scratch are held for one head (least memory; the sequential kernels get fewer programs).
-    The choice is made at the forward, and its backward follows it even when it runs outside."""
-    token = _LOW_MEMORY_RECURRENCE.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _LOW_MEMORY_RECURRENCE.reset(token)
-
-
-def low_memory_recurrence_enabled() -> bool:
-    """True inside low_memory_recurrence()."""
-    return _LOW_MEMORY_RECURRENCE.get()
 
 
 def triton_importable() -> bool:
@@ -64,33 +42,42 @@ def is_available(*tensors: torch.Tensor) -> bool:
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, use_qk_l2norm=False):
+                           cu_seqlens=None, use_qk_l2norm=False, low_memory=False):
     """Gated delta rule on the Triton kernels (g None: delta rule); see gated_delta_rule.chunk_gated_delta_rule."""
     from memmix.ops.triton.gated_delta_rule import chunk_gated_delta_rule as run
     return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, low_memory=low_memory)
 
 
-def _gated_delta_rule_kernel(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                             cu_seqlens=None, use_qk_l2norm=False):
-    """memmix.ops kernel contract for the gated delta rule."""
-    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                  use_qk_l2norm)
+def _recurrent_step(q, k, v, g, beta, bank, index, keep, scale):
+    """recurrent_step.recurrent_step, loaded on first use."""
+    from memmix.ops.triton.recurrent_step import recurrent_step
+    return recurrent_step(q, k, v, g, beta, bank, index, keep, scale)
 
 
-def _delta_rule_kernel(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-                       cu_seqlens=None, use_qk_l2norm=False):
-    """memmix.ops kernel contract for the delta rule (no decay)."""
-    return chunk_gated_delta_rule(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                  use_qk_l2norm)
+def _segment_conv(*args):
+    """segment_conv.SegmentConvFunction.apply, loaded on first use (arguments: see that Function)."""
+    from memmix.ops.triton.segment_conv import SegmentConvFunction
+    return SegmentConvFunction.apply(*args)
 
 
-def get_kernel(rule: str) -> Optional[Callable]:
-    """The Triton kernel for `rule`, or None when Triton is not installed or the rule has no kernel."""
-    if rule not in KERNEL_RULES or not triton_importable():
-        return None
-    return _gated_delta_rule_kernel if rule == "gated_delta_rule" else _delta_rule_kernel
+def _segment_combine(rows, slot_row, weight):
+    """segment_conv.SegmentCombineFunction.apply, loaded on first use."""
+    from memmix.ops.triton.segment_conv import SegmentCombineFunction
+    return SegmentCombineFunction.apply(rows, slot_row, weight)
 
 
-__all__ = ["KERNEL_RULES", "NORM_MAX_DIM", "STEP_MAX_K", "chunk_gated_delta_rule", "get_kernel", "is_available",
-           "low_memory_recurrence", "low_memory_recurrence_enabled"]
+def _register() -> None:
+    chunk = Kernel(chunk_gated_delta_rule, runs_on=is_available, max_head_dim=MAX_HEAD_DIM)
+    step = Kernel(_recurrent_step, runs_on=is_available, max_head_dim=STEP_MAX_K)
+    for rule in STEP_RULES:
+        register_kernels(rule, chunk=chunk if rule in KERNEL_RULES else None, step=step)
+    register_kernel("mom_segment_conv", Kernel(_segment_conv, runs_on=is_available))
+    register_kernel("mom_segment_combine", Kernel(_segment_combine, runs_on=is_available))
+
+
+if triton_importable():
+    _register()
+
+__all__ = ["KERNEL_RULES", "MAX_HEAD_DIM", "NORM_MAX_DIM", "STEP_MAX_K", "STEP_RULES", "chunk_gated_delta_rule",
+           "is_available", "triton_importable"]

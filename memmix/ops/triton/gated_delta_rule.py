@@ -15,13 +15,13 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from memmix.ops.triton import low_memory_recurrence_enabled
+from memmix.ops.normalize import l2norm
+from memmix.ops.triton import MAX_HEAD_DIM
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
 from memmix.ops.triton.gated_delta_fwd import (chunk_output_kernel, state_pass_kernel, wy_prepare_kernel,
                                                wy_recompute_kernel)
 
 CHUNK_SIZE = 64
-MAX_HEAD_DIM = 256
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MIN_BACKWARD_PROGRAMS = None  # see heads_per_backward_pass: None = two per SM; 0 = one head per pass (least memory)
 
@@ -41,15 +41,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = None, device=None) -> dict:
     """Tiles and warps for the sequential kernels: the whole K in one tile, V split for parallelism.
 
-    At K = V = 256 on an H200, V tiles of 64 with 4 warps beat tiles of 32 with 8 (bf16 forward 0.37 vs 0.45 ms
-    dense 8 x 2048, 0.89 vs 1.11 ms for 32 packed sequences; MoM layer forward+backward 10.0 vs 10.5 ms).
-    programs (sequences x heads of the launch), given on a GPU: 16-bit inputs narrow the V tile (64, 32, 16) while
-    the launch has programs for fewer than 3/4 of the SMs, as a long chain then sets the time. H200, MoM layer at
-    1 x 32768 (6 segments): forward+backward 21.4 -> 18.7 ms with tiles of 32; with low_memory (one head a pass)
-    44.5 -> 28.8 ms with 16. At 8 x 2048 (41 segments) 64 stays best (9.04 vs 9.37 ms at 32), and so it does for
-    the op on a dense 8 x 2048 batch of 4 heads (128 programs on 132 SMs: forward 0.32-0.38 vs 0.39-0.40 ms at 32).
-    float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread, and at 64 x 4 warps the
-    K = 256 kernels did not finish compiling within minutes."""
+    16-bit inputs take V tiles of 64 with 4 warps, which measured faster than 32 with 8 at K = V = 256 (dense and
+    packed batches, and the MoM layer; benchmarks/results). programs (sequences x heads of the launch), given on a
+    GPU: 16-bit inputs narrow the V tile (64, 32, 16) while the launch has programs for fewer than 3/4 of the SMs, as
+    a long chain then sets the time (few long segments, and low_memory's one head a pass, gain from narrower tiles;
+    many segments keep 64). float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread,
+    and at 64 x 4 warps the K = 256 kernels did not finish compiling within minutes."""
     if dtype == torch.float32:
         bv, warps = 32, 8
     else:
@@ -72,9 +69,8 @@ def _chunk_config(K: int, V: int) -> dict:
 
 
 def _wy_prepare_config(K: int, V: int) -> dict:
-    """wy_prepare_kernel: 4 warps and no software pipelining (see its K loop). 4 warps against the 8 of the other
-    chunk kernels (which lose at 4: chunk_grads_kernel took 2.5x as long): H200, bf16, K = V = 256, 32 packed
-    sequences of 32768 tokens, 0.21 vs 0.35 ms; its first half alone (A and T = (I + A)^-1) 0.07 vs 0.12 ms."""
+    """wy_prepare_kernel: 4 warps and no software pipelining (see its K loop). 4 warps measured faster here, while
+    the other chunk kernels keep 8 (at 4, chunk_grads_kernel was much slower)."""
     return dict(_chunk_config(K, V), num_warps=4, num_stages=1)
 
 
@@ -331,10 +327,8 @@ def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device, dtype
     """How many heads the backward takes per pass: the fewest (a divisor of H) whose sequential kernels still
     have N x heads x V tiles >= MIN_BACKWARD_PROGRAMS programs (default: two per SM; all heads at once under the
     interpreter), counting V tiles of 64 (the launches may then narrow them: _state_config). The per-chunk states,
-    their gradients, W, U0, U and dU are held for one pass's heads only.
-
-    MoM layer at 8 x 2048, 4 heads of 256 (41 segments, 4 V tiles), H200: two heads a pass (the default) 10.05 ms
-    forward+backward at 1729 MiB peak; one head a pass (MIN_BACKWARD_PROGRAMS = 0) 10.94 ms at 1474 MiB."""
+    their gradients, W, U0, U and dU are held for one pass's heads only: fewer heads a pass hold less memory, more
+    heads keep the GPU busier (MIN_BACKWARD_PROGRAMS = 0 forces one head a pass, the least memory)."""
     target = MIN_BACKWARD_PROGRAMS
     if target is None:
         if INTERPRET or device.type != "cuda":
@@ -353,9 +347,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """Autograd over the packed kernels; inputs are (tokens, H, D) contiguous, g may be None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout, low_memory):
         has_g = g is not None
-        low_memory = low_memory_recurrence_enabled()
         # O = diag(scale exp(b)) Q S + M U needs each chunk's incoming state S. Inside the sequential pass it doubles
         # the dots of every step of the chain (and adds Q and M, ~40% of its loads at K = V = 256); storing S (K x V
         # per chunk, in k's dtype like the backward recompute) and U moves it to a parallel kernel. With at most one
@@ -405,17 +398,20 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dq, dk, dv, dbeta, dg = grads
         dg = None if dg is None else dg.to(ctx.g_dtype)
         dh0 = None if dh0 is None else dh0.to(h0.dtype)
-        return dq, dk, dv, dg, dbeta.to(beta.dtype), None, dh0, None, None
+        return dq, dk, dv, dg, dbeta.to(beta.dtype), None, dh0, None, None, None
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
                            beta: torch.Tensor, scale: Optional[float] = None,
                            initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-                           cu_seqlens: Optional[torch.Tensor] = None, use_qk_l2norm: bool = False):
+                           cu_seqlens: Optional[torch.Tensor] = None, use_qk_l2norm: bool = False,
+                           low_memory: bool = False):
     """Gated delta rule (delta rule when g is None) on the chunked Triton kernels; differentiable.
 
     q, k: (B, T, H, K); v: (B, T, H, V) bf16/fp16/fp32 with K, V <= 256; g: (B, T, H) log decay or None;
-    beta: (B, T, H); initial_state: (N, H, K, V) or None; cu_seqlens: (N + 1,) int with B == 1, or None.
+    beta: (B, T, H); initial_state: (N, H, K, V) or None; cu_seqlens: (N + 1,) int with B == 1, or None;
+    low_memory: forward and backward one head at a time (the per-chunk states, their gradients and the WY
+    scratch are held for one head: least memory; the sequential kernels get fewer programs).
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) float32 (None unless asked for).
     """
     B, T, H, K = q.shape
@@ -423,7 +419,6 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"q/k and v head dims must be <= {MAX_HEAD_DIM} for the Triton kernels, got K={K}, V={V}")
     if use_qk_l2norm:
-        from memmix.ops.common import l2norm
         q, k = l2norm(q), l2norm(k)
     scale = K ** -0.5 if scale is None else float(scale)
     layout = ChunkLayout.build(B, T, cu_seqlens, q.device)
@@ -433,5 +428,5 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
 
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = ChunkGatedDeltaRuleFunction.apply(packed(q), packed(k), packed(v.to(q.dtype)), packed(g),
-                                              packed(beta), scale, h0, output_final_state, layout)
+                                              packed(beta), scale, h0, output_final_state, layout, low_memory)
     return o.reshape(B, T, H, V).to(v.dtype), ht

@@ -9,10 +9,10 @@ Per picked slot n, head h and state S = bank[index[n], h] (K x V, float32), with
 
 Every rule works column by column of S (the delta prediction S^T k restricted to columns c needs S[:, c]
 only), so recurrent_step_kernel's grid is (N, H, V tiles): each program loads q, k (the whole K) and its
-K x BV block of S once, updates it in registers and stores it once, only where keep[n]. BV = 32 at K = 256
-(BV = 64 up to K = 128), 4 warps: on an H200 at 48 slots x 4 heads of 256 x 256 states it moves the
-100 MB (read + write) in ~37 us (~2.7 TB/s) for every rule, within 10% of the best of BV 16 / 32 / 64 x
-2 / 4 / 8 warps for each rule.
+K x BV block of S once, updates it in registers and stores it once, only where keep[n]. The step is bound by
+memory traffic (each picked state read once and written once); BV = 32 at K = 256 (BV = 64 up to K = 128) with
+4 warps keeps the K x BV float32 tile in registers and came close to the best tile and warp choice for every rule
+(benchmarks/generation.py measures whole decode steps).
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memmix.ops.normalize import L2NORM_EPS
 from memmix.ops.triton import STEP_MAX_K
-
-L2NORM_EPS = 1e-6  # memmix.ops.common.l2norm's default
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""Triton kernels of memmix.ops.segments (gathered segment convolution, weighted combine) and their autograd.
+"""Triton kernels of the MoM mixer's Triton path (memmix.ops.mom.triton_path): gathered segment convolution and
+weighted combine, and their autograd.
 
 Launch layout: row kernels take (row tile, head) programs over the L buffer rows; the token kernel takes
 (token tile, head) programs for a source that a token's slots share (q), summing its rows' gradients without
@@ -13,8 +14,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from memmix.ops.normalize import L2NORM_EPS
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-L2NORM_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- kernels
@@ -263,8 +265,8 @@ def _warps(width: int) -> int:
 
 
 ROWS_PER_PROGRAM = 32
-# rows of segment_conv_bwd_scatter_kernel: 64 measured faster than 32 (MoM layer at 8 x 2048 on an H200, forward +
-# backward 10.55 vs 10.86 ms); each tile leaves one weight-gradient share
+# rows of segment_conv_bwd_scatter_kernel: 64 measured faster than 32 for the MoM layer's forward + backward (fewer
+# tiles: each leaves one weight-gradient share to sum)
 SCATTER_ROWS_PER_PROGRAM = 64
 TOKENS_PER_PROGRAM = 16
 
