@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 AUX_LOSS_MODES = ("global", "layerwise")
 
@@ -115,10 +114,17 @@ def _token_mask(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return attention_mask[:, -logits.shape[1]:].to(torch.float32)
 
 
+def one_hot(index: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """F.one_hot's result without its range check, which reads the index back to the host on the CPU:
+    index (...) int64 in [0, num_classes) -> (..., num_classes) of dtype."""
+    out = torch.zeros(*index.shape, num_classes, dtype=dtype, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1), 1)
+
+
 def _balance(logits: torch.Tensor, mask: torch.Tensor, num_memories: int, topk: int) -> torch.Tensor:
     probs = logits.float().reshape(-1, logits.shape[-1]).softmax(dim=-1)  # (N, M)
     mask = mask.reshape(-1, 1)  # (N, 1)
-    picks = F.one_hot(probs.topk(topk, dim=-1).indices, num_memories).float()  # (N, k, M)
+    picks = one_hot(probs.topk(topk, dim=-1).indices, num_memories, torch.float32)  # (N, k, M)
     denom = mask.sum().clamp(min=1.0)
     fraction = (picks * mask.unsqueeze(-1)).sum(0) / denom  # (k, M)
     mean_prob = (probs * mask).sum(0) / denom  # (M,)

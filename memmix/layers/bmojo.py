@@ -38,9 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix import ops
-from memmix.layers.masks import valid_tokens
+from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
-from memmix.ops.common import _segment_index, pad_packed
 from memmix.ops.registry import get_rule, rules
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
@@ -223,7 +222,7 @@ class BMojo(nn.Module):
             if state.memory.shape[0] != B:
                 raise ValueError(f"state holds {state.memory.shape[0]} sequences but the input has {B}")
             return self._step_loop(hidden_states, valid, state, use_cache)
-        x, lengths, unpack = _compact(hidden_states, valid, cu_seqlens)
+        x, lengths, unpack = compact_rows(hidden_states, None if attention_mask is None else valid, cu_seqlens)
         out, new_state = self._chunked(x, lengths, use_cache)
         return BMojoLayerOutput(unpack(out), new_state)
 
@@ -508,33 +507,6 @@ def _gather_tokens(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
     """Keys and values of k, v (N, H, L, Dh) at positions (N, H, X) int64 -> (N, H, X, Dh) each."""
     index = positions[..., None].expand(*positions.shape, k.shape[-1])
     return k.gather(2, index), v.gather(2, index)
-
-
-def _compact(x: torch.Tensor, valid: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """Rows of real tokens, left-aligned: x (B, T, D) -> (N, L, D), lengths (N,) and the inverse map.
-
-    With cu_seqlens (B == 1) every document becomes a row; otherwise every batch row keeps its real tokens
-    in order. The inverse maps (N, L, D) back to (B, T, D) with zeros at pads.
-    """
-    B, T, D = x.shape
-    if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        index = _segment_index(bounds, x.device)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        L = max(int(lengths.max()), 1) if lengths.numel() else 1
-        rows = pad_packed(x, index, len(bounds) - 1, L)
-        return rows, lengths.to(x.device).long(), lambda out: out[index].unsqueeze(0)
-    if bool(valid.all()):
-        return x, torch.full((B,), T, dtype=torch.long, device=x.device), lambda out: out
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # real tokens first, in order
-    lengths = valid.sum(1)
-    rows = x.gather(1, order[..., None].expand(B, T, D))
-
-    def unpack(out: torch.Tensor) -> torch.Tensor:
-        out = out * (torch.arange(T, device=x.device) < lengths[:, None])[..., None].to(out.dtype)
-        return torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)
-
-    return rows, lengths, unpack
 
 
 def check_bmojo_args(*, hidden_size, num_heads, head_dim, fading_rule, window_size, chunk_size, eidetic_size,

@@ -32,16 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memmix import ops
+from memmix.ops.registry import get_rule, rules
 from memmix.layers.attention import apply_rope
-from memmix.layers.bmojo import _compact
-from memmix.layers.masks import valid_tokens
+from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 
-# rule name -> (public op, takes a log decay g, takes beta)
-RULES = {"gated_delta": (ops.gated_delta_rule, True, True), "delta": (ops.delta_rule, False, True),
-         "gla": (ops.gated_linear_attention, True, False), "linear": (ops.linear_attention, False, False)}
-FADING_RULES = tuple(RULES)
+FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 MEMORY_IMPLS = ("auto", "recurrent", "chunk", "triton")
 ATTN_IMPLS = ("auto", "dense", "blocked")
 MIN_BLOCK = 64  # the blocked path's query blocks hold at least max(window, MIN_BLOCK) tokens
@@ -110,7 +106,8 @@ class FadingMixer(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.rule, self.conv_size, self.impl = num_heads, head_dim, rule, conv_size, impl
         self.inner_dim = num_heads * head_dim
-        self.op, uses_decay, uses_beta = RULES[rule]
+        memory_rule = get_rule(rule)
+        self.op, uses_decay, uses_beta = memory_rule.op, memory_rule.uses_gate, memory_rule.uses_beta
         self.q_proj = nn.Linear(hidden_size, self.inner_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.inner_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.inner_dim, bias=False)
@@ -322,7 +319,7 @@ class BMojoF(nn.Module):
                 out, state = self.step(hidden_states[:, t], valid[:, t], state)
                 outputs.append(out)
             return BMojoFLayerOutput(torch.stack(outputs, dim=1), state if use_cache else None)
-        rows, lengths, unpack = _compact(hidden_states, valid, cu_seqlens)
+        rows, lengths, unpack = compact_rows(hidden_states, None if attention_mask is None else valid, cu_seqlens)
         out, new_state = self._parallel(rows, lengths, use_cache)
         return BMojoFLayerOutput(unpack(out), new_state)
 

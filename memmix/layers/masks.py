@@ -1,7 +1,9 @@
-"""Which tokens are real: one check shared by the token mixers."""
+"""Which tokens are real, and rows of real tokens: shared by the token mixers."""
 from __future__ import annotations
 
 import torch
+
+from memmix.ops.common import _segment_index, pad_packed
 
 
 def valid_tokens(x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -23,3 +25,31 @@ def valid_tokens(x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlen
             f"got shape {tuple(attention_mask.shape)}"
         )
     return attention_mask[:, -T:].to(x.device).bool()
+
+
+def compact_rows(x: torch.Tensor, valid: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
+    """Rows of real tokens, left-aligned: x (B, T, D) -> (N, L, D), lengths (N,) and the inverse map.
+
+    With cu_seqlens (B == 1) every document becomes a row (this reads the bounds on the host); otherwise every
+    batch row keeps its real tokens in order. valid: (B, T) bool, or None when every token is real (then nothing
+    moves and nothing is read back to the host). The inverse maps (N, L, D) back to (B, T, D) with zeros at pads.
+    """
+    B, T, D = x.shape
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        index = _segment_index(bounds, x.device)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        L = max(int(lengths.max()), 1) if lengths.numel() else 1
+        rows = pad_packed(x, index, len(bounds) - 1, L)
+        return rows, lengths.to(x.device).long(), lambda out: out[index].unsqueeze(0)
+    if valid is None:
+        return x, torch.full((B,), T, dtype=torch.long, device=x.device), lambda out: out
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # real tokens first, in order
+    lengths = valid.sum(1)
+    rows = x.gather(1, order[..., None].expand(B, T, D))
+
+    def unpack(out: torch.Tensor) -> torch.Tensor:
+        out = out * (torch.arange(T, device=x.device) < lengths[:, None])[..., None].to(out.dtype)
+        return torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)
+
+    return rows, lengths, unpack

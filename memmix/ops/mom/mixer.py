@@ -63,7 +63,8 @@ def mom_mixer(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
     use_cache: return the new state. low_memory: less training memory on the Triton path for more time (the
     convolution rebuilds the k/v projection in its backward, the recurrence runs one head at a time).
     inplace: a decoding step writes the new state into `memory` and `conv` and returns them.
-    layout: "packed", "dense" or None (dense without cu_seqlens up to DENSE_LAYOUT_MAX_LEN tokens).
+    layout: "packed", "dense" or None (dense without cu_seqlens up to DENSE_LAYOUT_MAX_LEN tokens, or where the
+    rule has no kernel on the Triton path's device: see _no_kernel).
     impl: see the module docstring (MIXER_IMPLS).
     """
     sizes = _validate(x, memory_ids, routing_weights, weights, rule, num_heads, num_memories, shared_memory,
@@ -83,7 +84,7 @@ def mom_mixer(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
         return MixerOutput(o, memory, conv)
 
     if layout is None:
-        layout = "dense" if cu_seqlens is None and T <= DENSE_LAYOUT_MAX_LEN else "packed"
+        layout = "dense" if cu_seqlens is None and (T <= DENSE_LAYOUT_MAX_LEN or _no_kernel(impl, sizes, x)) else "packed"
     plan = plan_dispatch(memory_ids, valid, sizes.num_slot_memories, cu_seqlens, layout)
     N, R, W = plan.num_sequences, plan.num_segments, sizes.conv_size
     if memory is not None and memory.shape[0] != N:
@@ -102,6 +103,14 @@ def mom_mixer(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
     memory = final.reshape(N, sizes.num_slot_memories, *final.shape[1:])
     conv = new_tails.reshape(N, sizes.num_slot_memories, W - 1, -1)
     return MixerOutput(o, memory, conv.to(memory.dtype))
+
+
+def _no_kernel(impl: str, sizes: MixerSizes, x: torch.Tensor) -> bool:
+    """Where the Triton path would run but the rule has no chunked kernel there (linear, gla): the packed layout
+    would hand its varlen recurrence to the PyTorch path, which reads the segment bounds back to the host; the
+    dense layout (a row of T per segment) keeps the step free of host syncs, so a CUDA graph can capture it."""
+    kernel = sizes.rule.chunk_kernel
+    return impl in ("auto", "triton") and triton_path.runs_on(x) and (kernel is None or not kernel.runs_on(x))
 
 
 def _triton_path(impl: str, layout: str, x: torch.Tensor, tails: Optional[torch.Tensor]) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 LAYOUTS = ("packed", "dense")
 
@@ -150,7 +149,8 @@ def plan_dispatch(
     B, T, S = memory_ids.shape
     P = num_memories
     slot_valid = valid.unsqueeze(-1).expand(B, T, S)
-    hits = F.one_hot(memory_ids, P).sum(dim=2) * valid.unsqueeze(-1).long()  # (B, T, P)
+    hits = torch.zeros(B, T, S, P, dtype=torch.long, device=memory_ids.device).scatter_(
+        -1, memory_ids.unsqueeze(-1), 1).sum(dim=2) * valid.unsqueeze(-1).long()  # (B, T, P); F.one_hot syncs on CPU
     # scan along the innermost axis: torch's outer-axis scan runs T steps in sequence (0.36 ms at 8 x 2048 x 5)
     before = hits.transpose(1, 2).contiguous().cumsum(dim=2).transpose(1, 2) - hits  # same memory, earlier in row
     if cu_seqlens is None:
