@@ -18,7 +18,7 @@ from memmix.layers.bmojo import BMojo
 from memmix.layers.mlp import SwiGLUMLP
 from memmix.layers.norms import RMSNorm
 from memmix.models.cache import MoMCache
-from memmix.models.configuration_bmojo import BMOJO_PRESETS, BMojoConfig
+from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_mom import CACHE_FIELD, causal_lm_loss
 
 _NEW_CACHE_NAME = CACHE_FIELD == "cache"
@@ -287,17 +287,6 @@ def _check_masks(attention_mask, cu_seqlens, batch_size: int, seq_len: int) -> N
         raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("cu_seqlens packs documents without padding; attention_mask must be all ones or None")
-
-
-def build_bmojo_preset(name: str, vocab_size: int, overrides: dict | None = None,
-                       eos_token_id: int | None = None) -> BMojoForCausalLM:
-    """A fresh BMojoForCausalLM of preset `name` (a BMOJO_PRESETS key) with `overrides` applied (fp32, CPU)."""
-    if name not in BMOJO_PRESETS:
-        raise ValueError(f"name must be one of {sorted(BMOJO_PRESETS)}, got {name!r}")
-    fields = dict(BMOJO_PRESETS[name], vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=None,
-                  pad_token_id=eos_token_id)
-    fields.update(overrides or {})
-    return BMojoForCausalLM(BMojoConfig(**fields))
 
 
 def _register_auto_classes() -> None:

@@ -8,8 +8,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import memmix
 from memmix.layers import BMojoState
 from memmix.models.cache import MoMCache
-from memmix.models.configuration_bmojo import BMOJO_PRESETS, BMojoConfig, bmojo_recall_config
-from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel, build_bmojo_preset
+from memmix.models.configuration_bmojo import BMojoConfig
+from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
+from memmix.models.presets import BMOJO_PRESETS, bmojo_recall_config, build_model
 
 VOCAB = 37
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -176,10 +177,11 @@ def test_exports_presets_and_recall_builder():
     assert memmix.BMojoConfig is BMojoConfig and memmix.BMojoForCausalLM is BMojoForCausalLM
     for shape in BMOJO_PRESETS.values():
         BMojoConfig(vocab_size=100, **shape)
-    tiny = build_bmojo_preset("bmojo-tiny", vocab_size=50, overrides=dict(eviction="fifo"), eos_token_id=3)
+    tiny = build_model("bmojo-tiny", vocab_size=50, overrides=dict(eviction="fifo"), eos_token_id=3)
+    assert isinstance(tiny, BMojoForCausalLM)
     assert tiny.config.eviction == "fifo" and tiny.config.pad_token_id == 3 and tiny.config.vocab_size == 50
-    with pytest.raises(ValueError, match="name"):
-        build_bmojo_preset("bmojo-7b", vocab_size=50)
+    with pytest.raises(ValueError, match="unknown model preset 'bmojo-7b'; did you mean"):
+        build_model("bmojo-7b", vocab_size=50)
     config = bmojo_recall_config(vocab_size=64, d_model=64, num_layers=2)
     assert config.num_heads == 2 and config.eidetic_size > 0
     with pytest.raises(ValueError, match="d_model"):
