@@ -45,7 +45,7 @@ class CudaGraphDecoder:
         model = self.model.model
         hidden = model.embeddings(self.static_ids)
         for block, state in zip(model.layers, self.states):
-            hidden, _, _ = block(hidden, self.static_mask, None, state, True, None)
+            hidden = block(hidden, self.static_mask, None, state, True).hidden_states
         return self.model.lm_head(model.norm(hidden))
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
