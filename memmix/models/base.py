@@ -3,7 +3,7 @@
 A model family supplies its config, its block and anything extra it returns; the skeleton holds the rest:
 
     embeddings -> blocks (recurrent cache, activation checkpointing, padding mask or packed documents)
-               -> final norm -> LM head (all positions or the last n) -> loss; generate()
+               -> final norm -> LM head (all positions, the last n, or `loss_positions`) -> loss; generate()
 
 A block is called as block(hidden_states (B, T, D), attention_mask, cu_seqlens, state, use_cache, **block_inputs)
 and returns a BlockOutput. Module names (embeddings, layers.i, norm, lm_head) follow flash-linear-attention's
@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from memmix.layers.norms import RMSNorm
 from memmix.models.cache import MoMCache
-from memmix.models.loss import causal_lm_loss
+from memmix.models.loss import causal_lm_loss, check_loss_positions, gather_positions
 
 # transformers 5.24 renamed the outputs' `past_key_values` to `cache` (generate() reads `outputs["cache"]`, and
 # `.past_key_values` on an output logs a deprecation); older 5.x read `past_key_values`. Our outputs declare the
@@ -51,7 +51,8 @@ class MemmixModelOutput(ModelOutput):
 
 @dataclass
 class MemmixCausalLMOutput(ModelOutput):
-    """loss (0-d); logits (B, T, V), or (B, n, V) with logits_to_keep=n; cache; hidden_states."""
+    """loss (0-d); logits (B, T, V), (B, n, V) with logits_to_keep=n, or (B, Q, V) with loss_positions (B, Q);
+    cache; hidden_states."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -273,30 +274,41 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         cache: MoMCache | None = None,
+        loss_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> MemmixCausalLMOutput | tuple:
         """As MemmixModel.forward, plus labels (B, T) int64 (-100 = ignored; shifted inside, never predicted across
-        cu_seqlens boundaries or onto padded positions) and logits_to_keep (0 = all, n = last n positions)."""
+        cu_seqlens boundaries or onto padded positions), logits_to_keep (0 = all, n = last n positions) and
+        loss_positions (B, Q) int64 in [0, T - 1): the positions p whose prediction of labels[:, p + 1] is scored;
+        the head then runs at those positions only and logits are (B, Q, V)."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, return_dict=True,
                              cache=one_cache(past_key_values, cache))
         logits, loss = self.head_and_loss(outputs.last_hidden_state, labels, attention_mask, cu_seqlens,
-                                          logits_to_keep)
+                                          logits_to_keep, loss_positions)
         output = self.output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                    **cache_kwargs(outputs.cache))
         return self.finish(output, return_dict)
 
-    def head_and_loss(self, hidden_states, labels, attention_mask, cu_seqlens,
-                      logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, cross-entropy or None) from the final hidden states (B, T, D): the head runs on the last
-        logits_to_keep positions when there are no labels, else on all."""
-        if labels is None and logits_to_keep > 0:
+    def head_and_loss(self, hidden_states, labels, attention_mask, cu_seqlens, logits_to_keep: int,
+                      loss_positions) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, cross-entropy or None) from the final hidden states (B, T, D): the head runs on the positions
+        in loss_positions (B, Q), or on the last logits_to_keep positions when there are no labels, else on all."""
+        batch_size, seq_len, _ = hidden_states.shape
+        if labels is not None and labels.shape != (batch_size, seq_len):
+            raise ValueError(f"labels must have shape (B, T) = {(batch_size, seq_len)}, got {tuple(labels.shape)}")
+        if loss_positions is not None:
+            if logits_to_keep:
+                raise ValueError("pass loss_positions or logits_to_keep, not both")
+            check_loss_positions(loss_positions, batch_size, seq_len)
+            hidden_states = gather_positions(hidden_states, loss_positions)  # (B, Q, D)
+        elif labels is None and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)  # (B, T | n, V)
+        logits = self.lm_head(hidden_states)  # (B, T | n | Q, V)
         if labels is None:
             return logits, None
-        return logits, causal_lm_loss(logits, labels, attention_mask, cu_seqlens)
+        return logits, causal_lm_loss(logits, labels, attention_mask, cu_seqlens, loss_positions)
 
     def finish(self, output: ModelOutput, return_dict: bool | None):
         """The output as a ModelOutput, or as a tuple when return_dict (default config.return_dict) is False."""

@@ -69,7 +69,7 @@ def can_graph_decode(model, input_ids, cache, flags: dict) -> bool:
         return False
     if input_ids.dim() != 2 or input_ids.shape[1] != 1 or not input_ids.is_cuda or torch.is_grad_enabled():
         return False
-    if any(flags.get(name) is not None for name in ("labels", "inputs_embeds", "cu_seqlens")):
+    if any(flags.get(name) is not None for name in ("labels", "inputs_embeds", "cu_seqlens", "loss_positions")):
         return False
     if flags.get("output_hidden_states") or flags.get("output_router_logits"):
         return False

@@ -268,14 +268,15 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         logits_to_keep: int = 0,
         cache: MoMCache | None = None,
         modality_ids: torch.LongTensor | None = None,
+        loss_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoMCausalLMOutput | tuple:
-        """As MoMModel.forward, plus labels and logits_to_keep as in MemmixForCausalLM.forward;
+        """As MoMModel.forward, plus labels, logits_to_keep and loss_positions as in MemmixForCausalLM.forward;
         in training the loss adds the routers' auxiliary losses (aux_loss_scale, ffn_aux_router_loss_scale)."""
         cache = one_cache(past_key_values, cache)
         flags = dict(labels=labels, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, use_cache=use_cache,
                      output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
-                     position_ids=position_ids)
+                     position_ids=position_ids, loss_positions=loss_positions)
         # modality routing and the experts' data-dependent token lists are not graphed
         graphable = modality_ids is None and self.config.ffn_experts is None
         if graphable and can_graph_decode(self, input_ids, cache, flags):
@@ -295,7 +296,7 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
             modality_ids=modality_ids,
         )
         logits, loss = self.head_and_loss(outputs.last_hidden_state, labels, attention_mask, cu_seqlens,
-                                          logits_to_keep)
+                                          logits_to_keep, loss_positions)
         aux_loss = ffn_aux_loss = None
         if labels is not None or output_router_logits:
             aux_loss, ffn_aux_loss = self._aux_losses(outputs, attention_mask, modality_ids)
