@@ -12,23 +12,14 @@ from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
 from memmix.models.presets import BMOJO_PRESETS, bmojo_recall_config, build_model
 
+from _model_utils import tiny_bmojo
+
 VOCAB = 37
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
 def tiny_model(seed: int = 0, **overrides) -> BMojoForCausalLM:
-    """A random float64 2-layer model with perturbed weights, in eval mode."""
-    kwargs = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, intermediate_size=24, num_heads=2,
-                  head_dim=4, window_size=4, chunk_size=3, eidetic_size=3, eidetic_per_chunk=2, conv_size=3,
-                  pad_token_id=0, bos_token_id=None, eos_token_id=None)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = BMojoForCausalLM(BMojoConfig(**kwargs)).double().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "conv" not in name:
-                param.mul_(10.0)
-    return model
+    return tiny_bmojo(seed, vocab_size=VOCAB, **overrides)
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -4,24 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memmix.models import BMojoConfig, BMojoForCausalLM, causal_lm_loss
+from memmix.models import causal_lm_loss
 
-from _model_utils import VOCAB, random_ids, tiny_model
+from _model_utils import VOCAB, random_ids, tiny_bmojo, tiny_model
 
 TOL = dict(rtol=1e-12, atol=1e-12)
-
-
-def tiny_bmojo(seed: int = 0) -> BMojoForCausalLM:
-    torch.manual_seed(seed)
-    config = BMojoConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, intermediate_size=24, num_heads=2,
-                         head_dim=4, window_size=4, chunk_size=3, eidetic_size=3, eidetic_per_chunk=2, conv_size=3,
-                         pad_token_id=0, bos_token_id=None, eos_token_id=None)
-    model = BMojoForCausalLM(config).double()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "conv" not in name:
-                param.mul_(10.0)
-    return model
 
 
 MODELS = {

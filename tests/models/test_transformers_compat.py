@@ -12,8 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memmix.models import MoMCache
 
-from _model_utils import random_ids, tiny_model
-from test_loss_positions import tiny_bmojo
+from _model_utils import random_ids, tiny_bmojo, tiny_model
 
 MODELS = {"mom": lambda: tiny_model(seed=0, num_hidden_layers=3, attn_layers=[1]), "bmojo": lambda: tiny_bmojo(0)}
 
@@ -65,3 +64,18 @@ def test_outputs_name_the_cache_like_the_transformers_outputs(name):
     theirs = {"cache", "past_key_values"} & set(CausalLMOutputWithPast.__dataclass_fields__)
     assert ours == theirs and isinstance(out.cache, MoMCache)
     assert out[next(iter(ours))] is out.cache
+
+
+def test_register_auto_classes_is_idempotent_and_covers_both_families():
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from memmix.models import BMojoConfig, BMojoForCausalLM, MoMConfig, MoMForCausalLM, register_auto_classes
+
+    register_auto_classes()
+    register_auto_classes()
+    for config_class, lm_class in ((MoMConfig, MoMForCausalLM), (BMojoConfig, BMojoForCausalLM)):
+        config = AutoConfig.for_model(config_class.model_type, vocab_size=41, hidden_size=16, num_hidden_layers=1,
+                                      num_heads=2, head_dim=8, bos_token_id=None, eos_token_id=None)
+        assert type(config) is config_class
+        assert type(AutoModelForCausalLM.from_config(config)) is lm_class
+        assert type(AutoModel.from_config(config)) is lm_class.model_class
