@@ -1,25 +1,30 @@
 # Two set-up commands on a fresh machine with only python3:  make demo  /  make test
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch is installed first and pinned, so nothing resolves a multi-GB CUDA build.
+# The CPU build of torch is installed first and pinned (also in every later install), so nothing resolves a
+# multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test test-all clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.torch:
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/memmix recall
+# memmix with the extras after the dash: .installed-plot for the demo, .installed-dev for the tests
+$(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-plot
+	$(VENV)/bin/memmix recall --plot runs/demo/recall.png
 
 # Tests use tiny tensors and some start two processes: one intra-op thread each keeps them off each other's cores.
-test: $(VENV)/.installed
+test: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not gpu"
 
 clean:

@@ -1,14 +1,17 @@
-"""Hugging Face models: MoM causal LM (and attention hybrids), its config and the recurrent generation cache.
+"""Hugging Face models: the MoM causal LM (and attention hybrids), the B'MOJO causal LM, their configs, presets
+and the recurrent generation cache.
 
-Importing this package registers `memmix_mom` with AutoConfig / AutoModel / AutoModelForCausalLM.
+Importing this package registers `memmix_mom` and `memmix_bmojo` with AutoConfig / AutoModel /
+AutoModelForCausalLM (register_auto_classes, idempotent).
 """
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
+from memmix.models.base import MemmixCausalLMOutput, MemmixForCausalLM, MemmixModel, MemmixPreTrainedModel
 from memmix.models.cache import MoMCache
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.configuration_mom import MoMConfig
+from memmix.models.loss import causal_lm_loss
+from memmix.models.modeling_bmojo import BMojoCausalLMOutput, BMojoForCausalLM, BMojoModel
 from memmix.models.modeling_mom import (
     MoMBlock,
     MoMCausalLMOutput,
@@ -16,25 +19,35 @@ from memmix.models.modeling_mom import (
     MoMModel,
     MoMModelOutput,
     MoMPreTrainedModel,
-    causal_lm_loss,
 )
 
-
-def _register_auto_classes() -> None:
-    """Register with the Auto* factories; idempotent (re-imports and reloads do not raise)."""
-    AutoConfig.register(MoMConfig.model_type, MoMConfig, exist_ok=True)
-    AutoModel.register(MoMConfig, MoMModel, exist_ok=True)
-    AutoModelForCausalLM.register(MoMConfig, MoMForCausalLM, exist_ok=True)
+_FAMILIES = ((MoMConfig, MoMModel, MoMForCausalLM), (BMojoConfig, BMojoModel, BMojoForCausalLM))
 
 
-_register_auto_classes()
+def register_auto_classes() -> None:
+    """Register both model families with AutoConfig / AutoModel / AutoModelForCausalLM; idempotent (repeated
+    calls, re-imports and reloads do not raise)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel  # noqa: E402  (registers memmix_bmojo)
+    for config_class, model_class, lm_class in _FAMILIES:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, lm_class, exist_ok=True)
+
+
+_register_auto_classes = register_auto_classes  # old name, kept until the callers move to register_auto_classes
+
+register_auto_classes()
 
 __all__ = [
+    "BMojoCausalLMOutput",
     "BMojoConfig",
     "BMojoForCausalLM",
     "BMojoModel",
+    "MemmixCausalLMOutput",
+    "MemmixForCausalLM",
+    "MemmixModel",
+    "MemmixPreTrainedModel",
     "MoMBlock",
     "MoMCache",
     "MoMCausalLMOutput",
@@ -44,4 +57,5 @@ __all__ = [
     "MoMModelOutput",
     "MoMPreTrainedModel",
     "causal_lm_loss",
+    "register_auto_classes",
 ]

@@ -5,17 +5,11 @@ from transformers import PretrainedConfig
 
 from memmix.layers.bmojo import check_bmojo_args
 from memmix.layers.mlp import default_intermediate_size
+from memmix.models.checks import LM_FIELD_RULES, check_fields, is_int
 
-IMPLS = ("auto", "recurrent", "chunk", "triton")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# The B'MOJO layer's arguments, checked by its own check_bmojo_args.
+_LAYER_FIELDS = ("num_heads", "head_dim", "fading_rule", "window_size", "chunk_size", "eidetic_size",
+                 "eidetic_per_chunk", "eviction", "conv_size")
 
 
 class BMojoConfig(PretrainedConfig):
@@ -57,71 +51,28 @@ class BMojoConfig(PretrainedConfig):
         eos_token_id: int | None = 2,
         **kwargs,
     ):
-        _check(_is_int(vocab_size) and vocab_size >= 1, f"vocab_size must be an integer >= 1, got {vocab_size!r}")
-        _check(_is_int(num_hidden_layers) and num_hidden_layers >= 1,
-               f"num_hidden_layers must be an integer >= 1, got {num_hidden_layers!r}")
-        if intermediate_size is None and _is_int(hidden_size) and hidden_size >= 1:
+        if intermediate_size is None and is_int(hidden_size) and hidden_size >= 1:
             intermediate_size = default_intermediate_size(hidden_size)
-        _check(_is_int(intermediate_size) and intermediate_size >= 1,
-               f"intermediate_size must be an integer >= 1 or None, got {intermediate_size!r}")
-        check_bmojo_args(hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim, fading_rule=fading_rule,
-                         window_size=window_size, chunk_size=chunk_size, eidetic_size=eidetic_size,
-                         eidetic_per_chunk=eidetic_per_chunk, eviction=eviction, conv_size=conv_size)
-        for name, value in (("norm_eps", norm_eps), ("initializer_range", initializer_range)):
-            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                   f"{name} must be a number > 0, got {value!r}")
-        _check(impl in IMPLS, f"impl must be one of {list(IMPLS)}, got {impl!r}")
-        for name, flag in (("tie_word_embeddings", tie_word_embeddings), ("use_cache", use_cache)):
-            _check(isinstance(flag, bool), f"{name} must be True or False, got {flag!r}")
-
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.intermediate_size = intermediate_size
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.fading_rule = fading_rule
-        self.window_size = window_size
-        self.chunk_size = chunk_size
-        self.eidetic_size = eidetic_size
-        self.eidetic_per_chunk = eidetic_per_chunk
-        self.eviction = eviction
-        self.conv_size = conv_size
-        self.norm_eps = norm_eps
-        self.initializer_range = initializer_range
-        self.impl = impl
-        self.use_cache = use_cache
+        arguments = locals()
+        fields = {name: arguments[name] for name in (*LM_FIELD_RULES, *_LAYER_FIELDS)}
+        check_fields(fields, LM_FIELD_RULES)
+        check_bmojo_args(hidden_size=hidden_size, **{name: fields[name] for name in _LAYER_FIELDS})
+        del fields["tie_word_embeddings"]  # stored by PretrainedConfig
+        for name, value in fields.items():
+            setattr(self, name, value)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def layer_kwargs(self) -> dict:
         """Keyword arguments of memmix.layers.BMojo for one layer of this model."""
-        return dict(num_heads=self.num_heads, head_dim=self.head_dim, fading_rule=self.fading_rule,
-                    window_size=self.window_size, chunk_size=self.chunk_size, eidetic_size=self.eidetic_size,
-                    eidetic_per_chunk=self.eidetic_per_chunk, eviction=self.eviction, conv_size=self.conv_size,
-                    norm_eps=self.norm_eps, impl=self.impl)
+        return dict({name: getattr(self, name) for name in _LAYER_FIELDS}, norm_eps=self.norm_eps, impl=self.impl)
 
 
-# Presets for `memmix train --model NAME` (registered in memmix.training.presets).
-BMOJO_PRESETS: dict[str, dict] = {
-    "bmojo-tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=32, window_size=64,
-                       chunk_size=32, eidetic_size=32, eidetic_per_chunk=2),
-    "bmojo-340m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=8, head_dim=128, window_size=512,
-                       chunk_size=64, eidetic_size=256, eidetic_per_chunk=4),
-    "bmojo-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, head_dim=128, window_size=512,
-                       chunk_size=64, eidetic_size=256, eidetic_per_chunk=4),
-}
+def __getattr__(name: str):
+    """BMOJO_PRESETS and bmojo_recall_config moved to memmix.models.presets; the old import path keeps working
+    (memmix.evaluation.recall imports bmojo_recall_config from here)."""
+    if name in ("BMOJO_PRESETS", "bmojo_recall_config"):
+        from memmix.models import presets
 
-
-def bmojo_recall_config(vocab_size: int, d_model: int, num_layers: int, head_dim: int = 32,
-                        **overrides) -> BMojoConfig:
-    """A BMojoConfig for the MQAR recall comparison: heads of head_dim, a 2x MLP, a short window (64) so that
-    recall beyond it must come from the eidetic store (64 tokens per head) or the fading memory."""
-    _check(_is_int(d_model) and _is_int(head_dim) and head_dim >= 1 and d_model % head_dim == 0,
-           f"d_model must be a multiple of head_dim={head_dim}, got {d_model!r}")
-    fields = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=num_layers,
-                  num_heads=d_model // head_dim, head_dim=head_dim, intermediate_size=2 * d_model, window_size=64,
-                  chunk_size=32, eidetic_size=64, eidetic_per_chunk=8, pad_token_id=None, bos_token_id=None,
-                  eos_token_id=None)
-    fields.update(overrides)
-    return BMojoConfig(**fields)
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,38 +5,49 @@ from transformers import PretrainedConfig
 
 from memmix.layers.mlp import default_intermediate_size
 from memmix.layers.moe import FFN_ROUTINGS
-from memmix.layers.mom import MEMORY_RULES
-from memmix.ops.common import IMPLS
+from memmix.layers.mom import _check_args as check_mom_layer_args
+from memmix.layers.mom import _check_groups as check_mom_layer_groups
+from memmix.models.checks import (
+    LM_FIELD_RULES,
+    boolean,
+    check_fields,
+    choice,
+    integer,
+    is_int,
+    number,
+    optional,
+)
 from memmix.routing import AUX_LOSS_MODES
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+# Each stored field's type (and range where it stands alone), in two tables: the MoM layer's arguments, whose
+# values its own check (imported from memmix.layers.mom) then checks together, and the rest. The helpers at the
+# end of this file check the attention and the modality fields together.
+_LAYER_FIELD_RULES = {
+    **LM_FIELD_RULES,
+    "num_heads": integer(),
+    "head_dim": integer(),
+    "expand_v": number(),
+    "num_memories": integer(),
+    "topk": integer(),
+    "conv_size": integer(),
+}
+_OTHER_FIELD_RULES = {
+    "shared_mem": boolean,
+    "single_kv_proj": boolean,
+    "use_output_gate": boolean,
+    "low_memory": boolean,
+    "aux_loss_scale": number(non_negative=True),
+    "aux_loss_mode": choice(AUX_LOSS_MODES),
+    "attn_num_heads": integer(1),
+    "attn_num_kv_heads": integer(1),
+    "rope_theta": number(positive=True),
+    "attn_window_size": optional(integer(1)),
+    "generation_modality": integer(0),
+    "ffn_routing": choice(FFN_ROUTINGS),
+    "ffn_topk": integer(1),
+    "ffn_capacity_factor": number(positive=True),
+    "ffn_aux_router_loss_scale": number(non_negative=True),
+}
 
 
 class MoMConfig(PretrainedConfig):
@@ -107,115 +118,20 @@ class MoMConfig(PretrainedConfig):
         modalities: list[str] | None = None,
         **kwargs,
     ):
-        _check_int("vocab_size", vocab_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_hidden_layers", num_hidden_layers, 1)
-        if intermediate_size is None:
+        if intermediate_size is None and is_int(hidden_size) and hidden_size >= 1:
             intermediate_size = default_intermediate_size(hidden_size)
-        _check_int("intermediate_size", intermediate_size, 1)
-        _check_int("num_heads", num_heads, 1)
-        _check_int("head_dim", head_dim, 1)
-        _check_positive("expand_v", expand_v)
-        value_head_dim = head_dim * expand_v
-        if value_head_dim != int(value_head_dim) or value_head_dim < 1:
-            raise ValueError(
-                f"expand_v must make head_dim * expand_v a positive integer, got head_dim={head_dim}, "
-                f"expand_v={expand_v}"
-            )
-        _check_int("num_memories", num_memories, 1)
-        if not _is_int(topk) or not 1 <= topk <= num_memories:
-            raise ValueError(f"topk must be in [1, num_memories={num_memories}], got {topk!r}")
-        for name, flag in (
-            ("shared_mem", shared_mem),
-            ("single_kv_proj", single_kv_proj),
-            ("use_output_gate", use_output_gate),
-            ("tie_word_embeddings", tie_word_embeddings),
-            ("use_cache", use_cache),
-            ("low_memory", low_memory),
-        ):
-            _check_bool(name, flag)
-        _check_choice("memory_rule", memory_rule, MEMORY_RULES)
-        _check_int("conv_size", conv_size, 2)
-        _check_positive("norm_eps", norm_eps)
-        _check_positive("initializer_range", initializer_range)
-        _check_positive("aux_loss_scale", aux_loss_scale, allow_zero=True)
-        _check_choice("aux_loss_mode", aux_loss_mode, AUX_LOSS_MODES)
-        _check_choice("impl", impl, IMPLS)
-        attn_layers = _checked_attn_layers(attn_layers, num_hidden_layers)
         attn_num_heads = num_heads if attn_num_heads is None else attn_num_heads
-        _check_int("attn_num_heads", attn_num_heads, 1)
-        if attn_layers and (hidden_size % attn_num_heads != 0 or (hidden_size // attn_num_heads) % 2 != 0):
-            raise ValueError(
-                f"attn_num_heads must divide hidden_size={hidden_size} into an even head size (RoPE), "
-                f"got {attn_num_heads}"
-            )
         attn_num_kv_heads = attn_num_heads if attn_num_kv_heads is None else attn_num_kv_heads
-        if not _is_int(attn_num_kv_heads) or attn_num_kv_heads < 1 or attn_num_heads % attn_num_kv_heads != 0:
-            raise ValueError(
-                f"attn_num_kv_heads must be a positive divisor of attn_num_heads={attn_num_heads}, "
-                f"got {attn_num_kv_heads!r}"
-            )
-        _check_positive("rope_theta", rope_theta)
-        if attn_window_size is not None:
-            _check_int("attn_window_size", attn_window_size, 1)
-        modalities = _checked_modalities(modalities, memory_groups, ffn_experts)
-        memory_groups = _checked_groups("memory_groups", memory_groups, modalities)
-        if memory_groups is not None:
-            sizes = list(memory_groups.values())
-            if sum(sizes) != num_memories:
-                raise ValueError(f"memory_groups sizes must sum to num_memories={num_memories}, got {memory_groups}")
-            if topk > min(sizes):
-                raise ValueError(f"topk must be <= the smallest memory group ({min(sizes)}), got {topk}")
-        ffn_experts = _checked_groups("ffn_experts", ffn_experts, modalities)
-        _check_choice("ffn_routing", ffn_routing, FFN_ROUTINGS)
-        smallest_expert_group = min(ffn_experts.values()) if ffn_experts is not None else 1
-        if not _is_int(ffn_topk) or not 1 <= ffn_topk <= smallest_expert_group:
-            raise ValueError(
-                f"ffn_topk must be in [1, smallest expert group={smallest_expert_group}], got {ffn_topk!r}"
-            )
-        _check_positive("ffn_capacity_factor", ffn_capacity_factor)
-        _check_positive("ffn_aux_router_loss_scale", ffn_aux_router_loss_scale, allow_zero=True)
-        num_modalities = max(1, len(modalities))
-        if not _is_int(generation_modality) or not 0 <= generation_modality < num_modalities:
-            raise ValueError(
-                f"generation_modality must be an integer in [0, {num_modalities}) (one per modality group), "
-                f"got {generation_modality!r}"
-            )
-
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.intermediate_size = intermediate_size
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.expand_v = expand_v
-        self.num_memories = num_memories
-        self.topk = topk
-        self.shared_mem = shared_mem
-        self.single_kv_proj = single_kv_proj
-        self.memory_rule = memory_rule
-        self.use_output_gate = use_output_gate
-        self.conv_size = conv_size
-        self.norm_eps = norm_eps
-        self.initializer_range = initializer_range
-        self.aux_loss_scale = aux_loss_scale
-        self.aux_loss_mode = aux_loss_mode
-        self.impl = impl
-        self.low_memory = low_memory
-        self.attn_layers = attn_layers
-        self.attn_num_heads = attn_num_heads
-        self.attn_num_kv_heads = attn_num_kv_heads
-        self.rope_theta = rope_theta
-        self.attn_window_size = attn_window_size
-        self.use_cache = use_cache
-        self.modalities = modalities
-        self.memory_groups = memory_groups
-        self.generation_modality = generation_modality
-        self.ffn_experts = ffn_experts
-        self.ffn_routing = ffn_routing
-        self.ffn_topk = ffn_topk
-        self.ffn_capacity_factor = ffn_capacity_factor
-        self.ffn_aux_router_loss_scale = ffn_aux_router_loss_scale
+        arguments = locals()
+        fields = {name: arguments[name] for name in (*_LAYER_FIELD_RULES, "memory_rule", *_OTHER_FIELD_RULES)}
+        check_fields(fields, _LAYER_FIELD_RULES)
+        check_mom_layer_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
+        check_fields(fields, _OTHER_FIELD_RULES)
+        fields["attn_layers"] = _checked_attention_fields(attn_layers, fields)
+        fields.update(_checked_modality_fields(modalities, memory_groups, ffn_experts, fields))
+        del fields["tie_word_embeddings"]  # stored by PretrainedConfig
+        for name, value in fields.items():
+            setattr(self, name, value)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -248,6 +164,42 @@ class MoMConfig(PretrainedConfig):
         return None if self.ffn_experts is None else list(self.ffn_experts.values())
 
 
+def _checked_attention_fields(attn_layers, fields: dict) -> list[int]:
+    """The sorted attention layer indices; their heads must split hidden_size evenly into an even size (RoPE
+    rotates pairs), and the KV heads must divide the query heads."""
+    attn_layers = _checked_attn_layers(attn_layers, fields["num_hidden_layers"])
+    hidden_size, heads, kv_heads = fields["hidden_size"], fields["attn_num_heads"], fields["attn_num_kv_heads"]
+    if attn_layers and (hidden_size % heads != 0 or (hidden_size // heads) % 2 != 0):
+        raise ValueError(
+            f"attn_num_heads must divide hidden_size={hidden_size} into an even head size (RoPE), got {heads}"
+        )
+    if heads % kv_heads != 0:
+        raise ValueError(f"attn_num_kv_heads must be a positive divisor of attn_num_heads={heads}, got {kv_heads!r}")
+    return attn_layers
+
+
+def _checked_modality_fields(modalities, memory_groups, ffn_experts, fields: dict) -> dict:
+    """The stored modality fields: modalities, memory_groups and ffn_experts in one group order, checked against
+    topk (the layer's group check), ffn_topk and generation_modality."""
+    modalities = _checked_modalities(modalities, memory_groups, ffn_experts)
+    memory_groups = _checked_groups("memory_groups", memory_groups, modalities)
+    if memory_groups is not None:
+        check_mom_layer_groups(list(memory_groups.values()), fields["num_memories"], fields["topk"])
+    ffn_experts = _checked_groups("ffn_experts", ffn_experts, modalities)
+    smallest_expert_group = min(ffn_experts.values()) if ffn_experts is not None else 1
+    if fields["ffn_topk"] > smallest_expert_group:
+        raise ValueError(
+            f"ffn_topk must be in [1, smallest expert group={smallest_expert_group}], got {fields['ffn_topk']!r}"
+        )
+    num_modalities = max(1, len(modalities))
+    if fields["generation_modality"] >= num_modalities:
+        raise ValueError(
+            f"generation_modality must be an integer in [0, {num_modalities}) (one per modality group), "
+            f"got {fields['generation_modality']!r}"
+        )
+    return dict(modalities=modalities, memory_groups=memory_groups, ffn_experts=ffn_experts)
+
+
 def _checked_modalities(modalities, memory_groups, ffn_experts) -> list[str]:
     """The modality names in group order: `modalities` if given (a saved config: JSON sorts dict keys), else
     the key order of memory_groups / ffn_experts; [] without groups."""
@@ -273,7 +225,7 @@ def _checked_groups(name: str, groups, modalities: list[str]) -> dict[str, int] 
         not isinstance(groups, dict)
         or not groups
         or any(not isinstance(k, str) or not k for k in groups)
-        or any(not _is_int(n) or n < 1 for n in groups.values())
+        or any(not is_int(n) or n < 1 for n in groups.values())
     ):
         raise ValueError(
             f"{name} must be a non-empty dict of modality name -> positive integer count "
@@ -291,7 +243,7 @@ def _checked_attn_layers(attn_layers, num_hidden_layers: int) -> list[int]:
     if not isinstance(attn_layers, (list, tuple)):
         raise ValueError(f"attn_layers must be a list of layer indices, got {attn_layers!r}")
     for index in attn_layers:
-        if not _is_int(index) or not 0 <= index < num_hidden_layers:
+        if not is_int(index) or not 0 <= index < num_hidden_layers:
             raise ValueError(
                 f"attn_layers indices must be integers in [0, num_hidden_layers={num_hidden_layers}), got {index!r}"
             )

@@ -45,7 +45,7 @@ class CudaGraphDecoder:
         model = self.model.model
         hidden = model.embeddings(self.static_ids)
         for block, state in zip(model.layers, self.states):
-            hidden, _, _ = block(hidden, self.static_mask, None, state, True, None)
+            hidden = block(hidden, self.static_mask, None, state, True).hidden_states
         return self.model.lm_head(model.norm(hidden))
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
@@ -69,7 +69,7 @@ def can_graph_decode(model, input_ids, cache, flags: dict) -> bool:
         return False
     if input_ids.dim() != 2 or input_ids.shape[1] != 1 or not input_ids.is_cuda or torch.is_grad_enabled():
         return False
-    if any(flags.get(name) is not None for name in ("labels", "inputs_embeds", "cu_seqlens")):
+    if any(flags.get(name) is not None for name in ("labels", "inputs_embeds", "cu_seqlens", "loss_positions")):
         return False
     if flags.get("output_hidden_states") or flags.get("output_router_logits"):
         return False

@@ -1,9 +1,9 @@
-"""Tiny float64 MoM / hybrid models for the model tests."""
+"""Tiny float64 MoM / hybrid and B'MOJO models for the model tests."""
 from __future__ import annotations
 
 import torch
 
-from memmix.models import MoMConfig, MoMForCausalLM
+from memmix.models import BMojoConfig, BMojoForCausalLM, MoMConfig, MoMForCausalLM
 
 VOCAB = 41
 
@@ -39,6 +39,21 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -
                 param.add_(0.1 * torch.randn_like(param))
             elif param.dim() >= 2:
                 param.mul_(10.0)  # std 0.2 weights: routing and memories actually vary with the input
+    return model
+
+
+def tiny_bmojo(seed: int = 0, **overrides) -> BMojoForCausalLM:
+    """A random float64 2-layer B'MOJO model with enlarged weights (conv filters kept), in eval mode."""
+    kwargs = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, intermediate_size=24, num_heads=2,
+                  head_dim=4, window_size=4, chunk_size=3, eidetic_size=3, eidetic_per_chunk=2, conv_size=3,
+                  pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = BMojoForCausalLM(BMojoConfig(**kwargs)).double().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "conv" not in name:
+                param.mul_(10.0)
     return model
 
 

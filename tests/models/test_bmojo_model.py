@@ -8,26 +8,18 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import memmix
 from memmix.layers import BMojoState
 from memmix.models.cache import MoMCache
-from memmix.models.configuration_bmojo import BMOJO_PRESETS, BMojoConfig, bmojo_recall_config
-from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel, build_bmojo_preset
+from memmix.models.configuration_bmojo import BMojoConfig
+from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
+from memmix.models.presets import BMOJO_PRESETS, bmojo_recall_config, build_model
+
+from _model_utils import tiny_bmojo
 
 VOCAB = 37
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
 def tiny_model(seed: int = 0, **overrides) -> BMojoForCausalLM:
-    """A random float64 2-layer model with perturbed weights, in eval mode."""
-    kwargs = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, intermediate_size=24, num_heads=2,
-                  head_dim=4, window_size=4, chunk_size=3, eidetic_size=3, eidetic_per_chunk=2, conv_size=3,
-                  pad_token_id=0, bos_token_id=None, eos_token_id=None)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = BMojoForCausalLM(BMojoConfig(**kwargs)).double().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 and "conv" not in name:
-                param.mul_(10.0)
-    return model
+    return tiny_bmojo(seed, vocab_size=VOCAB, **overrides)
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -176,10 +168,11 @@ def test_exports_presets_and_recall_builder():
     assert memmix.BMojoConfig is BMojoConfig and memmix.BMojoForCausalLM is BMojoForCausalLM
     for shape in BMOJO_PRESETS.values():
         BMojoConfig(vocab_size=100, **shape)
-    tiny = build_bmojo_preset("bmojo-tiny", vocab_size=50, overrides=dict(eviction="fifo"), eos_token_id=3)
+    tiny = build_model("bmojo-tiny", vocab_size=50, overrides=dict(eviction="fifo"), eos_token_id=3)
+    assert isinstance(tiny, BMojoForCausalLM)
     assert tiny.config.eviction == "fifo" and tiny.config.pad_token_id == 3 and tiny.config.vocab_size == 50
-    with pytest.raises(ValueError, match="name"):
-        build_bmojo_preset("bmojo-7b", vocab_size=50)
+    with pytest.raises(ValueError, match="unknown model preset 'bmojo-7b'; did you mean"):
+        build_model("bmojo-7b", vocab_size=50)
     config = bmojo_recall_config(vocab_size=64, d_model=64, num_layers=2)
     assert config.num_heads == 2 and config.eidetic_size > 0
     with pytest.raises(ValueError, match="d_model"):

@@ -32,13 +32,17 @@ def test_attn_layers_sorted_and_round_trip():
 BAD_ARGUMENTS = [
     (dict(vocab_size=0), r"vocab_size must be an integer >= 1"),
     (dict(hidden_size=-4), r"hidden_size must be an integer >= 1"),
+    (dict(hidden_size=True), r"hidden_size must be an integer >= 1, got True"),
     (dict(num_hidden_layers=0), r"num_hidden_layers must be an integer >= 1"),
     (dict(intermediate_size=0), r"intermediate_size must be an integer >= 1"),
-    (dict(num_heads=0), r"num_heads must be an integer >= 1"),
-    (dict(head_dim=2.5), r"head_dim must be an integer >= 1"),
-    (dict(expand_v=0), r"expand_v must be a number > 0"),
-    (dict(head_dim=3, expand_v=0.5), r"expand_v must make head_dim \* expand_v a positive integer"),
-    (dict(num_memories=0), r"num_memories must be an integer >= 1"),
+    # the MoM layer's arguments: their types here, their values by the layer's own check
+    (dict(num_heads=0), r"num_heads must be a positive integer"),
+    (dict(head_dim=2.5), r"head_dim must be an integer, got 2.5"),
+    (dict(expand_v="1"), r"expand_v must be a number, got '1'"),
+    (dict(expand_v=0), r"expand_v must be positive with head_dim \* expand_v an integer"),
+    (dict(head_dim=3, expand_v=0.5), r"expand_v must be positive with head_dim \* expand_v an integer"),
+    (dict(num_memories=0), r"num_memories must be a positive integer"),
+    (dict(topk=1.5), r"topk must be an integer, got 1.5"),
     (dict(num_memories=4, topk=5), r"topk must be in \[1, num_memories=4\], got 5"),
     (dict(topk=0), r"topk must be in \[1, num_memories=4\], got 0"),
     (dict(shared_mem="yes"), r"shared_mem must be True or False"),
@@ -47,7 +51,7 @@ BAD_ARGUMENTS = [
     (dict(tie_word_embeddings="no"), r"tie_word_embeddings must be True or False"),
     (dict(use_cache=0), r"use_cache must be True or False"),
     (dict(low_memory="yes"), r"low_memory must be True or False"),
-    (dict(memory_rule="mamba"), r"memory_rule must be one of \['gated_delta', 'delta', 'gla', 'linear'\]"),
+    (dict(memory_rule="mamba"), r"memory_rule must be one of \('gated_delta', 'delta', 'gla', 'linear'\)"),
     (dict(conv_size=1), r"conv_size must be an integer >= 2"),
     (dict(norm_eps=0.0), r"norm_eps must be a number > 0"),
     (dict(initializer_range=-0.1), r"initializer_range must be a number > 0"),
@@ -63,6 +67,7 @@ BAD_ARGUMENTS = [
      r"attn_num_heads must divide hidden_size=64 into an even head size"),
     (dict(hidden_size=64, attn_layers=[0], attn_num_heads=64),
      r"attn_num_heads must divide hidden_size=64 into an even head size"),
+    (dict(hidden_size=64, attn_num_heads=4, attn_num_kv_heads=0), r"attn_num_kv_heads must be an integer >= 1"),
     (dict(hidden_size=64, attn_num_heads=4, attn_num_kv_heads=3),
      r"attn_num_kv_heads must be a positive divisor of attn_num_heads=4"),
     (dict(rope_theta=0), r"rope_theta must be a number > 0"),
@@ -70,7 +75,7 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, message", BAD_ARGUMENTS, ids=[m.split(" ")[0] for _, m in BAD_ARGUMENTS])
+@pytest.mark.parametrize("kwargs, message", BAD_ARGUMENTS, ids=[next(iter(k)) for k, _ in BAD_ARGUMENTS])
 def test_every_argument_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoMConfig(**kwargs)

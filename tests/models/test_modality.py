@@ -48,7 +48,7 @@ def test_groups_keep_their_order_through_json_and_map_to_layer_sizes():
 
 
 BAD = [
-    (dict(memory_groups={"text": 2, "image": 1}), "sum to num_memories=4"),
+    (dict(memory_groups={"text": 2, "image": 1}), "summing to num_memories=4"),
     (dict(memory_groups={"text": 2, "image": 2}, topk=3), "smallest memory group"),
     (dict(memory_groups=[2, 2]), "memory_groups must be a non-empty dict"),
     (dict(memory_groups={"text": 4, "image": 0}), "memory_groups must be a non-empty dict"),

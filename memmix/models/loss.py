@@ -1,0 +1,93 @@
+"""Next-token cross-entropy of the causal LMs, over every position or only at the positions the caller names.
+
+Position p of a (B, T) sequence predicts labels[:, p + 1] (the usual Hugging Face shift). A target is not scored
+where its label is -100, where `attention_mask` marks it as padding, or across a `cu_seqlens` document boundary.
+With `loss_positions` (B, Q) the LM head runs on the Q gathered hidden states of every row only, and the loss is
+the full loss restricted to those positions: the mean over the gathered targets that are scored.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, T) labels -> (B, T - 1) targets of positions 0 .. T - 2, IGNORE_INDEX where nothing is scored.
+
+    attention_mask (B, T_total): its last T columns mark real tokens; cu_seqlens int64 (N + 1,) with B == 1: the
+    last token of a document does not predict the first of the next.
+    """
+    seq_len = labels.shape[1]
+    targets = labels[:, 1:].clone()  # (B, T-1)
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, -seq_len:][:, 1:] == 0, IGNORE_INDEX)
+    if cu_seqlens is not None:
+        boundaries = cu_seqlens[1:-1].to(targets.device) - 1  # last token of every document but the final one
+        targets[:, boundaries] = IGNORE_INDEX
+    return targets
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    loss_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (at least float32) over the scored targets.
+
+    logits (B, T, V) for every position, or (B, Q, V) for the positions in loss_positions (B, Q) int64;
+    labels (B, T) int64 (-100 = ignored); attention_mask, cu_seqlens: as in next_token_targets.
+    """
+    if loss_positions is None:
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels must have shape (B, T) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+        logits = logits[:, :-1]  # position T - 1 has no target
+        targets = next_token_targets(labels, attention_mask, cu_seqlens)  # (B, T-1)
+    else:
+        if labels.dim() != 2:
+            raise ValueError(f"labels must have shape (B, T), got {tuple(labels.shape)}")
+        check_loss_positions(loss_positions, labels.shape[0], labels.shape[1])
+        if loss_positions.shape != logits.shape[:2]:
+            raise ValueError(f"logits must have shape (B, Q, V) with (B, Q) = loss_positions.shape "
+                             f"{tuple(loss_positions.shape)}, got {tuple(logits.shape)}")
+        targets = next_token_targets(labels, attention_mask, cu_seqlens).gather(1, loss_positions)  # (B, Q)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32, float64 stays
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def check_loss_positions(loss_positions, batch_size: int, seq_len: int) -> None:
+    """Validate loss_positions (B, Q >= 1) int64 with values in [0, T - 1) at the model boundary.
+
+    The range is checked on CPU tensors only: reading an accelerator tensor would synchronise the host. There an
+    index out of range fails inside the gather (a device-side assert on CUDA).
+    """
+    if (
+        not torch.is_tensor(loss_positions)
+        or loss_positions.dtype != torch.int64
+        or loss_positions.dim() != 2
+        or loss_positions.shape[0] != batch_size
+        or loss_positions.shape[1] < 1
+    ):
+        described = f"{loss_positions.dtype} {tuple(loss_positions.shape)}" if torch.is_tensor(loss_positions) else (
+            repr(type(loss_positions).__name__))
+        raise ValueError(f"loss_positions must be an int64 tensor of shape (B={batch_size}, Q >= 1), got {described}")
+    if seq_len < 2:
+        raise ValueError(f"loss_positions needs T >= 2 tokens (position p scores label p + 1), got T={seq_len}")
+    if loss_positions.device.type != "cpu":
+        return
+    if bool(((loss_positions < 0) | (loss_positions >= seq_len - 1)).any()):
+        raise ValueError(
+            f"loss_positions must be in [0, T - 1 = {seq_len - 1}) (position p scores label p + 1), got values in "
+            f"[{int(loss_positions.min())}, {int(loss_positions.max())}]"
+        )
+
+
+def gather_positions(hidden_states: torch.Tensor, loss_positions: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) hidden states at loss_positions (B, Q) -> (B, Q, D); static shapes, no host synchronisation."""
+    index = loss_positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])  # (B, Q, D)
+    return hidden_states.gather(1, index)
