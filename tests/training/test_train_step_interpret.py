@@ -1,0 +1,73 @@
+"""The training step of every recall model reads nothing back to the host on the path CUDA takes, so a CUDA graph
+can capture it: MoM and its single-memory twins on the Triton segment kernels and the Triton gated delta rule, linear
+attention on the dense layout, softmax attention, B'MOJO. Checked on the CPU with Triton's interpreter standing in
+for the GPU (the optimiser is left out: on the CPU Adam reads its step count back, on CUDA it is capturable).
+
+TRITON_INTERPRET=1 must be set before triton is imported, so the cases run in a child process (this file as a
+script prints one JSON object) and the tests check them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import print_case_results
+
+TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, attn_num_heads=2,
+            intermediate_size=64)
+CASES = {  # the recall benchmark's models at a tiny size, with the kernels CUDA would run
+    "mom": dict(num_memories=4, topk=2, shared_mem=True, impl="triton"),
+    "gdn": dict(num_memories=1, topk=1, shared_mem=False, impl="triton"),
+    "linear": dict(num_memories=1, topk=1, shared_mem=False, memory_rule="linear"),
+    "attention": dict(num_memories=1, topk=1, shared_mem=False, attn_layers=[0, 1]),
+    "bmojo": dict(),
+}
+
+
+def run_case(name: str, seed: int) -> dict:
+    from memmix.models import BMojoForCausalLM, MoMConfig, MoMForCausalLM
+    from memmix.models.presets import bmojo_recall_config
+    from memmix.ops.mom import triton_path
+    from memmix.training.step import clip_grad_norm, find_host_syncs
+
+    torch.manual_seed(seed)
+    if name == "bmojo":
+        model = BMojoForCausalLM(bmojo_recall_config(64, 32, 2, head_dim=16))
+    else:
+        model = MoMForCausalLM(MoMConfig(**TINY, **CASES[name]))
+    ids = torch.randint(0, 64, (2, 40))
+    from memmix.ops.triton import gated_delta_rule as kernels
+
+    calls = []
+    original, original_key = triton_path.triton_memories, kernels._layout_key
+    triton_path.triton_memories = lambda *a, **k: calls.append(1) or original(*a, **k)
+    # the chunk-layout cache keys CPU bounds by their values (a host read that only the CPU takes); on CUDA it keys
+    # them by the tensor, and a captured step misses the cache (new bounds each forward): build, as there
+    kernels._layout_key = lambda batch, seq_len, cu_seqlens, device: (
+        None if cu_seqlens is not None else original_key(batch, seq_len, cu_seqlens, device))
+    try:
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            clip_grad_norm(model.parameters(), 1.0)
+            return loss
+
+        syncs = find_host_syncs(step)
+    finally:
+        triton_path.triton_memories, kernels._layout_key = original, original_key
+    return {"syncs": syncs, "triton_segment_calls": len(calls)}
+
+
+INTERPRET_TIMEOUT = 600
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_step_never_syncs_the_host(interpret_results, name):
+    result = interpret_results[name]
+    assert result["syncs"] == [], f"{name}: host reads {result['syncs']}"
+    if name in ("mom", "gdn"):
+        assert result["triton_segment_calls"] == 2  # one per layer: the Triton path ran, not the PyTorch one
+
+
+if __name__ == "__main__":
+    print_case_results(run_case, CASES)
