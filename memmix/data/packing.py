@@ -25,6 +25,7 @@ class TokenCorpus:
     vocab_size: int
     source: str = ""
     meta: dict = field(default_factory=dict)
+    part_paths: list[str] = field(default_factory=list)  # the shard file of each part (empty for text)
 
     @property
     def num_tokens(self) -> int:
@@ -85,10 +86,21 @@ class PackedRows:
         start = (index - int(self.first_row[part])) * self.seq_len
         end = start + self.seq_len
         row = np.asarray(tokens[start:end], dtype=np.int64)
+        if row.size and int(row.max()) >= self.corpus.vocab_size:  # unverified shards: damaged tokens
+            self._out_of_range(part, start, row)
         lo, hi = np.searchsorted(offsets, [start, end], side="right")
         doc_starts = np.asarray(offsets[lo:hi], dtype=np.int64) - start
         doc_starts = doc_starts[(doc_starts > 0) & (doc_starts < self.seq_len)]
         return row, doc_starts
+
+
+    def _out_of_range(self, part: int, start: int, row: np.ndarray) -> None:
+        position = int(np.argmax(row >= self.corpus.vocab_size))
+        where = self.corpus.part_paths[part] if self.corpus.part_paths else self.corpus.source
+        raise InputError(f"shard '{where}' has corrupt tokens: token {start + position} is id {int(row[position])}, "
+                         f"outside the vocabulary of {self.corpus.vocab_size}; delete '{where}' and re-run "
+                         "`memmix prepare` (the token checksum, skipped by --no-verify-shards, finds such damage "
+                         "when the shards are opened)")
 
 
 def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
