@@ -23,7 +23,7 @@ def load_corpus(
 
     encoding_errors: what to do with bytes that are not UTF-8 (see memmix.data.sources)."""
     if not path:
-        raise InputError("no training data given; pass --data PATH (text file/folder, JSONL, dataset or shards)")
+        raise InputError("no training data given: pass a text file/folder, JSONL, dataset or shards", "data")
     fmt = detect_format(path) if data_format == "auto" else data_format
     if fmt == "shards":
         return _corpus_from_shards(path, tokenizer, tokenizer_spec, verify_shards)

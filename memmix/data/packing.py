@@ -66,14 +66,12 @@ class PackedRows:
 
     def __post_init__(self):
         if self.seq_len < 2:
-            raise InputError(f"--seq-len must be >= 2, got {self.seq_len}")
+            raise InputError(f"must be >= 2, got {self.seq_len}", "seq_len")
         self.rows_per_part = [len(tokens) // self.seq_len for tokens, _ in self.corpus.parts]
         self.first_row = np.concatenate([[0], np.cumsum(self.rows_per_part)]).astype(np.int64)
         if self.num_rows == 0:
-            raise InputError(
-                f"data '{self.corpus.source}' has {self.corpus.num_tokens} tokens, fewer than one row of "
-                f"--seq-len {self.seq_len}; lower --seq-len or add data"
-            )
+            raise InputError(f"data '{self.corpus.source}' has {self.corpus.num_tokens} tokens, fewer than one row of "
+                             f"{self.seq_len}; lower it or add data", "seq_len")
 
     @property
     def num_rows(self) -> int:

@@ -39,7 +39,8 @@ def prepare_shards(
         raise InputError(reason, "out_dir")
     existing = [f for f in os.listdir(out_dir) if f.endswith(SHARD_SUFFIX)] if os.path.isdir(out_dir) else []
     if existing and not overwrite:
-        raise InputError(f"'{out_dir}' already holds {len(existing)} shards; pass --overwrite or another --out")
+        raise InputError(f"'{out_dir}' already holds {len(existing)} shards; pass overwrite (--overwrite) or another "
+                         "folder", "out_dir")
     name = tokenizer_spec_name(tokenizer_spec)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     written, writer, tokens_done = [], None, 0

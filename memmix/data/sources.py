@@ -95,8 +95,8 @@ def iter_jsonl_file(path: str, text_field: str = "text", encoding_errors: str = 
             if not isinstance(row, dict) or text_field not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise InputError(
-                    f"{path}:{line_no} has no field '{text_field}' (it has {keys}); pass --text-field NAME"
-                )
+                    f"{path}:{line_no} has no field '{text_field}' (it has {keys}); pass the field that holds the "
+                    "text", "text_field")
             if row[text_field]:
                 yield check_text(str(row[text_field]), f"'{path}' (line {line_no})", encoding_errors)
 
@@ -119,12 +119,11 @@ def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "t
             ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise InputError(f"dataset '{name_or_path}' has no split '{split}' (it has {sorted(ds)}); pass --split")
+            raise InputError(f"dataset '{name_or_path}' has no split '{split}' (it has {sorted(ds)})", "split")
         ds = ds[split]
     if text_field not in ds.column_names:
         raise InputError(
-            f"dataset '{name_or_path}' has no column '{text_field}' (it has {ds.column_names}); pass --text-field"
-        )
+            f"dataset '{name_or_path}' has no column '{text_field}' (it has {ds.column_names})", "text_field")
     for index, row in enumerate(ds):
         if row[text_field]:
             yield check_text(str(row[text_field]), f"dataset '{name_or_path}' (row {index})", encoding_errors)
