@@ -4,7 +4,8 @@ Parsing imports neither torch nor transformers, so `--help` and argument errors 
 the arguments are known to be good. One error path for every sub-command: a parse error, bad input found by the
 library (memmix InputError, which may name the argument at fault; the flag is shown instead) or a bad recall
 setting prints one line `memmix <command>: error: ...` and exits with status 2; Ctrl-C prints one line and exits
-with status 130. `main` returns 0 on success and raises SystemExit otherwise, as argparse does.
+with status 130 (both raise SystemExit, as argparse does). `main` returns the exit status otherwise: 0, or 1 when
+a result could not be written where asked and went to a fallback file (named on stderr).
 """
 from __future__ import annotations
 
