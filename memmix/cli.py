@@ -1,202 +1,361 @@
-"""The `memmix` command. Each sub-command is a thin wrapper over the library.
+"""The `memmix` command. Each sub-command parses and checks its arguments, then calls the library.
 
-Sub-commands register themselves through one `_add_<name>` function each, so separate
-sub-commands never share code paths here.
+Parsing imports neither torch nor transformers, so `--help` and argument errors are instant; the library loads once
+the arguments are known to be good. One error path for every sub-command: a parse error, bad input found by the
+library (memmix InputError, which may name the argument at fault; the flag is shown instead) or a bad recall
+setting prints one line `memmix <command>: error: ...` and exits with status 2; Ctrl-C prints one line and exits
+with status 130 (both raise SystemExit, as argparse does). `main` returns the exit status otherwise: 0, or 1 when
+a result could not be written where asked and went to a fallback file (named on stderr).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import os
+import re
 import sys
+
+from memmix.data.errors import InputError
+from memmix.data.sources import ENCODING_ERRORS
+from memmix.devices import parse_device, resolve_device
+
+# GPU-sized recall presets: CPU-core hours, from timing two steps of each model at d_model 64 and 256, seq_len 64 and
+# 512 on a 2-core AMD EPYC (2 s to 52 s per step: the 8192-token vocabulary dominates) for 20,000 steps x 12 runs.
+_GPU_PRESET_CPU_HOURS = {"paper": 1000, "zoology": 1000}
+
+
+class UsageError(Exception):
+    """Bad command-line input to sub-command `prog` (printed as one line, exit status 2)."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default value (booleans and empty defaults are left out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or "(default:" in text or not action.option_strings:
+            return text
+        if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or default == "":
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with memmix's error path: errors raise UsageError (one line, with a 'did you mean' for unknown
+    options and choices); help shows defaults, also those that `lazy_defaults()` computes only when help is asked
+    for; `passthrough` parsers keep every argument unparsed (for wrapped command lines)."""
+
+    def __init__(self, *args, lazy_defaults=None, passthrough: bool = False, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.lazy_defaults, self.passthrough = lazy_defaults, passthrough
+
+    def error(self, message: str):
+        raise UsageError(self.prog, f"{_with_suggestion(message)}; see `{self.prog} --help`")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.passthrough:
+            namespace = namespace or argparse.Namespace()
+            for key, value in self._defaults.items():
+                setattr(namespace, key, value)
+            namespace.passthrough_args = list(sys.argv[1:] if args is None else args)
+            return namespace, []
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            options = [o for action in self._actions for o in action.option_strings]
+            close = difflib.get_close_matches(extras[0].split("=")[0], options, n=1)
+            kind = "option" if extras[0].startswith("-") else "argument"
+            self.error(f"unknown {kind} '{extras[0]}'" + (f" (did you mean {close[0]}?)" if close else ""))
+        return namespace, extras
+
+    def format_help(self) -> str:
+        if self.lazy_defaults is not None:
+            notes = self.lazy_defaults()
+            for action in self._actions:
+                if action.dest in notes and "(default:" not in (action.help or ""):
+                    action.help = f"{action.help or ''} ({notes[action.dest]})".replace("%", "%%")
+            self.lazy_defaults = None
+        return super().format_help()
+
+
+def _with_suggestion(message: str) -> str:
+    """argparse's 'invalid choice' message, with the closest choice."""
+    match = re.search(r"^(.*)invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if not match:
+        return message
+    choices = [c.strip().strip("'") for c in match.group(3).split(",")]
+    close = difflib.get_close_matches(match.group(2), choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{match.group(1)}invalid choice '{match.group(2)}'{hint}; choose from {', '.join(choices)}"
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _device_type(text: str) -> str:
+    try:
+        return parse_device(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(err.detail) from None
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device_type, default="auto",
+                   help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N")
+
+
+def _add_encoding_errors(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+                   help="bytes that are not UTF-8: strict stops with the file and byte offset; replace reads them "
+                        "as U+FFFD")
+
+
+def _check_output(flag: str, path: str | None, is_dir: bool = False) -> None:
+    """Fail before the work starts when an output path cannot be written."""
+    if not path:
+        return
+    from memmix.files import check_writable
+
+    reason = check_writable(path, is_dir=is_dir)
+    if reason:
+        raise InputError(reason, argument=flag)
+
+
+def _write_output(prog: str, flag: str, path: str, write) -> bool:
+    """write(path); if that fails after the work is done, write to a fallback file instead and say where.
+    Returns False when the output did not land at `path`."""
+    import tempfile
+
+    try:
+        write(path)
+        print(f"{prog}: wrote {path}", file=sys.stderr)
+        return True
+    except OSError as err:
+        reason = err.strerror or str(err)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    fd, fallback = tempfile.mkstemp(prefix=f"memmix-{stem or 'output'}-", suffix=ext)
+    os.close(fd)
+    try:
+        write(fallback)
+    except OSError as err:
+        print(f"{prog}: could not write {flag} '{path}' ({reason}) nor the fallback '{fallback}' "
+              f"({err.strerror or err}); the results are only on screen", file=sys.stderr)
+        return False
+    print(f"{prog}: could not write {flag} '{path}' ({reason}); wrote it to {fallback} instead", file=sys.stderr)
+    return False
+
+
+def _read_prompt(text: str, errors: str) -> str:
+    """--prompt text ('-': stdin) as valid UTF-8 text, under the --encoding-errors policy."""
+    from memmix.data.sources import decode_utf8
+
+    if text == "-":
+        return decode_utf8(sys.stdin.buffer.read(), "stdin", errors)
+    return decode_utf8(os.fsencode(text), "--prompt", errors)  # argv bytes that are not UTF-8 come as surrogates
+
+
+# ----------------------------------------------------------------------------------------------- recall
+
+# RecallSettings / MixedRecallSettings field -> (flag, kind, help); kind: "names" or "ints" (comma lists), int, float.
+# A field that only one --task's settings have is refused for the other task.
+_RECALL_OPTIONS = {
+    "models": ("--models", "names", "comma list of models (mqar: attention, mom, gdn, linear, bmojo, ...; "
+                                    "mixed: aware, blind, aware+moe)"),
+    "seq_lens": ("--seq-len", "ints", "sequence lengths, e.g. 64,128"),
+    "num_kv_pairs": ("--num-kv-pairs", "ints", "key-value pair counts, e.g. 4,8,16"),
+    "d_models": ("--d-model", "ints", "model widths, e.g. 64 (several: one row each)"),
+    "num_layers": ("--layers", int, "layers per model"),
+    "head_dim": ("--head-dim", int, "head size"),
+    "steps": ("--steps", int, "training steps per model (the shared budget)"),
+    "lr": ("--lr", float, "peak learning rate"),
+    "batch_size": ("--batch-size", int, "training batch size"),
+    "vocab_size": ("--vocab-size", int, "vocabulary size"),
+    "num_train": ("--num-train", int, "training sequences per seq_len"),
+    "num_test": ("--num-test", int, "test sequences per (seq_len, num_kv_pairs)"),
+    "seed": ("--seed", int, "seed of the data and the models"),
+    "num_threads": ("--threads", int, "CPU threads per run (these tiny models gain little from more; "
+                                      "0 = torch's default)"),
+    "workers": ("--workers", int, "training runs at once, each in its own process (0: one per CPU core on the "
+                                  "CPU, 1 on CUDA); the results do not depend on it"),
+    "topks": ("--topk", "ints", "top-k values to compare, e.g. 1,2"),
+    "num_segments": ("--num-segments", int, "segments per modality (they alternate)"),
+}
+_RECALL_FLAGS = {name: flag for name, (flag, _, _) in _RECALL_OPTIONS.items()}
+
+
+def _recall_modules():
+    from memmix.evaluation import mixed_recall, recall
+
+    return recall, mixed_recall
+
+
+def _recall_help_notes() -> dict[str, str]:
+    """'default: ...' for each recall option, read from the settings classes (imported only for --help)."""
+    recall, mixed = _recall_modules()
+    tasks = {"mqar": recall.RecallSettings(), "mixed": mixed.MixedRecallSettings()}
+    notes = {}
+    for name in _RECALL_OPTIONS:
+        have = {task: getattr(s, name) for task, s in tasks.items() if hasattr(s, name)}
+        values = {task: ",".join(map(str, v)) if isinstance(v, list) else str(v) for task, v in have.items()}
+        if len(values) == 1:
+            task, value = next(iter(values.items()))
+            notes[name] = f"--task {task} only; default: {value}"
+        elif len(set(values.values())) == 1:
+            notes[name] = f"default: {values['mqar']}"
+        else:
+            notes[name] = "default: " + "; ".join(f"{v} ({t})" for t, v in values.items())
+    notes["preset"] = f"--task mqar only; one of: {', '.join(recall.PRESETS)}"
+    return notes
 
 
 def _add_recall(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "recall", help="MQAR associative-recall benchmark: train and compare models",
         description="Train several models on multi-query associative recall (MQAR) under one budget and print "
-                    "their accuracy per (seq_len, num_kv_pairs). Options given override the preset.")
-    p.add_argument("--preset", choices=["default", "paper"], default="default",
-                   help="default: the CPU demo (~6.5 min on 2 cores); paper: the Zoology-style grid (for a GPU)")
-    p.add_argument("--models", help="comma list of: attention, mom, gdn, linear (and any registered model)")
-    p.add_argument("--seq-len", dest="seq_lens", nargs="+", help="sequence lengths, e.g. 64,128")
-    p.add_argument("--num-kv-pairs", dest="num_kv_pairs", nargs="+", help="key-value pair counts, e.g. 4,8,16")
-    p.add_argument("--d-model", dest="d_models", nargs="+", help="model widths, e.g. 64 (several: one row each)")
-    p.add_argument("--layers", dest="num_layers", type=int)
-    p.add_argument("--head-dim", dest="head_dim", type=int)
-    p.add_argument("--steps", type=int, help="training steps per model (the shared budget)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--vocab-size", dest="vocab_size", type=int)
-    p.add_argument("--num-train", dest="num_train", type=int, help="training sequences per seq_len")
-    p.add_argument("--num-test", dest="num_test", type=int, help="test sequences per (seq_len, num_kv_pairs)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--threads", dest="num_threads", type=int,
-                   help="CPU threads (default 1: these tiny models gain little from more; 0 = torch's default)")
-    p.add_argument("--workers", type=int,
-                   help="training runs at once, each in its own process (default 0: one per CPU core on the CPU, "
-                        "1 on CUDA); results do not depend on it")
-    p.add_argument("--json", dest="json_path", metavar="PATH", help="write all settings and results here")
-    p.add_argument("--plot", dest="plot_path", metavar="PATH", help="write a PNG of accuracy against num_kv_pairs")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+                    "their accuracy per (seq_len, num_kv_pairs). Options given override the preset.",
+        lazy_defaults=_recall_help_notes)
     p.add_argument("--task", choices=["mqar", "mixed"], default="mqar",
                    help="mqar: compare models on MQAR; mixed: mixed-modal recall, modality-aware against "
                         "modality-blind memory routing (--models aware,blind[,aware+moe], --topk)")
-    p.add_argument("--topk", dest="topks", nargs="+", help="--task mixed: top-k values to compare, e.g. 1,2")
-    p.add_argument("--num-segments", dest="num_segments", type=int,
-                   help="--task mixed: segments per modality (they alternate)")
-    p.error = _recall_error  # type: ignore[method-assign]  # one line, exit 2, like the checks below
-    p.set_defaults(func=lambda args: _run_mixed_recall(args) if args.task == "mixed" else _run_recall(args))
+    p.add_argument("--preset", default="default",
+                   help="default: the CPU demo (about 9 min on 2 idle cores); paper: the Zoology-style grid "
+                        "(for a GPU: it refuses to start on the CPU without --force)")
+    p.add_argument("--force", action="store_true", help="run a GPU-sized preset on the CPU anyway")
+    for name, (flag, kind, help_text) in _RECALL_OPTIONS.items():
+        if kind in ("names", "ints"):
+            p.add_argument(flag, dest=name, nargs="+", metavar=flag.lstrip("-").upper(), help=help_text)
+        else:
+            p.add_argument(flag, dest=name, type=kind, help=help_text)
+    _add_device(p)
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="write all settings and results here")
+    p.add_argument("--plot", dest="plot_path", metavar="PATH", help="write a PNG of accuracy against num_kv_pairs "
+                                                                    "(--task mqar)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.set_defaults(run=_run_recall, prog=p.prog, flags=_RECALL_FLAGS)
 
 
-_RECALL_OPTIONS = {"seq_lens": "--seq-len", "num_kv_pairs": "--num-kv-pairs", "d_models": "--d-model",
-                   "num_layers": "--layers", "num_threads": "--threads"}
-_RECALL_LIST_FIELDS = ("seq_lens", "num_kv_pairs", "d_models")
+def _recall_value(name: str, kind, raw):
+    flag = _RECALL_FLAGS[name]
+    if kind == "names":
+        return [m.strip() for chunk in raw for m in chunk.split(",") if m.strip()]
+    if kind == "ints":
+        items = [x.strip() for chunk in raw for x in chunk.split(",") if x.strip()]
+        try:
+            return [int(x) for x in items]
+        except ValueError:
+            raise InputError(f"expected integers separated by commas, got {','.join(raw)}", argument=flag) from None
+    return raw
 
 
-def _recall_error(message: str) -> None:
-    print(f"memmix recall: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _recall_settings(args: argparse.Namespace):
-    """RecallSettings from the preset, overridden by every option given; ValueError names the bad option."""
-    import torch
-    from memmix.evaluation.recall import PRESETS, RecallSettings
-
-    values = dict(PRESETS[args.preset])
-    values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.models is not None:
-        values["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
-    for name in _RECALL_LIST_FIELDS:
+def _recall_settings(args: argparse.Namespace, device: str):
+    """The settings of --task from the preset, overridden by every option given; InputError names the option."""
+    recall, mixed = _recall_modules()
+    mqar = args.task == "mqar"
+    if mqar and args.preset not in recall.PRESETS:
+        close = difflib.get_close_matches(args.preset, list(recall.PRESETS), n=1)
+        raise InputError(f"unknown preset {args.preset!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; allowed: {', '.join(recall.PRESETS)}", argument="--preset")
+    if not mqar and (args.preset != "default" or args.plot_path):
+        raise InputError("applies to --task mqar only", argument="--preset" if args.preset != "default" else "--plot")
+    cls = recall.RecallSettings if mqar else mixed.MixedRecallSettings
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(recall.PRESETS[args.preset]) if mqar else {}
+    values["device"] = device
+    for name, (flag, kind, _) in _RECALL_OPTIONS.items():
         raw = getattr(args, name)
-        if raw is not None:
-            values[name] = _recall_int_list(name, raw)
-    for name in ("num_layers", "head_dim", "steps", "lr", "batch_size", "vocab_size", "num_train", "num_test",
-                 "seed", "device", "num_threads", "workers"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    return RecallSettings(**values)
-
-
-def _recall_int_list(name: str, raw: list[str]) -> list[int]:
-    items = [x for chunk in raw for x in chunk.split(",") if x.strip()]
+        if raw is None:
+            continue
+        if name not in fields:
+            raise InputError(f"applies to --task {'mixed' if mqar else 'mqar'} only", argument=flag)
+        values[name] = _recall_value(name, kind, raw)
+    settings = cls(**values)
     try:
-        return [int(x) for x in items]
-    except ValueError:
-        option = _RECALL_OPTIONS.get(name, f"--{name}")
-        raise ValueError(f"{option}: expected integers separated by commas, got {','.join(raw)}") from None
+        (recall.validate_settings if mqar else mixed.validate_mixed_settings)(settings)
+    except recall.RecallSettingError as err:
+        raise InputError(err.detail, argument=err.setting) from None
+    return settings
+
+
+def _check_cpu_preset(args: argparse.Namespace, device) -> None:
+    """A GPU-sized preset on the CPU: refuse without --force, warn with the estimate with it."""
+    hours = _GPU_PRESET_CPU_HOURS.get(args.preset)
+    if hours is None or device.type != "cpu":
+        return
+    cores = os.cpu_count() or 1
+    estimate = f"roughly {hours:,} CPU-core hours, about {hours / cores / 24:.0f} days on this machine's {cores} cores"
+    if not args.force:
+        raise InputError(f"{args.preset!r} is sized for a GPU: {estimate}; pass --device cuda on a GPU machine, "
+                         "or --force to run it here anyway", argument="--preset")
+    print(f"{args.prog}: warning: --preset {args.preset} on the CPU: {estimate}", file=sys.stderr)
 
 
 def _run_recall(args: argparse.Namespace) -> int:
-    from memmix.evaluation import recall
+    device = resolve_device(args.device)
+    _check_output("--json", args.json_path)
+    _check_output("--plot", args.plot_path)
+    settings = _recall_settings(args, str(device))
+    _check_cpu_preset(args, device)
+    recall, mixed = _recall_modules()
     from memmix.files import atomic_write_json
 
-    try:
-        settings = _recall_settings(args)
-        recall.validate_settings(settings)
-    except recall.RecallSettingError as err:
-        option = _RECALL_OPTIONS.get(err.setting, "--" + err.setting.replace("_", "-"))
-        _recall_error(f"{option}: {err.detail}")
-    except ValueError as err:
-        _recall_error(str(err))
-    report = recall.run_recall(settings, progress=args.progress)
-    print(recall.format_table(report))
+    if args.task == "mixed":
+        report = mixed.run_mixed_recall(settings, progress=args.progress)
+        print(mixed.format_mixed_table(report))
+        summary = mixed.mixed_summary_line(report)
+    else:
+        report = recall.run_recall(settings, progress=args.progress)
+        print(recall.format_table(report))
+        summary = recall.summary_line(report)
+    written = True
     if args.json_path:
-        atomic_write_json(args.json_path, report.as_dict())
+        written &= _write_output(args.prog, "--json", args.json_path, lambda p: atomic_write_json(p, report.as_dict()))
     if args.plot_path:
-        recall.plot_accuracy(report, args.plot_path)
-    print(recall.summary_line(report))
-    return 0
+        written &= _write_output(args.prog, "--plot", args.plot_path, lambda p: recall.plot_accuracy(report, p))
+    print(summary)
+    return 0 if written else 1
 
 
-def _run_mixed_recall(args: argparse.Namespace) -> int:
-    """`memmix recall --task mixed`: memmix.evaluation.mixed_recall with the recall options that apply."""
-    import torch
-    from memmix.evaluation import mixed_recall as mixed
-    from memmix.evaluation.recall import RecallSettingError
-    from memmix.files import atomic_write_json
-
-    options = {**_RECALL_OPTIONS, "topks": "--topk", "num_segments": "--num-segments"}
-    if args.preset != "default" or args.plot_path or args.workers is not None:
-        _recall_error("--preset, --plot and --workers apply to --task mqar only")
-    values = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
-    try:
-        if args.models is not None:
-            values["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
-        for name in ("seq_lens", "num_kv_pairs", "d_models", "topks"):
-            if getattr(args, name) is not None:
-                values[name] = [int(x) for chunk in getattr(args, name) for x in chunk.split(",") if x.strip()]
-        for name in ("num_layers", "head_dim", "steps", "lr", "batch_size", "vocab_size", "num_train", "num_test",
-                     "seed", "device", "num_threads", "num_segments"):
-            if getattr(args, name) is not None:
-                values[name] = getattr(args, name)
-        settings = mixed.MixedRecallSettings(**values)
-        mixed.validate_mixed_settings(settings)
-    except RecallSettingError as err:
-        _recall_error(f"{options.get(err.setting, '--' + err.setting.replace('_', '-'))}: {err.detail}")
-    except ValueError as err:
-        _recall_error(f"{options.get(name, '--' + name)}: expected integers separated by commas ({err})")
-    report = mixed.run_mixed_recall(settings, progress=args.progress)
-    print(mixed.format_mixed_table(report))
-    if args.json_path:
-        atomic_write_json(args.json_path, report.as_dict())
-    print(mixed.mixed_summary_line(report))
-    return 0
-
-
-def _one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Parser errors (bad value, unknown option) as one line + exit 2, unknown options with a suggestion."""
-    import difflib
-
-    def error(message: str) -> None:
-        print(f"{p.prog}: error: {message}; see `{p.prog} --help`", file=sys.stderr)
-        sys.exit(2)
-
-    parse_known = p.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        namespace, extras = parse_known(args, namespace)
-        if extras:
-            options = [o for a in p._actions for o in a.option_strings]
-            close = difflib.get_close_matches(extras[0].split("=")[0], options, n=1)
-            error(f"unknown option '{extras[0]}'" + (f" (did you mean {close[0]}?)" if close else ""))
-        return namespace, extras
-
-    p.error = error  # type: ignore[method-assign]
-    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
-    return p
-
-
-def _run_reporting_input_errors(prog: str, fn, args: argparse.Namespace) -> int:
-    """Run a sub-command; bad user input (memmix InputError) becomes one line on stderr and exit status 2."""
-    from memmix.data.errors import InputError
-
-    try:
-        return int(fn(args) or 0)
-    except InputError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (the last checkpoint is kept; --resume continues)", file=sys.stderr)
-        return 130
+# ----------------------------------------------------------------------------------------------- prepare
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = _one_line_errors(sub.add_parser(
-        "prepare", allow_abbrev=False, help="tokenise text into binary token shards for training",
+    p = sub.add_parser(
+        "prepare", help="tokenise text into binary token shards for training",
         description="Tokenise documents (text files/folders, JSONL, a saved or hub dataset) into memory-mapped "
-                    "token shards (*.mmtok) with checksummed headers."))
+                    "token shards (*.mmtok) with checksummed headers.")
     p.add_argument("data", help="text file or folder, JSONL file, saved dataset folder, or hf:NAME")
     p.add_argument("--out", required=True, help="folder for the shards")
     p.add_argument("--tokenizer", default="byte", help="'byte' (built in) or a local Hugging Face tokenizer folder")
-    p.add_argument("--data-format", default="auto", choices=["auto", "text", "jsonl", "hf"])
+    p.add_argument("--data-format", default="auto", choices=["auto", "text", "jsonl", "hf"], help="input format")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     p.add_argument("--split", default="train", help="dataset split")
     p.add_argument("--doc-separator", default=None, help="split plain-text files into documents at this string")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (documents are not split)")
+    p.add_argument("--shard-tokens", type=_int_at_least(1), default=100_000_000,
+                   help="tokens per shard (documents are not split)")
+    _add_encoding_errors(p)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.set_defaults(func=lambda args: _run_reporting_input_errors("memmix prepare", _run_prepare, args))
+    p.set_defaults(run=_run_prepare, prog=p.prog, flags={"out_dir": "--out", "data": "DATA"})
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
@@ -206,145 +365,246 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer)
     paths = prepare_shards(args.data, args.out, tokenizer, args.tokenizer, args.data_format, args.text_field,
-                           args.split, args.doc_separator, args.shard_tokens, args.overwrite, args.progress)
+                           args.split, args.doc_separator, args.shard_tokens, args.overwrite, args.progress,
+                           encoding_errors=args.encoding_errors)
     tokens = sum(int(read_header(p)["num_tokens"]) for p in paths)
     print(f"wrote {len(paths)} shard(s), {tokens:,} tokens, to {args.out}")
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- train
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from memmix.training.config import add_config_flags
 
-    p = _one_line_errors(sub.add_parser(
-        "train", allow_abbrev=False, help="train a language model (single GPU/CPU, or DDP/FSDP under torchrun)",
+    p = sub.add_parser(
+        "train", help="train a language model (single GPU/CPU, or DDP/FSDP under torchrun)",
         description="Pre-train a MoM / GDN / Transformer language model. Settings: defaults < --config file < flags. "
-                    "Multi-GPU: torchrun --nproc_per_node N -m memmix.cli train ... --parallel ddp|fsdp"))
+                    "Multi-GPU: torchrun --nproc_per_node N -m memmix train ... --parallel ddp|fsdp")
     p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, '-' or '_')")
     add_config_flags(p)
-    p.set_defaults(func=lambda args: _run_reporting_input_errors("memmix train", _run_train, args))
+    p.set_defaults(run=_run_train, prog=p.prog, flags={}, interrupted=_train_interrupted)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from memmix.training.config import config_from_args
     from memmix.training.trainer import train
 
-    result = train(config_from_args(args))
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    config = config_from_args(args)
+    args.out_dir = config.out_dir
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.get("already_finished"):
+        print(f"nothing to do: the run in {result['out_dir']} already finished at step {result['step']} "
+              f"(--max-steps {config.max_steps}); raise --max-steps to train further")
+    else:
         print(f"trained to step {result['step']}: loss {result['loss']:.4f}, {result['tokens']:,} tokens; "
               f"outputs in {result['out_dir']}")
     return 0
 
 
+def _train_interrupted(args: argparse.Namespace) -> str:
+    out_dir = getattr(args, "out_dir", None)
+    if not out_dir:  # interrupted before the settings were read
+        return ""
+    from memmix.training.checkpoint import CheckpointDir
+
+    latest = CheckpointDir(out_dir).latest()
+    if latest is None:
+        return f"; no checkpoint was written to {out_dir} yet"
+    return f"; the last checkpoint is {latest}: the same command with --resume continues from it"
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+_PPL_FLAGS = {"window": "--seq-len", "path": "--model"}
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained model (perplexity, lm-evaluation-harness)")
+    p = sub.add_parser("eval", help="evaluate a trained model (perplexity, lm-evaluation-harness)",
+                       description="Evaluate a trained model.")
     tasks = p.add_subparsers(dest="eval_command", required=True, metavar="TASK")
-    ppl = _one_line_errors(tasks.add_parser(
-        "ppl", allow_abbrev=False, help="perplexity on held-out text",
+    ppl = tasks.add_parser(
+        "ppl", help="perplexity on held-out text",
         description="Perplexity of a checkpoint / run folder / saved model on held-out data; each document is "
-                    "scored on its own (memories reset), in disjoint (chunked) or sliding windows."))
+                    "scored on its own (memories reset), in disjoint (chunked) or sliding windows.")
     ppl.add_argument("--model", required=True, help="step_*.pt checkpoint, a run's --out-dir, or a saved model folder")
     ppl.add_argument("--data", required=True, help="held-out text file/folder, JSONL, dataset or shards")
     ppl.add_argument("--tokenizer", default=None, help="override the tokenizer saved with the model")
-    ppl.add_argument("--data-format", default="auto", choices=["auto", "text", "jsonl", "hf", "shards"])
-    ppl.add_argument("--text-field", default="text")
+    ppl.add_argument("--data-format", default="auto", choices=["auto", "text", "jsonl", "hf", "shards"],
+                     help="input format")
+    ppl.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text")
     ppl.add_argument("--split", default="validation", help="dataset split (hf datasets)")
-    ppl.add_argument("--doc-separator", default=None)
-    ppl.add_argument("--seq-len", type=int, default=1024, help="window length")
-    ppl.add_argument("--mode", choices=["chunked", "sliding"], default="chunked")
-    ppl.add_argument("--stride", type=int, default=None, help="sliding mode: tokens between windows (default seq_len/2)")
-    ppl.add_argument("--tokens-per-batch", type=int, default=16384, help="tokens packed into one forward pass")
-    ppl.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ppl.add_argument("--doc-separator", default=None, help="split plain-text files into documents at this string")
+    _add_encoding_errors(ppl)
+    ppl.add_argument("--seq-len", type=_int_at_least(2), default=1024, help="window length")
+    ppl.add_argument("--mode", choices=["chunked", "sliding"], default="chunked",
+                     help="chunked: disjoint windows; sliding: overlapping windows --stride apart")
+    ppl.add_argument("--stride", type=_int_at_least(1), default=None,
+                     help="--mode sliding only: tokens between windows (default: seq_len/2)")
+    ppl.add_argument("--tokens-per-batch", type=_int_at_least(1), default=16384,
+                     help="tokens packed into one forward pass")
+    _add_device(ppl)
     ppl.add_argument("--json", dest="json_path", metavar="PATH", help="also write the result here")
-    ppl.set_defaults(func=lambda args: _run_reporting_input_errors("memmix eval ppl", _run_eval_ppl, args))
-    lm = tasks.add_parser("lm-eval", add_help=False,
+    ppl.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    ppl.set_defaults(run=_run_eval_ppl, prog=ppl.prog, flags=_PPL_FLAGS)
+    lm = tasks.add_parser("lm-eval", add_help=False, passthrough=True,
                           help="lm-evaluation-harness with memmix registered (every argument goes to lm_eval)")
-    lm.parse_known_args = _pass_everything_to_lm_eval  # type: ignore[method-assign]
+    lm.set_defaults(run=_run_lm_eval, prog=lm.prog, flags={})
 
 
-def _pass_everything_to_lm_eval(args=None, namespace=None):
-    """argparse would reject lm_eval's own options; take them all verbatim instead."""
-    namespace = namespace or argparse.Namespace()
-    namespace.lm_eval_args = list(args or [])
-    namespace.func = lambda parsed: __import__("memmix.evaluation.lm_eval", fromlist=["main"]).main(parsed.lm_eval_args)
-    return namespace, []
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    from memmix.evaluation.lm_eval import main as lm_eval_main
+
+    return lm_eval_main(args.passthrough_args)
 
 
 def _run_eval_ppl(args: argparse.Namespace) -> int:
-    import json
+    from memmix.evaluation.perplexity import check_perplexity_args
+
+    check_perplexity_args(args.seq_len, args.stride, args.mode, args.tokens_per_batch)
+    _check_output("--json", args.json_path)
+    device = resolve_device(args.device)
 
     from memmix.data.corpus import load_corpus
-    from memmix.evaluation.loading import default_device, load_model_and_tokenizer
+    from memmix.evaluation.loading import load_model_and_tokenizer
     from memmix.evaluation.perplexity import perplexity
-    from memmix.files import atomic_write_text
+    from memmix.files import atomic_write_json
+    from memmix.progress import progress_bar
 
-    device = args.device or default_device()
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
     corpus = load_corpus(args.data, tokenizer, args.tokenizer or tokenizer.name, args.data_format, args.text_field,
-                         args.split, args.doc_separator)
-    result = perplexity(model, corpus.documents(), args.seq_len, args.stride, args.mode, args.tokens_per_batch, device)
+                         args.split, args.doc_separator, encoding_errors=args.encoding_errors)
+    bar = progress_bar(corpus.num_tokens, "perplexity", "tok", args.progress)
+    result = perplexity(model, corpus.documents(), args.seq_len, args.stride, args.mode, args.tokens_per_batch,
+                        device, progress=bar.update)
+    bar.close()
     result.update(model=args.model, data=args.data, mode=args.mode, seq_len=args.seq_len)
     print(f"perplexity {result['ppl']:.4f} (nll {result['nll']:.4f} nats/token) over {result['tokens']:,} tokens "
           f"in {result['documents']} documents")
-    if args.json_path:
-        atomic_write_text(args.json_path, json.dumps(result, indent=2))
+    if args.json_path and not _write_output(args.prog, "--json", args.json_path,
+                                            lambda p: atomic_write_json(p, result)):
+        return 1
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- generate
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = _one_line_errors(sub.add_parser(
-        "generate", allow_abbrev=False, help="generate text from a prompt (streams to stdout)",
-        description="Sample a continuation of --prompt from a checkpoint, run folder or saved model folder."))
+    p = sub.add_parser(
+        "generate", help="generate text from a prompt (streams to stdout)",
+        description="Sample a continuation of --prompt from a checkpoint, run folder or saved model folder, with "
+                    "the model's own generate() (recurrent cache; CUDA-graph decoding on a GPU).")
     p.add_argument("--model", required=True, help="step_*.pt checkpoint, a run's --out-dir, or a saved model folder")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--tokenizer", default=None, help="override the tokenizer saved with the model")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=lambda args: _run_reporting_input_errors("memmix generate", _run_generate, args))
+    _add_encoding_errors(p)
+    _add_device(p)
+    p.set_defaults(run=_run_generate, prog=p.prog, flags={"prompt": "--prompt", "path": "--model"})
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from memmix.data.errors import InputError
-    from memmix.evaluation.generate import generate_ids, stream_text
-    from memmix.evaluation.loading import default_device, load_model_and_tokenizer
+    from memmix.evaluation.generate import check_generate_args
 
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device = args.device or default_device()
+    check_generate_args(args.max_new_tokens, args.temperature, args.top_p)
+    prompt = _read_prompt(args.prompt, args.encoding_errors)
+    if not prompt:
+        raise InputError("the prompt is empty; pass some text (or '-' and text on stdin)", argument="prompt")
+    device = resolve_device(args.device)
+
+    from memmix.evaluation.generate import generate_text
+    from memmix.evaluation.loading import load_model_and_tokenizer
+
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    ids = generate_ids(model, [int(i) for i in tokenizer.encode(prompt)], args.max_new_tokens, args.temperature,
-                       args.top_p, tokenizer.eos_token_id, args.seed, device, tokenizer.vocab_size)
-    sys.stdout.write(prompt)
-    for piece in stream_text(tokenizer, ids):
+
+    def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+
+    write(prompt)
+    generate_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, write)
+    write("\n")
     return 0
 
 
-def _not_ready(name: str) -> int:
-    print(f"memmix {name}: not available in this build", file=sys.stderr)
-    return 2
+# ----------------------------------------------------------------------------------------------- convert
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a flash-linear-attention / official MoM checkpoint into a memmix model folder",
+        description="Read an fla `MomForCausalLM` (or official OpenSparseLLMs/MoM) folder (config.json + weights) "
+                    "and write a memmix save_pretrained folder (safetensors).")
+    p.add_argument("src", help="fla / official MoM checkpoint folder")
+    p.add_argument("dst", help="output folder")
+    p.set_defaults(run=_run_convert, prog=p.prog, flags={})
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.src, "config.json")):
+        raise InputError(f"'{args.src}' holds no config.json; pass an fla or official MoM checkpoint folder",
+                         argument="SRC")
+    _check_output("DST", args.dst, is_dir=True)
+    from memmix.convert import convert_checkpoint
+
+    try:
+        model = convert_checkpoint(args.src, args.dst)
+    except ValueError as err:  # an option memmix does not reproduce, missing or misshapen weights
+        raise InputError(f"cannot convert '{args.src}': {err}") from None
+    print(f"wrote {args.dst}: {model.num_parameters():,} parameters")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memmix", description="Mixture-of-Memories models: train, evaluate, benchmark")
+    parser = _Parser(prog="memmix", description="Mixture-of-Memories models: train, evaluate, benchmark")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_recall(sub)
-    _add_prepare(sub)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_generate(sub)
+    for add in (_add_recall, _add_prepare, _add_train, _add_eval, _add_generate, _add_convert):
+        add(sub)
     return parser
 
 
+def _message(err: Exception, flags: dict[str, str]) -> str:
+    """The error's text, with the library argument it names shown as its command-line flag (as argparse does)."""
+    argument = getattr(err, "argument", None)
+    if not argument:
+        return str(err)
+    flag = argument if argument.startswith("-") or argument.isupper() else flags.get(
+        argument, "--" + argument.replace("_", "-"))
+    return f"argument {flag}: {err.detail}"
+
+
+def _fail(prog: str, message: str, status: int):
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args) or 0)
+    except UsageError as err:
+        _fail(err.prog, f"error: {err}", 2)
+    except InputError as err:
+        _fail(args.prog if args else "memmix", f"error: {_message(err, args.flags if args else {})}", 2)
+    except KeyboardInterrupt as err:
+        prog = args.prog if args else "memmix"
+        note = args.interrupted(args) if args is not None and hasattr(args, "interrupted") else ""
+        _fail(prog, "interrupted" + (f" ({err})" if str(err) else "") + note, 130)
+    except BrokenPipeError:  # `memmix generate ... | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(141) from None
 
 
 if __name__ == "__main__":

@@ -17,14 +17,18 @@ def load_corpus(
     split: str = "train",
     doc_separator: str | None = None,
     verify_shards: bool = True,
+    encoding_errors: str = "strict",
 ) -> TokenCorpus:
-    """Token shards are memory-mapped (and checked against the tokenizer); text is tokenised in memory."""
+    """Token shards are memory-mapped (and checked against the tokenizer); text is tokenised in memory.
+
+    encoding_errors: what to do with bytes that are not UTF-8 (see memmix.data.sources)."""
     if not path:
-        raise InputError("no training data given; pass --data PATH (text file/folder, JSONL, dataset or shards)")
+        raise InputError("no training data given: pass a text file/folder, JSONL, dataset or shards", "data")
     fmt = detect_format(path) if data_format == "auto" else data_format
     if fmt == "shards":
         return _corpus_from_shards(path, tokenizer, tokenizer_spec, verify_shards)
-    tokens, offsets = tokenize_documents(iter_documents(path, data_format, text_field, split, doc_separator), tokenizer)
+    documents = iter_documents(path, data_format, text_field, split, doc_separator, encoding_errors)
+    tokens, offsets = tokenize_documents(documents, tokenizer)
     if len(tokens) == 0:
         raise InputError(f"data '{path}' holds no text (every document is empty); pass a path with text in it")
     return TokenCorpus([(tokens, offsets)], tokenizer_spec_name(tokenizer_spec), tokenizer.vocab_size, path)
@@ -41,7 +45,7 @@ def _corpus_from_shards(path: str, tokenizer, tokenizer_spec: str, verify: bool)
             "shards were made with, or re-run `memmix prepare`"
         )
     parts = [(s.tokens, s.doc_offsets) for s in shards]
-    corpus = TokenCorpus(parts, meta["tokenizer"], meta["vocab_size"], path, meta)
+    corpus = TokenCorpus(parts, meta["tokenizer"], meta["vocab_size"], path, meta, [s.path for s in shards])
     if corpus.num_tokens == 0:
         raise InputError(f"shards at '{path}' hold no tokens; re-run `memmix prepare` on non-empty data")
     return corpus

@@ -25,6 +25,7 @@ class TokenCorpus:
     vocab_size: int
     source: str = ""
     meta: dict = field(default_factory=dict)
+    part_paths: list[str] = field(default_factory=list)  # the shard file of each part (empty for text)
 
     @property
     def num_tokens(self) -> int:
@@ -65,14 +66,12 @@ class PackedRows:
 
     def __post_init__(self):
         if self.seq_len < 2:
-            raise InputError(f"--seq-len must be >= 2, got {self.seq_len}")
+            raise InputError(f"must be >= 2, got {self.seq_len}", "seq_len")
         self.rows_per_part = [len(tokens) // self.seq_len for tokens, _ in self.corpus.parts]
         self.first_row = np.concatenate([[0], np.cumsum(self.rows_per_part)]).astype(np.int64)
         if self.num_rows == 0:
-            raise InputError(
-                f"data '{self.corpus.source}' has {self.corpus.num_tokens} tokens, fewer than one row of "
-                f"--seq-len {self.seq_len}; lower --seq-len or add data"
-            )
+            raise InputError(f"data '{self.corpus.source}' has {self.corpus.num_tokens} tokens, fewer than one row of "
+                             f"{self.seq_len}; lower it or add data", "seq_len")
 
     @property
     def num_rows(self) -> int:
@@ -85,10 +84,21 @@ class PackedRows:
         start = (index - int(self.first_row[part])) * self.seq_len
         end = start + self.seq_len
         row = np.asarray(tokens[start:end], dtype=np.int64)
+        if row.size and int(row.max()) >= self.corpus.vocab_size:  # unverified shards: damaged tokens
+            self._out_of_range(part, start, row)
         lo, hi = np.searchsorted(offsets, [start, end], side="right")
         doc_starts = np.asarray(offsets[lo:hi], dtype=np.int64) - start
         doc_starts = doc_starts[(doc_starts > 0) & (doc_starts < self.seq_len)]
         return row, doc_starts
+
+
+    def _out_of_range(self, part: int, start: int, row: np.ndarray) -> None:
+        position = int(np.argmax(row >= self.corpus.vocab_size))
+        where = self.corpus.part_paths[part] if self.corpus.part_paths else self.corpus.source
+        raise InputError(f"shard '{where}' has corrupt tokens: token {start + position} is id {int(row[position])}, "
+                         f"outside the vocabulary of {self.corpus.vocab_size}; delete '{where}' and re-run "
+                         "`memmix prepare` (the token checksum, skipped by --no-verify-shards, finds such damage "
+                         "when the shards are opened)")
 
 
 def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from tqdm import tqdm
 
 from memmix.data.errors import InputError
+from memmix.files import check_writable
+from memmix.progress import progress_bar
 from memmix.data.shards import SHARD_SUFFIX, ShardWriter
 from memmix.data.sources import iter_documents
 from memmix.data.tokenizer import tokenizer_spec_name
@@ -24,22 +25,28 @@ def prepare_shards(
     shard_tokens: int = 100_000_000,
     overwrite: bool = False,
     progress: bool = True,
+    encoding_errors: str = "strict",
 ) -> list[str]:
     """Tokenise every document of `data` (EOS appended) into `out_dir/shard_00000.mmtok`, ... Returns the paths.
 
-    A shard is closed once it holds >= `shard_tokens` tokens (documents are never split).
+    A shard is closed once it holds >= `shard_tokens` tokens (documents are never split). encoding_errors: what to
+    do with bytes that are not UTF-8 (see memmix.data.sources).
     """
     if shard_tokens < 1:
-        raise InputError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+        raise InputError(f"must be >= 1, got {shard_tokens}", "shard_tokens")
+    reason = check_writable(out_dir, is_dir=True)
+    if reason:
+        raise InputError(reason, "out_dir")
     existing = [f for f in os.listdir(out_dir) if f.endswith(SHARD_SUFFIX)] if os.path.isdir(out_dir) else []
     if existing and not overwrite:
-        raise InputError(f"'{out_dir}' already holds {len(existing)} shards; pass --overwrite or another --out")
+        raise InputError(f"'{out_dir}' already holds {len(existing)} shards; pass overwrite (--overwrite) or another "
+                         "folder", "out_dir")
     name = tokenizer_spec_name(tokenizer_spec)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     written, writer, tokens_done = [], None, 0
-    bar = tqdm(desc="tokenising", unit="doc", disable=not progress, dynamic_ncols=True, delay=0.5)
+    bar = progress_bar(None, "tokenising", "doc", progress)
     try:
-        for text in iter_documents(data, data_format, text_field, split, doc_separator):
+        for text in iter_documents(data, data_format, text_field, split, doc_separator, encoding_errors):
             ids = np.concatenate([tokenizer.encode(text), np.asarray(eos, dtype=np.int32)])
             if writer is None:
                 os.makedirs(out_dir, exist_ok=True)
@@ -47,18 +54,19 @@ def prepare_shards(
                 writer = ShardWriter(path, tokenizer.vocab_size, name, tokenizer.eos_token_id, tokenizer.fingerprint)
             writer.add_document(ids)
             tokens_done += len(ids)
-            bar.update(1)
             bar.set_postfix(tokens=f"{tokens_done:,}", shards=len(written) + 1, refresh=False)
+            bar.update(1)
             if writer.num_tokens >= shard_tokens:
                 written.append(writer.close())
                 writer = None
         if writer is not None:
             written.append(writer.close())
             writer = None
-    finally:
+    except BaseException:
         if writer is not None:  # an error mid-shard: drop the partial file
             writer.abort()
-        bar.close()
+        raise
+    bar.close()  # not on an error: its last line would come after the error's
     if not written:
         raise InputError(f"data '{data}' holds no documents; nothing was written")
     _remove_stale_shards(out_dir, written)

@@ -2,11 +2,16 @@
 
 Every source yields documents as `str`. A plain text file is one document unless `doc_separator`
 splits it; a JSONL line is one document (its `text_field`); a `datasets` row is one document.
+
+One encoding policy for every source (`encoding_errors`): "strict" stops at the first byte that is not UTF-8
+(or, in already-decoded text, an unpaired surrogate such as a JSON "\udc80" escape) with an error naming the file
+and the byte offset; "replace" reads each such byte or surrogate as U+FFFD.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 
 from memmix.data.errors import InputError
@@ -14,6 +19,34 @@ from memmix.data.errors import InputError
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 DATA_FORMATS = ("auto", "text", "jsonl", "hf", "shards")
+ENCODING_ERRORS = ("strict", "replace")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_encoding_errors(encoding_errors: str) -> None:
+    if encoding_errors not in ENCODING_ERRORS:
+        raise InputError(f"must be one of {', '.join(ENCODING_ERRORS)}; got {encoding_errors!r}", "encoding_errors")
+
+
+def decode_utf8(data: bytes, where: str, encoding_errors: str = "strict", offset: int = 0) -> str:
+    """bytes -> text under the encoding policy; `where` names the source, `offset` is data[0]'s byte offset in it."""
+    check_encoding_errors(encoding_errors)
+    try:
+        return data.decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where} is not valid UTF-8 at byte {offset + err.start} ({err.reason}): convert it to "
+                         "UTF-8, or use 'replace' to read such bytes as U+FFFD", "encoding_errors") from None
+
+
+def check_text(text: str, where: str, encoding_errors: str = "strict") -> str:
+    """Text that encodes as UTF-8: an unpaired surrogate is an error ("strict") or becomes U+FFFD ("replace")."""
+    match = _SURROGATE.search(text)
+    if match is None:
+        return text
+    if encoding_errors == "replace":
+        return _SURROGATE.sub("\ufffd", text)
+    raise InputError(f"{where} holds an unpaired surrogate {match.group()!r} at character {match.start()}, which is "
+                     "not text: fix it, or use 'replace' to read it as U+FFFD", "encoding_errors")
 
 
 def _import_datasets():
@@ -40,16 +73,19 @@ def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     return found
 
 
-def iter_text_file(path: str, doc_separator: str | None = None) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+def iter_text_file(path: str, doc_separator: str | None = None, encoding_errors: str = "strict") -> Iterator[str]:
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), f"'{path}'", encoding_errors)
     parts = text.split(doc_separator) if doc_separator else [text]
     yield from (p for p in parts if p.strip())
 
 
-def iter_jsonl_file(path: str, text_field: str = "text") -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+def iter_jsonl_file(path: str, text_field: str = "text", encoding_errors: str = "strict") -> Iterator[str]:
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            line = decode_utf8(raw, f"'{path}' (line {line_no})", encoding_errors, offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -59,13 +95,14 @@ def iter_jsonl_file(path: str, text_field: str = "text") -> Iterator[str]:
             if not isinstance(row, dict) or text_field not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise InputError(
-                    f"{path}:{line_no} has no field '{text_field}' (it has {keys}); pass --text-field NAME"
-                )
+                    f"{path}:{line_no} has no field '{text_field}' (it has {keys}); pass the field that holds the "
+                    "text", "text_field")
             if row[text_field]:
-                yield str(row[text_field])
+                yield check_text(str(row[text_field]), f"'{path}' (line {line_no})", encoding_errors)
 
 
-def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "train") -> Iterator[str]:
+def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "train",
+                    encoding_errors: str = "strict") -> Iterator[str]:
     """A `datasets` dataset saved with `save_to_disk`, or a hub name `NAME` / `NAME:CONFIG` (needs network)."""
     datasets = _import_datasets()
     if os.path.isdir(name_or_path):
@@ -82,15 +119,14 @@ def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "t
             ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise InputError(f"dataset '{name_or_path}' has no split '{split}' (it has {sorted(ds)}); pass --split")
+            raise InputError(f"dataset '{name_or_path}' has no split '{split}' (it has {sorted(ds)})", "split")
         ds = ds[split]
     if text_field not in ds.column_names:
         raise InputError(
-            f"dataset '{name_or_path}' has no column '{text_field}' (it has {ds.column_names}); pass --text-field"
-        )
-    for row in ds:
+            f"dataset '{name_or_path}' has no column '{text_field}' (it has {ds.column_names})", "text_field")
+    for index, row in enumerate(ds):
         if row[text_field]:
-            yield str(row[text_field])
+            yield check_text(str(row[text_field]), f"dataset '{name_or_path}' (row {index})", encoding_errors)
 
 
 def detect_format(path: str) -> str:
@@ -113,14 +149,16 @@ def detect_format(path: str) -> str:
 
 
 def iter_documents(
-    path: str, data_format: str = "auto", text_field: str = "text", split: str = "train", doc_separator: str | None = None
+    path: str, data_format: str = "auto", text_field: str = "text", split: str = "train",
+    doc_separator: str | None = None, encoding_errors: str = "strict",
 ) -> Iterator[str]:
-    """Documents (str) from a data path; see the module docstring for what a document is."""
+    """Documents (str) from a data path; see the module docstring for what a document is and the encoding policy."""
     if data_format not in DATA_FORMATS:
-        raise InputError(f"--data-format must be one of {DATA_FORMATS}, got '{data_format}'")
+        raise InputError(f"must be one of {', '.join(DATA_FORMATS)}; got {data_format!r}", "data_format")
+    check_encoding_errors(encoding_errors)
     fmt = detect_format(path) if data_format == "auto" else data_format
     if fmt == "hf":
-        yield from iter_hf_dataset(path.removeprefix("hf:"), text_field, split)
+        yield from iter_hf_dataset(path.removeprefix("hf:"), text_field, split, encoding_errors)
         return
     if fmt == "shards":
         raise InputError(f"'{path}' holds token shards, not text; use it as --data for `memmix train`/`memmix eval`")
@@ -131,4 +169,5 @@ def iter_documents(
         raise InputError(f"no .txt/.md/.jsonl files under '{path}'; pass a file or a folder that holds some")
     for file in files:
         is_jsonl = fmt == "jsonl" or (data_format == "auto" and file.endswith(JSONL_SUFFIXES))
-        yield from (iter_jsonl_file(file, text_field) if is_jsonl else iter_text_file(file, doc_separator))
+        yield from (iter_jsonl_file(file, text_field, encoding_errors) if is_jsonl
+                    else iter_text_file(file, doc_separator, encoding_errors))

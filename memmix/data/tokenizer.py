@@ -75,8 +75,8 @@ class HFTokenizer:
             self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # transformers raises several types for a folder without a tokenizer
             raise InputError(
-                f"could not load a tokenizer from '{path}' ({type(exc).__name__}); pass --tokenizer byte "
-                "or a folder holding tokenizer.json / tokenizer_config.json"
+                f"could not load a tokenizer from '{path}' ({type(exc).__name__}); pass 'byte' "
+                "or a folder holding tokenizer.json / tokenizer_config.json", "tokenizer"
             ) from None
         self._describe(os.path.basename(os.path.normpath(path)))
 
@@ -129,8 +129,8 @@ def load_tokenizer(spec: str):
     if os.path.isdir(spec):
         return HFTokenizer(spec)
     raise InputError(
-        f"tokenizer '{spec}' is neither 'byte' nor a local folder; pass --tokenizer byte or the path of a "
-        "saved Hugging Face tokenizer (nothing is downloaded)"
+        f"'{spec}' is neither 'byte' nor a local folder; pass 'byte' or the path of a saved Hugging Face tokenizer "
+        "(nothing is downloaded)", "tokenizer"
     )
 
 

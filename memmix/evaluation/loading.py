@@ -7,6 +7,7 @@ import torch
 
 from memmix.data.errors import InputError
 from memmix.data.tokenizer import HFTokenizer, load_tokenizer
+from memmix.progress import quiet_transformers_bars
 from memmix.training.checkpoint import check_state_dict_shapes, load_checkpoint, resolve_checkpoint
 from memmix.training.presets import build_model
 
@@ -19,22 +20,22 @@ def _has_tokenizer_files(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def load_model_and_tokenizer(path: str, tokenizer: str | None = None, device: str = "cpu"):
+def load_model_and_tokenizer(path: str, tokenizer: str | None = None, device: str | torch.device = "cpu"):
     """-> (model in eval mode on `device`, tokenizer). `tokenizer` overrides the one saved with the model.
 
-    path: a step_*.pt checkpoint, a run's --out-dir (its latest checkpoint), or a folder written by
-    `save_pretrained` (the run's `final/` folder).
+    path: a step_*.pt checkpoint, a run's out_dir (its latest checkpoint), or a folder written by
+    `save_pretrained` (the run's `final/` folder). Bad input raises InputError naming `path` or `tokenizer`.
     """
     if not os.path.exists(path):
-        raise InputError(f"model path '{path}' does not exist; pass a checkpoint, a run folder or a saved model folder")
+        raise InputError(f"'{path}' does not exist; pass a checkpoint, a run folder or a saved model folder", "path")
     if is_hf_folder(path):
         model, tok = _load_hf_folder(path, tokenizer)
     else:
-        model, tok = _load_training_checkpoint(resolve_checkpoint(path), tokenizer)
+        model, tok = _load_training_checkpoint(resolve_checkpoint(path, "path"), tokenizer)
     vocab = _vocab_size(model)
     if vocab is not None and tok.vocab_size > vocab:
-        raise InputError(f"tokenizer has {tok.vocab_size} tokens but the model only {vocab}; pass the tokenizer "
-                         "the model was trained with (--tokenizer)")
+        raise InputError(f"the tokenizer has {tok.vocab_size} tokens but the model only {vocab}; pass the tokenizer "
+                         "the model was trained with", "tokenizer")
     return model.to(device).eval(), tok
 
 
@@ -48,10 +49,11 @@ def _load_hf_folder(path: str, tokenizer: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        with quiet_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # unknown model_type, bad weights, ...
         raise InputError(f"could not load a model from '{path}' ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})", "path") from None
     if tokenizer:
         return model, load_tokenizer(tokenizer)
     if _has_tokenizer_files(path):
@@ -61,7 +63,7 @@ def _load_hf_folder(path: str, tokenizer: str | None):
 
 
 def _load_training_checkpoint(path: str, tokenizer: str | None):
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, "path")
     spec = checkpoint["model_spec"]
     tok = load_tokenizer(tokenizer or spec["tokenizer"])
     model = build_model(spec["model"], spec["vocab_size"], spec["model_overrides"], tok.eos_token_id)
@@ -69,6 +71,3 @@ def _load_training_checkpoint(path: str, tokenizer: str | None):
     model.load_state_dict(checkpoint["model"])
     return model, tok
 
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

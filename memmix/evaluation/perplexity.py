@@ -1,8 +1,9 @@
 """Perplexity of a model on held-out text, with chunked or sliding windows."""
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +48,20 @@ def _score_packed(model, pieces: list[tuple[np.ndarray, int]], device, autocast)
     return float(nll), int(mask.sum())
 
 
+def check_perplexity_args(window: int, stride: int | None, mode: str, tokens_per_batch: int) -> None:
+    """InputError naming the first bad argument (checked before any model is loaded)."""
+    if mode not in PPL_MODES:
+        raise InputError(f"must be one of {', '.join(PPL_MODES)}; got {mode!r}", "mode")
+    if window < 2:
+        raise InputError(f"must be >= 2, got {window}", "window")
+    if stride is not None and mode == "chunked":
+        raise InputError("applies to mode 'sliding' only (chunked windows do not overlap)", "stride")
+    if stride is not None and not 1 <= stride <= window:
+        raise InputError(f"must be in [1, window={window}], got {stride}", "stride")
+    if tokens_per_batch < 1:
+        raise InputError(f"must be >= 1, got {tokens_per_batch}", "tokens_per_batch")
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -57,35 +72,41 @@ def perplexity(
     tokens_per_batch: int = 16384,
     device: str | torch.device = "cpu",
     autocast=None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict:
     """Token-level perplexity over documents (each int (T,), scored separately, memories reset between them).
 
     mode "chunked": disjoint windows of `window` tokens; "sliding": windows `stride` apart (default window//2),
-    each scoring only its new tokens. Returns {"nll", "ppl", "tokens", "documents"}.
+    each scoring only its new tokens. progress(n) is called after each forward pass with the number of document
+    tokens it covered (they add up to the documents' total length). Returns {"nll", "ppl", "tokens", "documents"}.
     """
-    import contextlib
-
-    if mode not in PPL_MODES:
-        raise InputError(f"--mode must be one of {list(PPL_MODES)}, got '{mode}'")
-    if window < 2:
-        raise InputError(f"--seq-len must be >= 2, got {window}")
+    check_perplexity_args(window, stride, mode, tokens_per_batch)
     stride = window if mode == "chunked" else (stride or max(1, window // 2))
-    if not 1 <= stride <= window:
-        raise InputError(f"--stride must be in [1, seq_len={window}], got {stride}")
     autocast = autocast or contextlib.nullcontext()
-    total_nll, total_tokens, n_docs, batch, batch_tokens = 0.0, 0, 0, [], 0
+    total_nll, total_tokens, n_docs, batch, batch_tokens, covered = 0.0, 0, 0, [], 0, 0
     for doc in documents:
         n_docs += 1
+        covered_end = 0
         for begin, end, scored in windows(len(doc), window, stride):
             batch.append((np.asarray(doc[begin:end]), scored))
             batch_tokens += end - begin
+            covered, covered_end = covered + end - covered_end, end
             if batch_tokens >= tokens_per_batch:
                 nll, n = _score_packed(model, batch, device, autocast)
                 total_nll, total_tokens, batch, batch_tokens = total_nll + nll, total_tokens + n, [], 0
+                covered = _report(progress, covered)
+        covered += len(doc) - covered_end  # a 1-token document has no window
     if batch:
         nll, n = _score_packed(model, batch, device, autocast)
         total_nll, total_tokens = total_nll + nll, total_tokens + n
+    _report(progress, covered)
     if total_tokens == 0:
         raise InputError("the evaluation data has no token to score (every document is 1 token long or empty)")
     mean = total_nll / total_tokens
     return {"nll": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": total_tokens, "documents": n_docs}
+
+
+def _report(progress, covered: int) -> int:
+    if progress is not None and covered:
+        progress(covered)
+    return 0

@@ -122,27 +122,40 @@ class CheckpointDir:
         return path
 
 
-def load_checkpoint(path: str) -> dict:
-    """A training checkpoint as a dict (tensors on CPU); InputError if it is missing or not one."""
+def load_checkpoint(path: str, argument: str | None = None) -> dict:
+    """A training checkpoint as a dict (tensors on CPU); InputError (naming `argument`, the caller's argument that
+    gave the path) if it is missing, damaged (the message names the next older checkpoint) or not one."""
     if not os.path.isfile(path):
-        raise InputError(f"checkpoint '{path}' does not exist; pass a step_*.pt file or a run's --out-dir")
+        raise InputError(f"checkpoint '{path}' does not exist; pass a step_*.pt file or a run's out_dir", argument)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated / not a torch file
+        older = older_checkpoints(path)
+        hint = f"pass an older one: {older[-1]}" if older else "no older checkpoint sits next to it"
         raise InputError(f"checkpoint '{path}' could not be read ({type(exc).__name__}); it is damaged or not a "
-                         "checkpoint: pass another one (older ones sit next to it)") from None
+                         f"checkpoint: {hint}", argument) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise InputError(f"'{path}' is not a memmix training checkpoint; pass a step_*.pt file from `memmix train`")
+        raise InputError(f"'{path}' is not a memmix training checkpoint; pass a step_*.pt file from `memmix train`",
+                         argument)
     checkpoint["path"] = path
     return checkpoint
 
 
-def resolve_checkpoint(path: str) -> str:
+def older_checkpoints(path: str) -> list[str]:
+    """The step_*.pt files beside `path` with a lower step, oldest first."""
+    match = _STEP_FILE.match(os.path.basename(path))
+    if not match:
+        return []
+    folder = CheckpointDir(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    return [folder.path_for(step) for step in folder.steps() if step < int(match.group(1))]
+
+
+def resolve_checkpoint(path: str, argument: str | None = None) -> str:
     """A checkpoint file, or a run folder / checkpoints folder -> its latest checkpoint."""
     if os.path.isdir(path):
         for out_dir in (path, os.path.dirname(os.path.normpath(path))):
             latest = CheckpointDir(out_dir).latest()
             if latest:
                 return latest
-        raise InputError(f"no checkpoints under '{path}'; pass a step_*.pt file or the --out-dir of a run")
+        raise InputError(f"no checkpoints under '{path}'; pass a step_*.pt file or the out_dir of a run", argument)
     return path

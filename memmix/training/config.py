@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 
 from memmix.data.errors import InputError
+from memmix.data.sources import ENCODING_ERRORS
+from memmix.devices import parse_device
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -26,6 +28,8 @@ class TrainConfig:
     data: str = field(default="", metadata={"help": "training data: text file/folder, JSONL, saved dataset, hf:NAME, or shards"})
     val_data: str = field(default="", metadata={"help": "held-out data for periodic validation loss (optional)"})
     data_format: str = field(default="auto", metadata={"help": "auto | text | jsonl | hf | shards"})
+    encoding_errors: str = field(default="strict", metadata={
+        "help": "bytes that are not UTF-8: strict (stop, naming the file and byte offset) | replace (U+FFFD)"})
     text_field: str = field(default="text", metadata={"help": "JSONL / dataset field holding the text"})
     split: str = field(default="train", metadata={"help": "dataset split (hf datasets)"})
     doc_separator: str = field(default="", metadata={"help": "split plain-text files into documents at this string"})
@@ -41,12 +45,12 @@ class TrainConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr of the cosine"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables clipping"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the weights and the data order"})
     parallel: str = field(default="auto", metadata={"help": "auto | none | ddp | fsdp (under torchrun)"})
     # output
     out_dir: str = field(default="runs/train", metadata={"help": "checkpoints, logs and the final model go here"})
@@ -55,14 +59,21 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     eval_every: int = field(default=0, metadata={"help": "steps between validation runs (0 = never)"})
     eval_batches: int = field(default=8, metadata={"help": "micro-batches per validation run"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out-dir from its latest checkpoint"})
+    resume: str = field(default="", metadata={
+        "help": "continue the run in --out-dir: from its latest checkpoint, or from PATH (a step_*.pt file)",
+        "nargs": "?", "const": "latest", "metavar": "PATH"})
     overwrite: bool = field(default=False, metadata={"help": "start over even if --out-dir holds a run"})
+    plot: bool = field(default=True, metadata={"help": "draw the loss curve into loss.png beside metrics.jsonl at the end"})
     save_hf: bool = field(default=True, metadata={"help": "save a Hugging Face model folder (out_dir/final) at the end"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when it is installed"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N (one process; under torchrun each "
+                "process uses the GPU of its LOCAL_RANK)"})
 
     def __post_init__(self):
+        if isinstance(self.resume, bool):  # `resume: true` in a config file, resume=True in code
+            self.resume = "latest" if self.resume else ""
         self.validate()
 
     def validate(self) -> None:
@@ -70,22 +81,30 @@ class TrainConfig:
                     "keep_checkpoints", "eval_batches")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise InputError(f"must be an integer >= 1, got {getattr(self, name)!r}", argument=name)
         for name in ("warmup_steps", "eval_every", "vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise InputError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if self.lr <= 0:
-            raise InputError(f"lr must be > 0, got {self.lr}")
+                raise InputError(f"must be an integer >= 0, got {getattr(self, name)!r}", argument=name)
+        if not self.lr > 0:
+            raise InputError(f"must be > 0, got {self.lr}", argument="lr")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise InputError("grad_clip and weight_decay must be >= 0")
+            raise InputError(f"must be in [0, 1], got {self.min_lr_ratio}", argument="min_lr_ratio")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"must be in [0, 1), got {getattr(self, name)}", argument=name)
+        for name in ("grad_clip", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"must be >= 0, got {getattr(self, name)}", argument=name)
+        parse_device(self.device)
         for name, allowed in (("parallel", PARALLEL_MODES), ("precision", PRECISIONS),
-                              ("device", ("auto", "cpu", "cuda"))):
+                              ("encoding_errors", ENCODING_ERRORS)):
             if getattr(self, name) not in allowed:
-                raise InputError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                raise InputError(f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}", argument=name)
         if not isinstance(self.model_overrides, dict):
-            raise InputError(f"model_overrides must be a JSON object, got {self.model_overrides!r}")
+            raise InputError(f"must be a JSON object, got {self.model_overrides!r}", argument="model_overrides")
+        if self.eval_every and not self.val_data:
+            raise InputError(f"is {self.eval_every} but there is no validation data; set val_data (held-out "
+                             "text) or eval_every 0", argument="eval_every")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +147,8 @@ def _coerce(name: str, value, path: str):
     """YAML reads `1e-3` as a string and users write `8.0` for ints: convert where it is unambiguous."""
     kind = FIELDS[name].type
     kind = kind if isinstance(kind, str) else kind.__name__
+    if name == "resume" and isinstance(value, bool):  # `resume: true`: the latest checkpoint
+        return value
     try:
         if kind == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             return float(value)
@@ -152,18 +173,29 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _default_text(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if default in ("", {}) or default is None:
+        return ""
+    if isinstance(default, bool):
+        return f" (default: {'--' if default else '--no-'}{f.name.replace('_', '-')})"
+    return f" (default: {default})"
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are suppressed so only flags given override the file."""
+    """One flag per TrainConfig field; defaults are suppressed so only flags given override the file (the help
+    shows them)."""
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = (f.metadata.get("help", "") + _default_text(f)).replace("%", "%%")
+        extra = {k: f.metadata[k] for k in ("nargs", "const", "metavar") if k in f.metadata}
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif f.type in ("dict", dict):
             parser.add_argument(flag, type=_json_dict, default=argparse.SUPPRESS, metavar="JSON", help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, **extra)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

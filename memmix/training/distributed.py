@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memmix.data.errors import InputError
+from memmix.devices import resolve_device
 
 
 @dataclass
@@ -27,19 +28,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was given but no GPU is visible; pass --device cpu (or auto)")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
 def init_distributed(requested_device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); a no-op otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and ":" in requested_device:
+        raise InputError(f"{requested_device!r} would put every process on one GPU; under torchrun each process "
+                         "uses the GPU of its LOCAL_RANK: pass cuda or auto", "device")
+    device = resolve_device(requested_device, local_rank)  # the device check every command uses
     if world_size <= 1:
         return DistInfo(device=device)
     if device.type == "cuda":
@@ -103,4 +99,4 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-    raise InputError(f"--parallel must be one of ['none', 'ddp', 'fsdp'], got '{mode}'")
+    raise InputError(f"must be one of none, ddp, fsdp; got {mode!r}", argument="parallel")

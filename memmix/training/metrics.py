@@ -1,13 +1,11 @@
-"""Run logs: JSON lines (always), TensorBoard (when installed), and the progress bar. Rank 0 only."""
+"""Run logs: JSON lines (always), TensorBoard (when installed), and the loss curve (loss.png). Rank 0 only."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 
-from tqdm import tqdm
-
-from memmix.files import atomic_write_text
+from memmix.files import atomic_write, atomic_write_text
 
 
 class MetricsLog:
@@ -67,7 +65,27 @@ def read_metrics(out_dir: str, kind: str = "train") -> list[dict]:
     return [r for r in records if r.get("kind", "train") == kind]
 
 
-def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """Steps bar; tqdm's ETA covers the remaining steps, loss and tokens/s go in the postfix."""
-    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True,
-                desc="train", file=sys.stderr)
+def write_loss_plot(out_dir: str) -> str | None:
+    """Draw the training loss (and validation loss, if any) against the step into `out_dir/loss.png`.
+
+    Returns the path, or None when matplotlib is not installed (said in one line)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("memmix train: matplotlib is not installed, so there is no loss.png (pip install matplotlib)",
+              file=sys.stderr)
+        return None
+    train, val = read_metrics(out_dir, "train"), read_metrics(out_dir, "val")
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", linewidth=1)
+    if val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loss.png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    return path

@@ -7,6 +7,8 @@ sequence with `cu_seqlens`, so memories reset at every document start and row en
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import json
 import math
 import os
@@ -24,16 +26,17 @@ from memmix.data.corpus import load_corpus
 from memmix.data.errors import InputError
 from memmix.data.packing import BatchSource, PackedRows
 from memmix.data.tokenizer import load_tokenizer
+from memmix.files import atomic_replace_dir, atomic_write_text, check_writable
 from memmix.training.checkpoint import (
     CheckpointDir,
     full_model_state,
     full_optimizer_state,
     load_checkpoint,
     load_training_state,
+    resolve_checkpoint,
     rng_state,
     set_rng_state,
 )
-from memmix.files import atomic_replace_dir, atomic_write_text
 from memmix.training.config import TrainConfig
 from memmix.training.distributed import (
     DistInfo,
@@ -43,10 +46,11 @@ from memmix.training.distributed import (
     shutdown_distributed,
     wrap_model,
 )
-from memmix.training.metrics import MetricsLog, progress_bar
+from memmix.progress import progress_bar, quiet_transformers_bars
+from memmix.training.metrics import MetricsLog, write_loss_plot
 from memmix.training.optim import build_optimizer, cosine_schedule
+from memmix.training.presets import BMOJO_PRESETS, CUSTOM_MODELS, PRESETS, build_model, check_preset, preset_config_kwargs
 from memmix.training.step import TrainStep
-from memmix.training.presets import build_model, check_preset, preset_config_kwargs, PRESETS
 
 
 def model_spec(config: TrainConfig, vocab_size: int, tokenizer) -> dict:
@@ -85,22 +89,87 @@ def resolve_vocab_size(config: TrainConfig, tokenizer) -> int:
     if config.vocab_size == 0:
         return int(math.ceil(tokenizer.vocab_size / 64) * 64)
     if config.vocab_size < tokenizer.vocab_size:
-        raise InputError(f"--vocab-size {config.vocab_size} is smaller than the vocabulary of tokenizer "
-                         f"'{config.tokenizer}' ({tokenizer.vocab_size}); pass --vocab-size 0 (automatic) or larger")
+        raise InputError(f"{config.vocab_size} is smaller than the vocabulary of tokenizer '{config.tokenizer}' "
+                         f"({tokenizer.vocab_size}); use 0 (automatic) or a larger value", "vocab_size")
     return config.vocab_size
 
 
 def find_resume_checkpoint(config: TrainConfig) -> str | None:
-    """-> the checkpoint to resume from, or None; refuses to start over an existing run unless asked to."""
+    """-> the checkpoint to resume from, or None; refuses to start over an existing run unless asked to.
+
+    config.resume: "" or False (start a run), "latest" or True (out_dir's latest checkpoint), or a checkpoint file
+    or run folder."""
+    if config.resume and config.resume not in ("latest", True):
+        return resolve_checkpoint(config.resume, argument="resume")
     latest = CheckpointDir(config.out_dir, config.keep_checkpoints).latest()
     if config.resume:
         if latest is None:
-            raise InputError(f"--resume: no checkpoint in '{config.out_dir}'; drop --resume to start a new run")
+            raise InputError(f"no checkpoint in '{config.out_dir}'; drop resume to start a new run", "resume")
         return latest
     if latest is not None and not config.overwrite:
         raise InputError(f"'{config.out_dir}' already holds a run (checkpoint {os.path.basename(latest)}); pass "
                          "--resume to continue it, --overwrite to start over, or another --out-dir")
     return None
+
+
+# How a resume treats a setting that differs from the run it continues (TrainConfig fields; any other field, such
+# as logging, paths or the device, takes its new value silently):
+RESUME_REFUSED = ("seq_len", "seed", "shuffle", "data_format", "text_field", "split", "doc_separator")  # data stream
+RESUME_WARNED = ("data", "lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2",
+                 "grad_clip", "micro_batch_size", "grad_accum", "precision")  # apply from the resume on; recorded
+
+
+def changed_settings(saved: dict, config: TrainConfig, path: str) -> dict[str, list]:
+    """{field: [the run's value, the new value]} for the warned settings that differ; InputError for a refused one."""
+    current = config.to_dict()
+    differs = [k for k in RESUME_REFUSED + RESUME_WARNED if k in saved and saved[k] != current[k]]
+    refused = [k for k in differs if k in RESUME_REFUSED]
+    if refused:
+        name = refused[0]
+        raise InputError(f"is {current[name]!r} but the run in checkpoint '{path}' trained with {saved[name]!r}, and "
+                         "a resume must read the same data stream; resume with the run's value or start a new run "
+                         "(another out_dir)", name)
+    return {k: [saved[k], current[k]] for k in differs}
+
+
+def check_model_overrides(name: str, overrides: dict) -> None:
+    """InputError naming a model_overrides key that the preset's config class does not have (with the closest)."""
+    if not overrides or name in CUSTOM_MODELS:
+        return
+    from memmix.models import BMojoConfig, MoMConfig
+
+    cls = BMojoConfig if name in BMOJO_PRESETS else MoMConfig
+    known = (set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict())) - {
+        "self", "kwargs", "model_type", "transformers_version", "architectures", "_name_or_path"}
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise InputError(f"unknown {cls.__name__} field '{key}'{hint}", "model_overrides")
+
+
+def check_run_settings(config: TrainConfig) -> None:
+    """What TrainConfig cannot check alone: the launch, the output folder, the model overrides."""
+    if config.parallel in ("ddp", "fsdp") and "WORLD_SIZE" not in os.environ:
+        raise InputError(f"{config.parallel!r} needs the processes that torchrun starts (WORLD_SIZE is not set): "
+                         "`torchrun --nproc_per_node N -m memmix train ...`; or use 'none' or 'auto'", "parallel")
+    reason = check_writable(config.out_dir, is_dir=True)
+    if reason:
+        raise InputError(reason, "out_dir")
+    check_preset(config.model)
+    check_model_overrides(config.model, config.model_overrides)
+
+
+def run_warnings(config: TrainConfig, changed: dict[str, list], resume_step: int) -> list[str]:
+    """Settings that are allowed but probably not what was meant, and the settings a resume changes."""
+    warnings = [f"resuming with {name}={after!r}; the run trained with {name}={before!r} until step {resume_step} "
+                "(recorded in metrics.jsonl)" for name, (before, after) in changed.items()]
+    if config.val_data and not config.eval_every:
+        warnings.append("val_data is set but eval_every is 0, so it is never evaluated; pass --eval-every N")
+    if config.warmup_steps >= config.max_steps:
+        warnings.append(f"warmup_steps {config.warmup_steps} >= max_steps {config.max_steps}: the learning rate "
+                        f"never reaches lr {config.lr}")
+    return warnings
 
 
 def clear_out_dir(config: TrainConfig, info: DistInfo) -> None:
@@ -176,7 +245,8 @@ def save_hf_folder(model: nn.Module, raw_model: nn.Module, tokenizer, path: str,
             raw_model.save_pretrained(folder, state_dict=state)
             tokenizer.save_pretrained(folder)
 
-        atomic_replace_dir(path, fill)
+        with quiet_transformers_bars():
+            atomic_replace_dir(path, fill)
     barrier(info)
 
 
@@ -184,7 +254,9 @@ def train(config: TrainConfig, step_callback: Callable[[int, float], None] | Non
     """Run (or resume) a training run; joins/leaves the process group under torchrun.
 
     step_callback(step, loss) is called after every optimiser step (tests use it to interrupt a run).
-    Returns {"step", "loss", "out_dir", "tokens"} (loss of the last step, mean over ranks).
+    Returns {"step", "loss", "out_dir", "tokens"} (loss of the last step, mean over ranks); resuming a run that
+    already reached max_steps changes nothing and returns {"step", "loss": None, "out_dir", "tokens",
+    "already_finished": True}.
     """
     owns_process_group = not torch.distributed.is_initialized()  # a caller's group is left for the caller to end
     info = init_distributed(config.device)
@@ -196,36 +268,47 @@ def train(config: TrainConfig, step_callback: Callable[[int, float], None] | Non
 
 
 def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
-    check_preset(config.model)
+    check_run_settings(config)
     resume_path = find_resume_checkpoint(config)
     seed_everything(config.seed)
+    tokenizer = load_tokenizer(config.tokenizer)
+    vocab_size = resolve_vocab_size(config, tokenizer)
+    spec = model_spec(config, vocab_size, tokenizer)
+
+    # the run to continue, checked before the data is read
+    checkpoint, changed = None, {}
+    if resume_path:
+        checkpoint = load_checkpoint(resume_path, argument="resume")
+        check_same_spec(checkpoint["model_spec"], spec, resume_path)
+        if checkpoint["step"] >= config.max_steps:
+            return {"step": checkpoint["step"], "loss": None, "out_dir": config.out_dir,
+                    "tokens": checkpoint["tokens_seen"], "already_finished": True}
+        changed = changed_settings(checkpoint.get("train_config", {}), config, resume_path)
 
     # data
-    tokenizer = load_tokenizer(config.tokenizer)
     corpus = load_corpus(config.data, tokenizer, config.tokenizer, config.data_format, config.text_field,
-                         config.split, config.doc_separator or None, config.verify_shards)
+                         config.split, config.doc_separator or None, config.verify_shards, config.encoding_errors)
     source = BatchSource(PackedRows(corpus, config.seq_len), config.micro_batch_size, config.seed, config.shuffle)
     val_source = None
     if config.val_data and config.eval_every:
         val_corpus = load_corpus(config.val_data, tokenizer, config.tokenizer, config.data_format, config.text_field,
-                                 config.split, config.doc_separator or None, config.verify_shards)
+                                 config.split, config.doc_separator or None, config.verify_shards,
+                                 config.encoding_errors)
         val_source = BatchSource(PackedRows(val_corpus, config.seq_len), config.micro_batch_size, shuffle=False)
 
     # model, optimiser, schedule
-    vocab_size = resolve_vocab_size(config, tokenizer)
-    spec = model_spec(config, vocab_size, tokenizer)
     raw_model = build_model(config.model, vocab_size, config.model_overrides, tokenizer.eos_token_id)
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    if checkpoint is not None:
-        check_same_spec(checkpoint["model_spec"], spec, resume_path)
-    clear_out_dir(config, info)  # every check passed: only now may an old run be replaced
     if config.gradient_checkpointing:
         # newer transformers name it activation_checkpointing_enable (the old name warns that it is deprecated)
         enable = (getattr(raw_model, "activation_checkpointing_enable", None)
                   or getattr(raw_model, "gradient_checkpointing_enable", None))
         if enable is None:
-            raise InputError(f"model '{config.model}' does not support --gradient-checkpointing")
+            raise InputError(f"model '{config.model}' does not support it", "gradient_checkpointing")
         enable()
+    if info.is_main:
+        for warning in run_warnings(config, changed, checkpoint["step"] if checkpoint is not None else 0):
+            print(f"memmix train: warning: {warning}", file=sys.stderr)
+    clear_out_dir(config, info)  # every check passed: only now may an old run be replaced
     raw_model.to(info.device)
     parallel = config.parallel if config.parallel != "auto" else ("ddp" if info.enabled else "none")
     model = wrap_model(raw_model, parallel, info)
@@ -234,10 +317,13 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
 
     step, rows_consumed, tokens_seen = 0, 0, 0
     if checkpoint is not None:
+        hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas")} for g in optimizer.param_groups]
         load_training_state(model, optimizer, checkpoint)
         scheduler.load_state_dict(checkpoint["scheduler"])
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # --max-steps may have changed
-            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)  # the checkpoint's would win silently
+        for group, settings, base_lr in zip(optimizer.param_groups, hyper, scheduler.base_lrs):
+            group.update(settings)  # --weight-decay, --beta1/2 of this command, not the checkpoint's
+            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # --max-steps may have changed
         step, rows_consumed, tokens_seen = checkpoint["step"], checkpoint["rows_consumed"], checkpoint["tokens_seen"]
         set_rng_state(checkpoint["rng"])
         del checkpoint
@@ -248,7 +334,8 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
         atomic_write_text(os.path.join(config.out_dir, "train_config.json"), json.dumps(config.to_dict(), indent=2))
         n_params = sum(p.numel() for p in raw_model.parameters())
         log.log({"kind": "start", "step": step, "params": n_params, "world_size": info.world_size,
-                 "parallel": parallel, "train_tokens": corpus.num_tokens, "resumed_from": resume_path})
+                 "parallel": parallel, "train_tokens": corpus.num_tokens, "resumed_from": resume_path,
+                 **({"changed_settings": changed} if changed else {})})
         if config.progress:
             rows = info.world_size * config.grad_accum * config.micro_batch_size
             print(f"memmix train: {config.model} ({n_params / 1e6:.1f}M parameters) on {info.world_size} x "
@@ -259,7 +346,7 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
     train_step = TrainStep(model, optimizer, scheduler, lambda m, batch: lm_loss(m, *batch), grad_clip=config.grad_clip,
                            autocast=autocast, micro_context=lambda i, n: grad_sync(model, i == n - 1))
     rows_per_step = info.world_size * config.grad_accum * config.micro_batch_size
-    bar = progress_bar(config.max_steps, step, config.progress and info.is_main)
+    bar = progress_bar(config.max_steps, "train", "step", config.progress and info.is_main, initial=step)
     model.train()
     loss_value, window_tokens, window_start = float("nan"), 0, time.perf_counter()
 
@@ -278,9 +365,9 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
 
         loss_value = mean_across_ranks(result.loss.item(), info)
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or check the data")
+            raise InputError(f"the loss became {loss_value} at step {step}; lower it or check the data (the last "
+                             "checkpoint is kept)", "lr")
         if info.is_main:
-            bar.update(1)
             if step % config.log_every == 0 or step == config.max_steps:
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_tokens / max(elapsed, 1e-9)
@@ -289,12 +376,15 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 log.log(record)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
                 window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
         if val_source is not None and step % config.eval_every == 0:
             val = validation_loss(model, val_source, config, info, autocast)
             if info.is_main:
-                log.log({"kind": "val", "step": step, "loss": val, "ppl": math.exp(min(val, 50.0))})
+                ppl = math.exp(min(val, 50.0))
+                log.log({"kind": "val", "step": step, "loss": val, "ppl": ppl})
+                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {ppl:.2f}", file=sys.stderr)
         if step % config.save_every == 0 or step == config.max_steps:
             state = {"step": step, "rows_consumed": rows_consumed, "tokens_seen": tokens_seen, "model_spec": spec,
                      "train_config": config.to_dict()}
@@ -309,4 +399,6 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
         log.log({"kind": "end", "step": step, "loss": loss_value if math.isfinite(loss_value) else None,
                  "tokens": tokens_seen})
         log.close()
+        if config.plot:
+            write_loss_plot(config.out_dir)
     return {"step": step, "loss": loss_value, "out_dir": config.out_dir, "tokens": tokens_seen}

@@ -72,3 +72,19 @@ def test_batch_source_covers_the_same_rows_for_any_world_size():
 def test_too_little_data_is_an_input_error():
     with pytest.raises(InputError, match="fewer than one row"):
         PackedRows(_corpus(0, [[3, 2]]), seq_len=8)
+
+
+def test_a_token_outside_the_vocabulary_is_an_input_error_naming_the_shard():
+    """Issue 21, item 5: damaged shards read with --no-verify-shards gave an IndexError in the embedding."""
+    import pytest
+
+    from memmix.data.errors import InputError
+    from memmix.data.packing import PackedRows, TokenCorpus
+
+    good = (np.arange(8, dtype=np.uint16), np.array([0, 8]))
+    bad = (np.array([1, 2, 3, 999, 4, 5, 6, 7], dtype=np.uint16), np.array([0, 8]))
+    rows = PackedRows(TokenCorpus([good, bad], "byte", 300, "shards/", part_paths=["s0.mmtok", "s1.mmtok"]), 4)
+    assert rows.row(0)[0].tolist() == [0, 1, 2, 3]
+    with pytest.raises(InputError, match=r"shard 's1.mmtok' has corrupt tokens: token 3 is id 999, outside the "
+                                         r"vocabulary of 300; delete 's1.mmtok' and re-run `memmix prepare`"):
+        rows.row(2)

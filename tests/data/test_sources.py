@@ -22,7 +22,7 @@ def test_folder_mixes_text_and_jsonl_in_sorted_order(tmp_path):
 def test_jsonl_errors_name_the_line_and_the_fix(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "no"}) + "\n")
-    with pytest.raises(InputError, match=r"x.jsonl:2 has no field 'text'.*--text-field"):
+    with pytest.raises(InputError, match=r"x.jsonl:2 has no field 'text'"):
         list(iter_documents(str(path)))
     path.write_text("{not json\n")
     with pytest.raises(InputError, match=r"x.jsonl:1 is not valid JSON"):
@@ -69,3 +69,27 @@ def test_saved_hf_dataset_loads_with_its_split_and_field(tmp_path):
         list(iter_documents(str(tmp_path / "ds"), text_field="body", split="test"))
     with pytest.raises(InputError, match="no column 'text'"):
         list(iter_documents(str(tmp_path / "ds")))
+
+
+@pytest.mark.parametrize("name, content, where, offset", [
+    ("a.txt", b"caf\xc3\xa9 ok\n\xff", "'{path}'", 9), ("a.md", b"\xc3", "'{path}'", 0),
+    ("a.jsonl", b'{"text": "fine"}\n{"text": "b\xe9"}\n', "'{path}' (line 2)", 28)])
+def test_bytes_that_are_not_utf8_stop_with_the_file_and_byte_offset(tmp_path, name, content, where, offset):
+    """Issue 21, item 4: one policy for every format (before, .txt turned them into U+FFFD and JSONL raised)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        list(iter_documents(str(path)))
+    assert err.value.argument == "encoding_errors"
+    assert err.value.detail.startswith(f"{where.format(path=path)} is not valid UTF-8 at byte {offset} (")
+    assert any("\ufffd" in doc for doc in iter_documents(str(path), encoding_errors="replace"))
+
+
+def test_unpaired_surrogates_from_json_escapes_follow_the_same_policy(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "lone \\udc80 here"}\n')
+    with pytest.raises(InputError, match=r"s.jsonl' \(line 2\) holds an unpaired surrogate '\\udc80' at character 5"):
+        list(iter_documents(str(path)))
+    assert list(iter_documents(str(path), encoding_errors="replace")) == ["ok \U0001F600", "lone \ufffd here"]
+    with pytest.raises(InputError, match="must be one of strict, replace"):
+        list(iter_documents(str(path), encoding_errors="ignore"))

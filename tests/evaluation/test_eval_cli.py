@@ -35,7 +35,7 @@ def test_eval_and_generate_input_errors(trained_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "no checkpoints under" in _one_error_line(capsys, ppl + ["--model", str(tmp_path / "empty"), "--data", held_out])
     gen = ["generate", "--model", run, "--device", "cpu", "--prompt"]
-    assert "--top-p must be in (0, 1]" in _one_error_line(capsys, gen + ["hi", "--top-p", "0"])
+    assert "--top-p: must be in (0, 1]" in _one_error_line(capsys, gen + ["hi", "--top-p", "0"])
     assert "prompt is empty" in _one_error_line(capsys, gen + [""])
     assert "unknown option '--temprature' (did you mean --temperature?)" in _one_error_line(
         capsys, gen + ["hi", "--temprature", "0"])

@@ -62,9 +62,21 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size():
     assert result["ppl"] == pytest.approx(37.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"mode": "strided"}, "--mode"), ({"window": 1}, "--seq-len"),
-                                           ({"mode": "sliding", "stride": 9}, "--stride")])
-def test_bad_arguments(kwargs, match):
+@pytest.mark.parametrize("kwargs, argument", [({"mode": "strided"}, "mode"), ({"window": 1}, "window"),
+                                              ({"mode": "sliding", "stride": 9}, "stride"),
+                                              ({"mode": "sliding", "stride": 0}, "stride"),
+                                              ({"stride": 4}, "stride"), ({"tokens_per_batch": 0}, "tokens_per_batch")])
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    """Item 9 of issue 21: a stride of 0, a stride in chunked mode and 0 tokens per batch were silently ignored."""
     args = dict(window=8, stride=None, mode="chunked") | kwargs
-    with pytest.raises(InputError, match=match):
+    with pytest.raises(InputError) as err:
         perplexity(_Uniform(), [np.arange(10)], **args)
+    assert err.value.argument == argument
+
+
+def test_progress_adds_up_to_the_documents_tokens():
+    docs = [np.arange(n) % 37 for n in (1, 9, 20, 0, 4)]
+    for mode, stride, per_batch in (("chunked", None, 1), ("sliding", 3, 10), ("chunked", None, 10_000)):
+        seen = []
+        perplexity(_Uniform(), docs, 6, stride, mode, per_batch, progress=seen.append)
+        assert sum(seen) == 34 and all(n > 0 for n in seen)

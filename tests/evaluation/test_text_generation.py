@@ -1,47 +1,61 @@
+import pytest
 import torch
 from train_helpers import TINY_MOM
 
+from memmix.data.errors import InputError
 from memmix.data.tokenizer import ByteTokenizer
-from memmix.evaluation.generate import generate_ids, sample_next, stream_text
+from memmix.evaluation.generate import TextStreamer, check_generate_args, generate_text
 from memmix.training.presets import build_model
-
-
-def test_sampling_rules():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    gen = torch.Generator().manual_seed(0)
-    assert sample_next(logits, 0.0, 1.0, gen) == 0
-    assert sample_next(logits, 0.0, 1.0, gen, vocab_limit=0 + 4) == 0
-    assert sample_next(torch.tensor([0.0, 1.0, 9.0]), 0.0, 1.0, gen, vocab_limit=2) == 1
-    draws = [sample_next(logits, 1.0, 0.75, gen) for _ in range(300)]
-    assert set(draws) == {0, 1}  # nucleus 0.75 keeps 0.5 + 0.3 only
-    draws = [sample_next(logits, 1.0, 1.0, gen) for _ in range(300)]
-    assert set(draws) == {0, 1, 2, 3}
-    assert [sample_next(logits, 1.0, 0.01, gen) for _ in range(20)] == [0] * 20
 
 
 def test_streamed_pieces_never_split_a_character():
     tok = ByteTokenizer()
     text = "héllo wörld 🙂 ünïcode"
-    pieces = list(stream_text(tok, iter(tok.encode(text).tolist() + [tok.eos_token_id])))
+    pieces = []
+    streamer = TextStreamer(tok, pieces.append)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt: not written
+    for token in tok.encode(text).tolist() + [tok.eos_token_id]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces) and len(pieces) > 5
 
 
-def test_cached_generation_equals_rereading_the_whole_sequence():
+def _model():
     torch.manual_seed(0)
-    model = build_model("tiny", 64, TINY_MOM).eval()
+    return build_model("tiny", 320, TINY_MOM, eos_token_id=256).eval()  # ids 257..319: vocabulary padding
 
-    class NoCache(torch.nn.Module):  # the same model, seen without `use_cache`: re-reads everything each step
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
 
-        def forward(self, input_ids):
-            return self.inner(input_ids=input_ids, use_cache=False)
+def test_greedy_generate_equals_an_argmax_loop_over_the_whole_sequence():
+    """model.generate() with the recurrent cache picks what re-reading the whole sequence picks, and never an id
+    the tokenizer has no token for."""
+    model, tok = _model(), ByteTokenizer()
+    prompt = "the cat"
+    ids = torch.tensor([tok.encode(prompt).tolist()])
+    with torch.no_grad():
+        model.lm_head.weight[300] += 100.0  # make a padding id the most likely everywhere
+        expected = []
+        for _ in range(6):
+            logits = model(input_ids=ids, use_cache=False).logits[0, -1, : tok.vocab_size]
+            expected.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=1)
+    pieces = []
+    text = generate_text(model, tok, prompt, max_new_tokens=6, temperature=0.0, write=pieces.append)
+    assert text == "".join(pieces) == tok.decode([i for i in expected if i != tok.eos_token_id])
 
-    prompt = [3, 17, 5, 9, 33]
-    cached = list(generate_ids(model, prompt, max_new_tokens=4, temperature=0.0))
-    plain = list(generate_ids(NoCache(model), prompt, max_new_tokens=4, temperature=0.0))
-    assert cached == plain and len(cached) == 4
-    sampled = [list(generate_ids(model, prompt, 4, temperature=1.0, top_p=0.9, seed=s)) for s in (1, 1, 2)]
-    assert sampled[0] == sampled[1] != sampled[2]
+
+def test_sampling_is_repeatable_with_a_seed_and_top_p_near_zero_is_greedy():
+    model, tok = _model(), ByteTokenizer()
+    runs = [generate_text(model, tok, "a dog", 8, temperature=1.5, top_p=1.0, seed=s) for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+    greedy = generate_text(model, tok, "a dog", 8, temperature=0.0)
+    assert generate_text(model, tok, "a dog", 8, temperature=1.5, top_p=1e-6, seed=3) == greedy
+
+
+@pytest.mark.parametrize("args, argument", [((0, 1.0, 0.9), "max_new_tokens"), ((5, -1.0, 0.9), "temperature"),
+                                            ((5, 1.0, 0.0), "top_p"), ((5, 1.0, 2.0), "top_p"),
+                                            ((5, float("nan"), 0.9), "temperature")])
+def test_bad_arguments_name_the_argument(args, argument):
+    with pytest.raises(InputError) as err:
+        check_generate_args(*args)
+    assert err.value.argument == argument

@@ -24,7 +24,7 @@ def run_config(data: str, out_dir: str, model: str, overrides: dict, parallel: s
     return TrainConfig(model=model, model_overrides=overrides, data=data, seq_len=16, micro_batch_size=2,
                        grad_accum=2 // world_size, max_steps=4, warmup_steps=1, lr=3e-3, log_every=1, save_every=2,
                        out_dir=out_dir, overwrite=True, parallel=parallel, progress=False, tensorboard=False,
-                       save_hf=False, device="cpu")
+                       plot=False, save_hf=False, device="cpu")
 
 
 if __name__ == "__main__":
@@ -39,6 +39,6 @@ if __name__ == "__main__":
         config = run_config(data, os.path.join(out_root, parallel + ("_resume" if resume else "")), model, overrides,
                             parallel, world)
         if resume:
-            config.resume, config.overwrite, config.max_steps = True, False, 6
+            config.resume, config.overwrite, config.max_steps = "latest", False, 6
         train(config)
     shutdown_distributed()

@@ -38,7 +38,7 @@ def test_bad_config_files(tmp_path, text, match):
 
 
 def test_validation_and_presets():
-    with pytest.raises(InputError, match="parallel must be one of"):
+    with pytest.raises(InputError, match="parallel: must be one of"):
         TrainConfig(parallel="zero3")
     with pytest.raises(InputError, match="grad_accum"):
         TrainConfig(grad_accum=0)

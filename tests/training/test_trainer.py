@@ -67,7 +67,9 @@ def test_resume_on_another_batch_layout_continues_the_data_stream(tmp_path, corp
 
 
 def _error_line(capsys, argv) -> str:
-    assert main(argv) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]

@@ -24,9 +24,23 @@ def write_corpus(path, num_docs: int = 40, seed: int = 0) -> str:
 
 
 def tiny_config(data: str, out_dir, **overrides) -> TrainConfig:
-    """A 6-step stand-in run on CPU (no progress bar, TensorBoard or HF export); `overrides` replace fields."""
+    """A 6-step stand-in run on CPU (no progress bar, TensorBoard, loss plot or HF export); `overrides` replace
+    fields."""
     values = dict(model=standin_model.register(), data=data, seq_len=16, micro_batch_size=2, grad_accum=2,
                   max_steps=6, warmup_steps=1, lr=3e-3, log_every=1, save_every=2, out_dir=str(out_dir),
-                  progress=False, tensorboard=False, save_hf=False, device="cpu")
+                  progress=False, tensorboard=False, plot=False, save_hf=False, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def train_tiny_mom(root) -> tuple[str, str]:
+    """A 4-step tiny MoM run under `root`: (out_dir, held-out text path). Holds checkpoints and the saved `final/`."""
+    from memmix.training.trainer import train
+
+    data = write_corpus(root / "train.jsonl")
+    held_out = root / "held_out.txt"
+    held_out.write_text("the dogs sang in the park while a cat sat on the mat\n" * 3)
+    train(TrainConfig(model="tiny", model_overrides=TINY_MOM, data=data, seq_len=32, micro_batch_size=2, max_steps=4,
+                      warmup_steps=1, lr=3e-3, log_every=1, save_every=4, out_dir=str(root / "run"), progress=False,
+                      tensorboard=False, plot=False, device="cpu"))
+    return str(root / "run"), str(held_out)
