@@ -21,7 +21,7 @@ A variant is options joined by '+' ("base" = none): the step `memmix train` runs
   ckpt       gradient checkpointing of every block; lowmem: the MoM layers' low_memory=True
   attn-mask / attn-flex / attn-varlen   the attention layers' packed_impl (memmix.layers.attention); default auto
   read       read the loss and gradient norm back every step, as memmix train's loop does (one host sync a step)
-Rows: presets of memmix.training.presets, plus fla-gdn-<size> / fla-mom-<size>: flash-linear-attention's
+Rows: presets of memmix.models.presets, plus fla-gdn-<size> / fla-mom-<size>: flash-linear-attention's
 GatedDeltaNetForCausalLM / MomForCausalLM at the same shape (when fla is importable; its gated backward guard on
 Triton < 3.7.1 is lifted for TIMING only, as benchmarks/layer_speed.py does).
 
@@ -59,7 +59,7 @@ from memmix.files import atomic_write_text  # noqa: E402
 from memmix.layers.attention import CausalSelfAttention  # noqa: E402
 from memmix.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from memmix.training.optim import build_optimizer, cosine_schedule, split_decay_groups  # noqa: E402
-from memmix.training.presets import PRESETS, build_model  # noqa: E402
+from memmix.models.presets import MOM_PRESETS as PRESETS, build_model  # noqa: E402
 from memmix.training.step import TrainStep, clip_grad_norm  # noqa: E402
 
 OPTIONS = ("lce", "fused", "graph", "compile", "compile-mlp", "ckpt", "lowmem", "attn-mask", "attn-flex",

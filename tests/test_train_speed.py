@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memmix.data.packing import pack_rows
-from memmix.training.presets import build_model
+from memmix.models.presets import build_model
 
 from helpers import rel_err
 

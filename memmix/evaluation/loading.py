@@ -9,7 +9,7 @@ from memmix.data.errors import InputError
 from memmix.data.tokenizer import HFTokenizer, load_tokenizer
 from memmix.progress import quiet_transformers_bars
 from memmix.training.checkpoint import check_state_dict_shapes, load_checkpoint, resolve_checkpoint
-from memmix.training.presets import build_model
+from memmix.training.trainer import build_model
 
 
 def is_hf_folder(path: str) -> bool:

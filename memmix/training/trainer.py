@@ -49,7 +49,7 @@ from memmix.training.distributed import (
 from memmix.progress import progress_bar, quiet_transformers_bars
 from memmix.training.metrics import MetricsLog, write_loss_plot
 from memmix.training.optim import build_optimizer, cosine_schedule
-from memmix.training.presets import BMOJO_PRESETS, CUSTOM_MODELS, PRESETS, build_model, check_preset, preset_config_kwargs
+from memmix.models import presets
 from memmix.training.step import TrainStep
 
 
@@ -57,8 +57,8 @@ def model_spec(config: TrainConfig, vocab_size: int, tokenizer) -> dict:
     """What rebuilds a checkpoint's model and tokenizer; all but the tokenizer's path must match to resume."""
     spec = {"model": config.model, "vocab_size": vocab_size, "model_overrides": dict(config.model_overrides),
             "tokenizer": config.tokenizer, "tokenizer_fingerprint": tokenizer.fingerprint}
-    if config.model in PRESETS:
-        spec["model_config"] = preset_config_kwargs(config.model, vocab_size, config.model_overrides)
+    if config.model in presets.MOM_PRESETS:
+        spec["model_config"] = presets.preset_config_kwargs(config.model, vocab_size, config.model_overrides)
     return spec
 
 
@@ -132,13 +132,30 @@ def changed_settings(saved: dict, config: TrainConfig, path: str) -> dict[str, l
     return {k: [saved[k], current[k]] for k in differs}
 
 
+def check_preset(name: str) -> None:
+    """InputError (argument "model") unless `name` is a preset or a registered custom model."""
+    try:
+        presets.check_preset(name)
+    except ValueError as exc:
+        raise InputError(str(exc), "model") from None
+
+
+def build_model(name: str, vocab_size: int, overrides: dict | None = None, eos_token_id: int | None = None):
+    """memmix.models.presets.build_model; a bad preset or bad overrides raise InputError naming the argument."""
+    check_preset(name)
+    try:
+        return presets.build_model(name, vocab_size, overrides, eos_token_id)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bad overrides for preset '{name}': {exc}", "model_overrides") from None
+
+
 def check_model_overrides(name: str, overrides: dict) -> None:
     """InputError naming a model_overrides key that the preset's config class does not have (with the closest)."""
-    if not overrides or name in CUSTOM_MODELS:
+    if not overrides or name in presets.CUSTOM_MODELS:
         return
     from memmix.models import BMojoConfig, MoMConfig
 
-    cls = BMojoConfig if name in BMOJO_PRESETS else MoMConfig
+    cls = BMojoConfig if name in presets.BMOJO_PRESETS else MoMConfig
     known = (set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict())) - {
         "self", "kwargs", "model_type", "transformers_version", "architectures", "_name_or_path"}
     for key in overrides:

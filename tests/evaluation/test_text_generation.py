@@ -5,7 +5,7 @@ from train_helpers import TINY_MOM
 from memmix.data.errors import InputError
 from memmix.data.tokenizer import ByteTokenizer
 from memmix.evaluation.generate import TextStreamer, check_generate_args, generate_text
-from memmix.training.presets import build_model
+from memmix.models.presets import build_model
 
 
 def test_streamed_pieces_never_split_a_character():

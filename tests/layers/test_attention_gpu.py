@@ -87,7 +87,7 @@ def test_captured_training_step_of_an_attention_model_follows_the_eager_one():
     captured and replayed with new documents each step; its losses follow the same steps replayed eagerly
     (EmulatedGraph: the same capturable Adam)."""
     from memmix.training.optim import build_optimizer, cosine_schedule
-    from memmix.training.presets import build_model
+    from memmix.models.presets import build_model
     from memmix.training.step import EmulatedGraph, TrainStep
 
     gen = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memmix.training.presets import CUSTOM_MODELS
+from memmix.models.presets import CUSTOM_MODELS
 
 NAME = "standin"
 

@@ -5,7 +5,8 @@ import pytest
 from memmix.cli import build_parser
 from memmix.data.errors import InputError
 from memmix.training.config import TrainConfig, config_from_args, read_config_file
-from memmix.training.presets import PRESETS, check_preset
+from memmix.models.presets import MOM_PRESETS as PRESETS
+from memmix.training.trainer import check_preset
 
 
 def test_file_then_flags_override_defaults(tmp_path):
@@ -56,7 +57,8 @@ def test_every_preset_is_a_valid_model_config_and_tiny_ones_run():
     import torch
 
     from memmix.models import MoMConfig
-    from memmix.training.presets import build_model, preset_config_kwargs
+    from memmix.models.presets import preset_config_kwargs
+    from memmix.training.trainer import build_model
 
     for name in PRESETS:
         MoMConfig(**preset_config_kwargs(name, 320))  # validates without allocating weights
@@ -65,7 +67,7 @@ def test_every_preset_is_a_valid_model_config_and_tiny_ones_run():
         ids = torch.randint(0, 320, (1, 9))
         loss = model(input_ids=ids, cu_seqlens=torch.tensor([0, 4, 9]), labels=ids, use_cache=False).loss
         assert torch.isfinite(loss) and model.config.eos_token_id == 256
-    with pytest.raises(InputError, match="bad --model-overrides"):
+    with pytest.raises(InputError, match="model_overrides: bad overrides"):
         build_model("tiny", 320, {"topk": 9})
 
 
@@ -73,8 +75,8 @@ def test_bmojo_presets_build_and_run():
     import torch
 
     from memmix.models import BMojoForCausalLM
-    from memmix.models.configuration_bmojo import BMOJO_PRESETS
-    from memmix.training.presets import build_model, preset_names
+    from memmix.models.presets import BMOJO_PRESETS, preset_names
+    from memmix.training.trainer import build_model
 
     assert set(BMOJO_PRESETS) <= set(preset_names())
     check_preset("bmojo-340m")
@@ -83,5 +85,5 @@ def test_bmojo_presets_build_and_run():
     ids = torch.randint(0, 320, (1, 9))
     loss = model(input_ids=ids, cu_seqlens=torch.tensor([0, 4, 9]), labels=ids, use_cache=False).loss
     assert torch.isfinite(loss)
-    with pytest.raises(InputError, match="bad --model-overrides"):
+    with pytest.raises(InputError, match="model_overrides: bad overrides"):
         build_model("bmojo-tiny", 320, {"window_size": -1})

@@ -9,7 +9,7 @@ from train_helpers import TINY_MOM, tiny_config
 
 from memmix.data.packing import pack_rows
 from memmix.training.metrics import read_metrics
-from memmix.training.presets import build_model
+from memmix.models.presets import build_model
 from memmix.training.trainer import train
 
 
