@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from memmix.layers.norms import RMSNorm
 from memmix.models.cache import MoMCache
-from memmix.models.loss import causal_lm_loss, check_loss_positions, gather_positions
+from memmix.models.loss import causal_lm_loss, check_loss_positions, fused_lm_loss, gather_positions
 
 # transformers 5.24 renamed the outputs' `past_key_values` to `cache` (generate() reads `outputs["cache"]`, and
 # `.past_key_values` on an output logs a deprecation); older 5.x read `past_key_values`. Our outputs declare the
@@ -247,6 +247,10 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = self.model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # with labels, the head and the cross-entropy run a chunk of rows at a time (memmix.ops.linear_cross_entropy)
+        # and `logits` is None: the (B, T, V) logits are never whole. How the model runs, not what it computes: not
+        # saved with the config (memmix train turns it on for CUDA).
+        self.fused_loss = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -294,7 +298,8 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
     def head_and_loss(self, hidden_states, labels, attention_mask, cu_seqlens, logits_to_keep: int,
                       loss_positions) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, cross-entropy or None) from the final hidden states (B, T, D): the head runs on the positions
-        in loss_positions (B, Q), or on the last logits_to_keep positions when there are no labels, else on all."""
+        in loss_positions (B, Q), or on the last logits_to_keep positions when there are no labels, else on all.
+        With labels and self.fused_loss, logits is None (the head runs inside the loss, a chunk at a time)."""
         batch_size, seq_len, _ = hidden_states.shape
         if labels is not None and labels.shape != (batch_size, seq_len):
             raise ValueError(f"labels must have shape (B, T) = {(batch_size, seq_len)}, got {tuple(labels.shape)}")
@@ -305,6 +310,9 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
             hidden_states = gather_positions(hidden_states, loss_positions)  # (B, Q, D)
         elif labels is None and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
+        if labels is not None and self.fused_loss:
+            return None, fused_lm_loss(hidden_states, self.lm_head.weight, labels, attention_mask, cu_seqlens,
+                                       loss_positions)
         logits = self.lm_head(hidden_states)  # (B, T | n | Q, V)
         if labels is None:
             return logits, None

@@ -26,8 +26,12 @@ def next_token_targets(
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, -seq_len:][:, 1:] == 0, IGNORE_INDEX)
     if cu_seqlens is not None:
-        boundaries = cu_seqlens[1:-1].to(targets.device) - 1  # last token of every document but the final one
+        # the last token of every document but the final one; bounds padded with T (empty documents, as a CUDA graph's
+        # static shapes need) point one past the targets, into a column that is dropped
+        boundaries = cu_seqlens[1:-1].to(targets.device) - 1
+        targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
         targets[:, boundaries] = IGNORE_INDEX
+        targets = targets[:, :-1]
     return targets
 
 
@@ -58,6 +62,33 @@ def causal_lm_loss(
         targets = next_token_targets(labels, attention_mask, cu_seqlens).gather(1, loss_positions)  # (B, Q)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32, float64 stays
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def fused_lm_loss(
+    hidden_states: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    loss_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """causal_lm_loss(hidden_states @ head_weight^T, ...) without the logits ever whole (memmix.ops.linear_cross_entropy).
+
+    hidden_states (B, T, D) for every position, or (B, Q, D) gathered at loss_positions (B, Q); head_weight (V, D).
+    Under autocast the product runs in the autocast dtype, as the head's F.linear would.
+    """
+    from memmix.ops.linear_cross_entropy import linear_cross_entropy
+
+    if loss_positions is None:
+        hidden_states = hidden_states[:, :-1]  # position T - 1 has no target
+        targets = next_token_targets(labels, attention_mask, cu_seqlens)  # (B, T-1)
+    else:
+        targets = next_token_targets(labels, attention_mask, cu_seqlens).gather(1, loss_positions)  # (B, Q)
+    device = hidden_states.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
+    with torch.autocast(device, enabled=False):
+        return linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype),
+                                    head_weight.to(dtype), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def check_loss_positions(loss_positions, batch_size: int, seq_len: int) -> None:
