@@ -136,47 +136,29 @@ def _noise_avoiding(rng: np.random.Generator, rows: int, seq_len: int, vocab_siz
 
 
 def _generate_block(rng: np.random.Generator, rows: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
-                    power_a: float) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, seq_len) input ids and labels in the "memmix" style, every row holding ``num_kv_pairs`` pairs."""
+                    power_a: float, style: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, seq_len) input ids and labels, every row holding ``num_kv_pairs`` pairs, in ``style``."""
     n, half = num_kv_pairs, vocab_size // 2
-    keys = 1 + _sample_without_replacement(rng, rows, half - 1, n)            # (rows, n) in [1, half)
-    values = half + _sample_without_replacement(rng, rows, vocab_size - half, n)  # (rows, n) in [half, vocab)
+    distinct = _sample_distinct if style == "zoology" else _sample_without_replacement
+    keys = 1 + distinct(rng, rows, half - 1, n)                                # (rows, n) in [1, half)
+    values = half + distinct(rng, rows, vocab_size - half, n)                  # (rows, n) in [half, vocab)
     num_slots = (seq_len - 2 * n) // 2
     slot_log_weights = (power_a - 1.0) * np.log(np.arange(1, num_slots + 1))  # p(slot j) ~ (j + 1)^(a - 1)
     slots = _sample_without_replacement(rng, rows, num_slots, n, slot_log_weights)  # (rows, n)
 
-    input_ids = rng.integers(0, vocab_size, size=(rows, seq_len), dtype=np.int64)  # noise everywhere first
+    if style == "zoology":  # noise everywhere first
+        input_ids = _noise_avoiding(rng, rows, seq_len, vocab_size, keys)
+    else:
+        input_ids = rng.integers(0, vocab_size, size=(rows, seq_len), dtype=np.int64)
     labels = np.full((rows, seq_len), IGNORE_INDEX, dtype=np.int64)
     input_ids[:, 0:2 * n:2] = keys
     input_ids[:, 1:2 * n:2] = values
     key_pos = 2 * n + 2 * slots                                                # (rows, n)
     np.put_along_axis(input_ids, key_pos, keys, axis=1)
-    np.put_along_axis(input_ids, key_pos + 1, values, axis=1)
+    if style == "memmix":  # Zoology's value slot keeps its noise
+        np.put_along_axis(input_ids, key_pos + 1, values, axis=1)
     np.put_along_axis(labels, key_pos + 1, values, axis=1)
     return input_ids, labels
-
-
-def _generate_zoology_block(rng: np.random.Generator, rows: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
-                            power_a: float) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, seq_len) input ids and labels in the "zoology" style (see the module doc)."""
-    n, half = num_kv_pairs, vocab_size // 2
-    keys = 1 + _sample_distinct(rng, rows, half - 1, n)                        # (rows, n) in [1, half)
-    values = half + _sample_distinct(rng, rows, vocab_size - half, n)          # (rows, n) in [half, vocab)
-    num_slots = (seq_len - 2 * n) // 2
-    slot_log_weights = (power_a - 1.0) * np.log(np.arange(1, num_slots + 1))  # p(slot j) ~ (j + 1)^(a - 1)
-    slots = _sample_without_replacement(rng, rows, num_slots, n, slot_log_weights)  # (rows, n)
-
-    input_ids = _noise_avoiding(rng, rows, seq_len, vocab_size, keys)         # noise everywhere first
-    labels = np.full((rows, seq_len), IGNORE_INDEX, dtype=np.int64)
-    input_ids[:, 0:2 * n:2] = keys
-    input_ids[:, 1:2 * n:2] = values
-    key_pos = 2 * n + 2 * slots                                                # (rows, n)
-    np.put_along_axis(input_ids, key_pos, keys, axis=1)                       # the value slot keeps its noise
-    np.put_along_axis(labels, key_pos + 1, values, axis=1)
-    return input_ids, labels
-
-
-_BLOCKS = {"memmix": _generate_block, "zoology": _generate_zoology_block}
 
 
 def generate_mqar(num_examples: int, seq_len: int, num_kv_pairs: int | Sequence[int], vocab_size: int,
@@ -205,7 +187,8 @@ def generate_mqar(num_examples: int, seq_len: int, num_kv_pairs: int | Sequence[
         rows = np.flatnonzero(per_example == count)
         for start in range(0, len(rows), _CHUNK):
             chunk = rows[start:start + _CHUNK]
-            input_ids[chunk], labels[chunk] = _BLOCKS[style](rng, len(chunk), seq_len, count, vocab_size, power_a)
+            input_ids[chunk], labels[chunk] = _generate_block(rng, len(chunk), seq_len, count, vocab_size, power_a,
+                                                              style)
     return MQARData(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.from_numpy(per_example))
 
 
