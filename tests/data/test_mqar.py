@@ -138,8 +138,7 @@ def test_max_kv_pairs_is_tight():
 
 def _zoology_rows(num_examples, seq_len, num_kv_pairs, vocab_size, seed):
     data = generate_mqar(num_examples, seq_len, num_kv_pairs, vocab_size, seed=seed, style="zoology")
-    for row, labels, n in zip(data.input_ids, data.labels, data.num_kv_pairs.tolist()):
-        yield row, labels, n
+    yield from zip(data.input_ids, data.labels, data.num_kv_pairs.tolist())
 
 
 @pytest.mark.parametrize("seq_len,num_kv_pairs,vocab_size", [(64, 4, 8192), (256, 64, 8192), (1024, 256, 8192),
