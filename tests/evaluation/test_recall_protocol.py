@@ -161,16 +161,19 @@ def test_training_stops_once_validation_reaches_the_threshold(monkeypatch, alway
         assert run.valid_curve == [(4, 0.0), (8, 0.0)] and run.valid_accuracy == 0.0 and len(run.loss_curve) == 10
 
 
-def test_seeds_are_reported_as_mean_and_range(monkeypatch):
+def test_seeds_are_reported_as_mean_and_range(monkeypatch, tmp_path):
     _register(monkeypatch, "lucky", lambda model, seq_len: model.lucky)
-    s = RecallSettings(**GRID_TINY, models=["lucky"], steps=2, seeds=3)
+    s = RecallSettings(**GRID_TINY, models=["lucky"], steps=2, seeds=3, plot_path=str(tmp_path / "a.png"),
+                       state_plot_path=str(tmp_path / "state.png"))
     report = run_recall(s, progress=False)
+    for name in ("a.png", "state.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     per_seed = [r.accuracy[(32, 3)] for r in report.runs]
     assert [r.spec.seed for r in report.runs] == [0, 1, 2] and len(set(per_seed)) == 2  # seeds differ
     row = report.results[0]
     assert row.accuracy[(32, 3)] == pytest.approx(sum(per_seed) / 3)
     assert row.accuracy_range[(32, 3)] == (min(per_seed), max(per_seed)) == (0.0, 1.0)
-    assert f"{row.accuracy[(32, 3)]:.3f} (0.00-1.00)" in format_table(report)
+    assert f"{row.accuracy[(32, 3)]:.3f} (0.000-1.000)" in format_table(report)
 
 
 def _run(model: str, lr: float, seed: int, valid: float | None, test: float, steps: int = 10,

@@ -120,7 +120,7 @@ def fmt_seconds(seconds: float) -> str:
 def _accuracy_cell(r: ModelResult, g: tuple[int, int]) -> str:
     if len(r.seeds) > 1 and g in r.accuracy_range:
         low, high = r.accuracy_range[g]
-        return f"{r.accuracy[g]:.3f} ({low:.2f}-{high:.2f})"
+        return f"{r.accuracy[g]:.3f} ({low:.3f}-{high:.3f})"
     return f"{r.accuracy[g]:.3f}"
 
 
@@ -218,8 +218,10 @@ def _pyplot():
 
 
 def plot_accuracy(report: RecallReport, path: str | os.PathLike) -> None:
-    """PNG: accuracy against num_kv_pairs, one panel per tested seq_len, one line per row (the seeds' range
-    shaded); written atomically."""
+    """PNG: accuracy against num_kv_pairs, one panel per tested seq_len (with an explicit test grid: one panel,
+    one x position per tested setting), one line per row, the seeds' range shaded; written atomically."""
+    if report.settings.test_grid is not None:
+        return _plot_grid_accuracy(report, path)
     plt = _pyplot()
     s = report.settings
     grid = settings_grid(s)
@@ -249,6 +251,33 @@ def plot_accuracy(report: RecallReport, path: str | os.PathLike) -> None:
     _save(fig, path)
 
 
+def _plot_grid_accuracy(report: RecallReport, path: str | os.PathLike) -> None:
+    plt = _pyplot()
+    s = report.settings
+    grid, trained = settings_grid(s), set(trained_settings(s))
+    fig, ax = plt.subplots(figsize=(1.2 * len(grid) + 3.0, 4.0))
+    xs = list(range(len(grid)))
+    for r in report.results:
+        line, = ax.plot(xs, [r.accuracy[g] for g in grid], marker="o", label=_label(report, r))
+        if len(r.seeds) > 1:
+            ax.fill_between(xs, [r.accuracy_range[g][0] for g in grid], [r.accuracy_range[g][1] for g in grid],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+    longest = max(t for t, _ in trained)
+
+    def label(t: int, n: int) -> str:
+        note = "" if (t, n) in trained else "\n(longer)" if t > longest else "\n(not trained)"
+        return f"T={t}\nN={n}{note}"
+
+    ax.set_xticks(xs, [label(t, n) for t, n in grid])
+    ax.set_ylabel("MQAR accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"MQAR recall, {s.num_layers} layers, up to {s.steps} steps", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_state_accuracy(report: RecallReport, path: str | os.PathLike) -> None:
     """PNG, Zoology's figure: accuracy at the hardest trained setting against the recurrent state size (floats per
     sequence, log scale; attention: its KV cache at that length), one point per (model, d_model) with the seeds'
@@ -270,6 +299,7 @@ def plot_state_accuracy(report: RecallReport, path: str | os.PathLike) -> None:
             ax.annotate(f"d={r.d_model}", (x_i, y_i), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=colour)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel(f"recurrent state (floats per sequence; attention: KV cache at {setting[0]} tokens)")
     ax.set_ylabel(f"accuracy at T={setting[0]} N={setting[1]}")
     ax.set_ylim(-0.02, 1.02)
