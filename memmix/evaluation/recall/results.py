@@ -39,7 +39,7 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.model} d={self.d_model} lr={self.lr:g} seed={self.seed}"
+        return f"{self.model} d={self.d_model} lr={self.lr!r} seed={self.seed}"  # repr: distinct rates, distinct keys
 
 
 @dataclass

@@ -108,8 +108,8 @@ class Plan:
         keys = []
         for model, d_model in self.groups:
             keys += [spec.key for spec in self.sweep(model, d_model) + (self.seed_runs(model, d_model) or [])]
-        planned = [self.finished[k] for k in keys if k in self.finished]
-        return planned + [r for k, r in self.finished.items() if k not in set(keys)]
+        planned, known = [self.finished[k] for k in keys if k in self.finished], set(keys)
+        return planned + [r for k, r in self.finished.items() if k not in known]
 
     def remaining(self) -> list[str]:
         """Runs not finished yet, by key (a seed run whose learning rate is not chosen yet: 'lr=?')."""
