@@ -43,6 +43,10 @@ class MixedRecallData:
         """The examples at ``index`` (a slice or an int64 index tensor)."""
         return MixedRecallData(self.input_ids[index], self.labels[index], self.modality_ids[index])
 
+    def to(self, device: str | torch.device) -> MixedRecallData:
+        """The same examples on ``device``."""
+        return MixedRecallData(self.input_ids.to(device), self.labels.to(device), self.modality_ids.to(device))
+
 
 def modality_vocab(modality: int, vocab_size: int) -> tuple[int, int]:
     """[low, high) token ids of ``modality`` (0 or 1): the two halves of the vocabulary."""

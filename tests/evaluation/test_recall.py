@@ -25,6 +25,7 @@ from memmix.evaluation.recall import (
     summary_line,
     validate_settings,
 )
+from memmix.evaluation.recall import runner as recall_runner
 
 TINY = ["--seq-len", "16", "--num-kv-pairs", "2,3", "--d-model", "16", "--head-dim", "8", "--layers", "1",
         "--steps", "3", "--batch-size", "4", "--num-train", "24", "--num-test", "8", "--vocab-size", "16",
@@ -222,7 +223,7 @@ def test_parallel_workers_give_the_same_numbers_as_one_process():
     ],
 )
 def test_worker_count(monkeypatch, fields, runs, expected):
-    monkeypatch.setattr(recall.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(recall_runner.os, "cpu_count", lambda: 4)
     assert recall.worker_count(RecallSettings(**fields), runs) == expected
 
 
@@ -237,15 +238,17 @@ def test_models_registered_at_run_time_train_in_this_process(monkeypatch):
 
 def test_progress_eta_counts_running_and_waiting_runs(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(recall.time, "perf_counter", lambda: clock[0])
-    progress = recall._Progress(["a", "b", "c"], steps_per_run=100, workers=2, enabled=False)
-    progress.update(0, 1, 1.0)  # both start at t = 0
-    progress.update(1, 1, 1.0)
+    monkeypatch.setattr(recall_runner.time, "perf_counter", lambda: clock[0])
+    progress = recall_runner._Progress(3, steps_per_run=100, workers=2, enabled=False)
+    spec = recall.RunSpec("gdn", 16, 1e-3, 0)
+    first, second = progress.start(spec), progress.start(spec)  # both start at t = 0
     clock[0] = 10.0
-    progress.update(0, 50, 1.0)  # 0.2 s a step: 50 steps (10 s) to go
-    progress.update(1, 100, 1.0)  # 0.1 s a step, done
+    progress.update(first, 50, 1.0)  # 0.2 s a step: 50 steps (10 s) to go
+    progress.update(second, 100, 1.0)  # 0.1 s a step, done
+    progress.finish(second)
+    clock[0] = 12.0  # a finished run's rate does not decay while the others train
     # the longest running remainder, plus run "c" at the mean 0.15 s a step over 2 workers
-    assert progress.remaining_seconds() == pytest.approx(10.0 + 100 * 0.15 / 2)
+    assert progress.remaining_seconds() == pytest.approx(12.0 / 50 * 50 + 100 * (12.0 / 50 + 0.1) / 2 / 2)
 
 
 def test_a_replaced_builtin_model_also_trains_in_this_process(monkeypatch):

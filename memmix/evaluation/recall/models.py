@@ -1,0 +1,164 @@
+"""The recall benchmark's model registry: how to build each model at a size and how big its inference state is.
+
+Adding a model is one ``register_model`` call; a MoM variant with config overrides is one ``register_mom_variant``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The size every model of one comparison shares."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class StateSize:
+    """What a model carries per sequence at inference: ``floats`` if constant, else ``floats_per_token``."""
+
+    floats: int | None
+    floats_per_token: int | None
+    formula: str
+
+    def describe(self) -> str:
+        if self.floats is not None:
+            return f"{self.floats:,} const"
+        return f"grows {self.floats_per_token:,}/token ({self.formula})"
+
+    def at_length(self, seq_len: int) -> int:
+        """Floats held after ``seq_len`` tokens (constant states ignore it)."""
+        return self.floats if self.floats is not None else self.floats_per_token * seq_len
+
+
+@dataclass(frozen=True)
+class RecallModel:
+    """A registry entry: how to build the model at a ModelSize and how big its inference state is."""
+
+    name: str
+    summary: str
+    build: Callable[[ModelSize], nn.Module]
+    state_size: Callable[[nn.Module], StateSize]
+
+
+RECALL_MODELS: dict[str, RecallModel] = {}
+
+
+def register_model(entry: RecallModel) -> RecallModel:
+    """Add (or replace) a RECALL_MODELS entry."""
+    RECALL_MODELS[entry.name] = entry
+    return entry
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------- the MoM family
+
+
+def _mom_family_config(size: ModelSize, heads_factor: int = 1, **overrides: Any):
+    """A MoMConfig at ``size``: heads of ``head_dim`` (``heads_factor`` times d_model / head_dim of them), a 2x MLP;
+    ``overrides`` pick the variant."""
+    from memmix import (
+        MoMConfig,  # models floor; imported late so the data/validation paths stay light
+    )
+
+    num_heads = size.d_model // size.head_dim
+    fields = dict(vocab_size=size.vocab_size, hidden_size=size.d_model, num_hidden_layers=size.num_layers,
+                  num_heads=heads_factor * num_heads, head_dim=size.head_dim, expand_v=1.0, attn_num_heads=num_heads,
+                  intermediate_size=2 * size.d_model)
+    fields.update(overrides)
+    return MoMConfig(**fields)
+
+
+def _mom_family(name: str, summary: str, attention_everywhere: bool = False, heads_factor: int = 1,
+                **overrides: Any) -> RecallModel:
+    """A registry entry for a MoMForCausalLM variant; attention_everywhere makes every layer softmax attention."""
+    def build(size: ModelSize) -> nn.Module:
+        from memmix import MoMForCausalLM
+        layers = {"attn_layers": list(range(size.num_layers))} if attention_everywhere else {}
+        return MoMForCausalLM(_mom_family_config(size, heads_factor, **overrides, **layers))
+
+    return RecallModel(name=name, summary=summary, build=build, state_size=mom_family_state_size)
+
+
+def mom_family_state_size(model: nn.Module) -> StateSize:
+    """Inference state of a MoMForCausalLM (memories and conv tails; KV cache per token for attention layers)."""
+    constant = model.recurrent_state_size(context_length=0)
+    per_token = model.recurrent_state_size(context_length=1) - constant
+    if per_token == 0:
+        return StateSize(constant, None, "")
+    c = model.config
+    layers, kv_width = len(c.attn_layers), c.attn_num_kv_heads * (c.hidden_size // c.attn_num_heads)
+    formula = f"2*{layers}*{kv_width}" + (f" + {constant:,} const" if constant else "")
+    return StateSize(None, per_token, formula)
+
+
+MOM = dict(num_memories=4, topk=2, shared_mem=True, memory_rule="gated_delta")  # the paper's MoM, as benchmarked
+GDN = dict(num_memories=1, topk=1, shared_mem=False, memory_rule="gated_delta")
+# gdn-wide: one gated-delta memory with as many heads as MoM has memories (routed + shared) per head, so every
+# recurrent float matches: H' K V = (M + S) H K V for the memories, and the conv tails (W - 1)(2 H' K + H' V) =
+# (M + S)(W - 1)(2 H K + H V). "More state" without routing, told apart from "routed state".
+MOM_STATES = MOM["num_memories"] + int(MOM["shared_mem"])
+
+
+def register_mom_variant(name: str, summary: str, **overrides: Any) -> RecallModel:
+    """One line per MoM ablation: the benchmarked MoM (``MOM``) with MoMConfig ``overrides``."""
+    return register_model(_mom_family(name, summary, **{**MOM, **overrides}))
+
+
+# One entry per model; any other builder joins with one more register_model call.
+register_model(_mom_family("mom", "MoM: 4 gated-delta memories, top-2 routing, + a shared memory", **MOM))
+register_model(_mom_family("gdn", "Gated DeltaNet: the same block with one memory", **GDN))
+register_model(_mom_family("gdn-wide", f"Gated DeltaNet with {MOM_STATES}x the heads: one memory, MoM's total state",
+                           heads_factor=MOM_STATES, **GDN))
+register_model(_mom_family("linear", "linear attention: one memory, additive (no decay, no delta) update",
+                           num_memories=1, topk=1, shared_mem=False, memory_rule="linear"))
+register_model(_mom_family("attention", "softmax attention in every layer (the recall upper bound)",
+                           attention_everywhere=True, num_memories=1, topk=1, shared_mem=False))
+
+
+def _build_bmojo(size: ModelSize) -> nn.Module:
+    from memmix.models import BMojoForCausalLM
+    from memmix.models.configuration_bmojo import bmojo_recall_config
+
+    return BMojoForCausalLM(bmojo_recall_config(size.vocab_size, size.d_model, size.num_layers, head_dim=size.head_dim))
+
+
+register_model(RecallModel(
+    name="bmojo",
+    summary="B'MOJO: gated-delta fading memory + innovation-selected eidetic store + sliding-window attention",
+    build=_build_bmojo,
+    state_size=lambda model: StateSize(model.recurrent_state_size(), None, ""),
+))
+
+# ----------------------------------------------------------------------------------------------- MoM ablations
+# Each changes one MoMConfig field of `mom` (preset "zoology-ablations" runs them against mom and gdn).
+register_mom_variant("mom-k1", "MoM with top-1 routing", topk=1)
+register_mom_variant("mom-m2", "MoM with 2 routed memories (top-2: every memory every token)", num_memories=2)
+register_mom_variant("mom-m8", "MoM with 8 routed memories, top-2", num_memories=8)
+register_mom_variant("mom-noshared", "MoM without the shared memory", shared_mem=False)
+register_mom_variant("mom-lb0", "MoM without the load-balancing loss", aux_loss_scale=0.0)
+register_mom_variant("mom-lb0.1", "MoM with load-balancing weight 0.1 (default 0.01)", aux_loss_scale=0.1)
+ABLATION_MODELS = ["mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1"]
+
+# Ablations that need layer options MoMConfig does not have yet (issue 17); each becomes one
+# register_mom_variant line once its option exists, and then joins ABLATION_MODELS and the ablation preset:
+LATER_ABLATIONS = {
+    "mom-conv-whole": "one short convolution over the whole sequence before routing (not one per memory's tokens)",
+    "mom-route-conv": "routing from the convolved features instead of the layer input",
+    "mom-zloss": "a router z-loss",
+    "mom-temp": "a router temperature",
+}
+
+BUILTIN_MODELS = dict(RECALL_MODELS)  # what a fresh interpreter (a worker process) has registered

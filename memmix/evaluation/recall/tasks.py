@@ -1,0 +1,163 @@
+"""The recall tasks behind one interface: MQAR (memmix.data.mqar) and mixed-modal recall (memmix.data.mixed_recall).
+
+A task makes its splits (train: training sets by key, each batch of one shape; valid and test: data per
+(seq_len, num_kv_pairs)), turns a batch into model inputs, and scores a model on a data set:
+
+    task = MQARTask(settings)
+    splits = task.splits(device)                  # generated once per process, kept on the device
+    loss = model(**task.inputs(batch), labels=batch.labels).loss
+    task.accuracy(model, splits.test[(64, 4)])    # fraction of queries answered
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from memmix.data.mqar import IGNORE_INDEX, MQARData, make_mqar_grid_splits
+
+
+@dataclass
+class Splits:
+    """train: key -> data set (key: seq_len or (seq_len, num_kv_pairs)); valid, test: (seq_len, N) -> data set."""
+
+    train: dict
+    test: dict[tuple[int, int], Any]
+    valid: dict[tuple[int, int], Any] = field(default_factory=dict)
+
+    def to(self, device: str | torch.device) -> Splits:
+        def move(d: dict) -> dict:
+            return {k: v.to(device) for k, v in d.items()}
+        return Splits(move(self.train), move(self.test), move(self.valid))
+
+
+class RecallTask(Protocol):
+    """What the training loop and the runner need from a task."""
+
+    def splits(self, device: str | torch.device) -> Splits: ...
+
+    def inputs(self, batch: Any) -> dict[str, torch.Tensor]: ...
+
+    def accuracy(self, model: nn.Module, data: Any) -> float: ...
+
+
+_SPLITS_CACHE: dict[tuple, Splits] = {}  # one entry per process: (task data key, device) -> splits
+
+
+def _cached(key: tuple, device: str | torch.device, make) -> Splits:
+    """The splits for ``key`` on ``device``, made once per process (a worker trains many runs on the same data)."""
+    full_key = (key, str(device))
+    if full_key not in _SPLITS_CACHE:
+        _SPLITS_CACHE.clear()  # keep one data set in memory
+        _SPLITS_CACHE[full_key] = make().to(device)
+    return _SPLITS_CACHE[full_key]
+
+
+@torch.no_grad()
+def query_counts(model: nn.Module, data: MQARData, batch_size: int, inputs) -> tuple[int, int]:
+    """(queries answered right, queries) with the argmax prediction at each query's key (labels shifted as in HF).
+    Counts stay on the device until the end: one host sync per call."""
+    model.eval()
+    correct = total = None
+    for start in range(0, len(data), batch_size):
+        batch = data.subset(slice(start, start + batch_size))
+        logits = model(**inputs(batch)).logits  # (B, T, vocab)
+        predicted = logits[:, :-1].argmax(dim=-1)  # (B, T - 1): prediction for the next token
+        target = batch.labels[:, 1:].to(predicted.device)
+        mask = target != IGNORE_INDEX
+        right, count = (predicted[mask] == target[mask]).sum(), mask.sum()
+        correct = right if correct is None else correct + right
+        total = count if total is None else total + count
+    return int(correct), int(total)
+
+
+def recall_accuracy(model: nn.Module, data: MQARData, batch_size: int, device: str | torch.device) -> float:
+    """Fraction of queries whose value is the argmax prediction at the query's key (labels shifted as in HF)."""
+    correct, total = query_counts(model, data, batch_size, lambda batch: {"input_ids": batch.input_ids.to(device)})
+    return correct / total
+
+
+class MQARTask:
+    """MQAR at a RecallSettings' grid (product or grid style, settings.py) and data style."""
+
+    def __init__(self, settings):
+        self.s = settings
+
+    def data_key(self) -> tuple:
+        s = self.s
+        grids = tuple(tuple(map(tuple, g)) if g is not None else None for g in (s.train_grid, s.test_grid))
+        return ("mqar", tuple(s.seq_lens), tuple(s.num_kv_pairs), grids, s.vocab_size, s.num_train, s.num_valid,
+                s.num_test, s.seed, s.data_style)
+
+    def make_splits(self) -> Splits:
+        from memmix.evaluation.recall.settings import (
+            settings_grid,
+            trained_settings,
+            training_sets,
+        )
+
+        s = self.s
+        if s.train_grid is not None:
+            train_sets = {key: (key[0], [key[1]]) for key in training_sets(s)}
+        else:
+            train_sets = {t: (t, [n for n in s.num_kv_pairs if (t, n) in trained_settings(s)]) for t in s.seq_lens}
+        valid_grid = trained_settings(s) if s.num_valid else []
+        made = make_mqar_grid_splits(train_sets, settings_grid(s), valid_grid, s.vocab_size, s.num_train,
+                                     s.num_valid, s.num_test, s.seed, style=s.data_style)
+        return Splits(made.train, made.test, made.valid)
+
+    def splits(self, device: str | torch.device) -> Splits:
+        return _cached(self.data_key(), device, self.make_splits)
+
+    def inputs(self, batch: MQARData) -> dict[str, torch.Tensor]:
+        return {"input_ids": batch.input_ids}
+
+    def accuracy(self, model: nn.Module, data: MQARData) -> float:
+        correct, total = query_counts(model, data, self.s.eval_batch_size, self.inputs)
+        return correct / total
+
+    def pooled_accuracy(self, model: nn.Module, sets: dict) -> float:
+        """Fraction of all queries of several data sets answered right (the validation accuracy)."""
+        counts = [query_counts(model, data, self.s.eval_batch_size, self.inputs) for data in sets.values()]
+        return sum(c for c, _ in counts) / sum(t for _, t in counts)
+
+
+class MixedTask:
+    """Mixed-modal recall at a MixedRecallSettings' grid; ``uses_modality`` passes modality_ids to the model."""
+
+    def __init__(self, settings, uses_modality: bool):
+        self.s, self.uses_modality = settings, uses_modality
+
+    def make_splits(self) -> Splits:
+        from memmix.data.mixed_recall import make_mixed_recall_splits
+
+        s, train, test = self.s, {}, {}
+        for seq_len in s.seq_lens:
+            train[seq_len], per_count = make_mixed_recall_splits(seq_len, s.num_kv_pairs, s.vocab_size, s.num_train,
+                                                                 s.num_test, s.seed, s.num_segments)
+            test.update({(seq_len, n): data for n, data in per_count.items()})
+        return Splits(train, test)
+
+    def splits(self, device: str | torch.device) -> Splits:
+        s = self.s
+        key = ("mixed", tuple(s.seq_lens), tuple(s.num_kv_pairs), s.vocab_size, s.num_train, s.num_test, s.seed,
+               s.num_segments)
+        return _cached(key, device, self.make_splits)
+
+    def inputs(self, batch) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": batch.input_ids}
+        if self.uses_modality:
+            inputs["modality_ids"] = batch.modality_ids
+        return inputs
+
+    def accuracy(self, model: nn.Module, data) -> float:
+        return self.scores(model, data)["all"]
+
+    def scores(self, model: nn.Module, data) -> dict[str, float]:
+        """Accuracy over all queries and per modality ({"all", "text", "image"}) plus the memory purity."""
+        from memmix.evaluation.recall.mixed import mixed_recall_accuracy
+
+        device = next(model.parameters()).device
+        return mixed_recall_accuracy(model, data, self.s.eval_batch_size, device, self.uses_modality)
