@@ -1,10 +1,14 @@
 """Speed and peak memory of one token-mixing layer: our MoM and our single-memory layer (each also with
-low_memory=True), our B'MOJO, flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and
-softmax attention (PyTorch SDPA).
+low_memory=True), our B'MOJO, our B'MOJO-F against SDPA sliding-window attention of its span (2 --window),
+flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and softmax attention (PyTorch SDPA).
 
     python benchmarks/layer_speed.py                      # the issue's shape on CUDA, T = 2048, 8192, 32768
     python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
     python benchmarks/layer_speed.py --only MoM,single --phases  # + peak memory of each phase (CUDA)
+    python benchmarks/layer_speed.py --only "B'MOJO-F,sliding" --window 512  # B'MOJO-F vs its SDPA baseline
+
+SDPA has no sliding-window kernel: the sliding-window row is memmix's CausalSelfAttention with window 2w, which
+passes SDPA a dense (T, T) mask, so its time and memory grow as T^2 while B'MOJO-F's grow as T (w + block).
 
 Every row processes --tokens tokens (batch = tokens // T), or one sequence of T when T is longer; the
 closing lines compare forward+backward time per token across T. Timings are medians of
@@ -24,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cpu_median_ms, atomic_write_json  # noqa: E402
-from memmix.layers import BMojo, MixtureOfMemories  # noqa: E402
+from memmix.layers import BMojo, BMojoF, MixtureOfMemories  # noqa: E402
+from memmix.layers.attention import CausalSelfAttention  # noqa: E402
 
 
 class SDPAttention(nn.Module):
@@ -45,7 +50,7 @@ class SDPAttention(nn.Module):
 
 def build_layers(args) -> tuple[dict, list[str]]:
     """name -> callable(x) returning the layer output tensor; plus notes printed under the table."""
-    H, K = args.num_heads, args.head_dim
+    H, K, w = args.num_heads, args.head_dim, args.window
     notes = []
     common = dict(hidden_size=args.hidden, num_heads=H, head_dim=K, expand_v=1.0, impl=args.impl)
     ours = MixtureOfMemories(num_memories=4, topk=2, shared_mem=True, **common)
@@ -61,6 +66,14 @@ def build_layers(args) -> tuple[dict, list[str]]:
         "memmix B'MOJO (window 512, store 256)": (
             BMojo(args.hidden, num_heads=H, head_dim=K, window_size=512, chunk_size=64, eidetic_size=256,
                   eidetic_per_chunk=4, impl=args.impl),
+            lambda m, x: m(x).hidden_states,
+        ),
+        f"memmix B'MOJO-F (window {w})": (
+            BMojoF(args.hidden, num_heads=H, head_dim=K, window_size=w, impl=args.impl),
+            lambda m, x: m(x).hidden_states,
+        ),
+        f"SDPA sliding window {2 * w}": (
+            CausalSelfAttention(args.hidden, H, head_dim=K, window_size=2 * w),
             lambda m, x: m(x).hidden_states,
         ),
     }
@@ -197,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (batch = tokens // T)")
     p.add_argument("--seq-lens", default="2048,8192,32768")
     p.add_argument("--impl", default="auto", choices=["auto", "chunk", "triton", "recurrent"])
+    p.add_argument("--window", type=int, default=512,
+                   help="B'MOJO-F's window w (its span, and the sliding-window baseline's window, is 2w)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even when importable")
     p.add_argument("--only", default="", help="comma list of substrings: run only matching layers")

@@ -274,11 +274,12 @@ class BMojoF(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.data.fill_(1.0)
 
-    def state_size(self) -> int:
-        """Floats of decoding state per sequence: Hf Kf^2 + (W - 1) 3 Hf Kf + 6 w Hkv Dh (the int64 `seen` aside)."""
+    def state_size(self, include_conv: bool = True) -> int:
+        """Floats of decoding state per sequence: Hf Kf^2 + (W - 1) 3 Hf Kf (conv tails, when include_conv)
+        + 6 w Hkv Dh (the int64 `seen` aside)."""
         mixer = self.fading_mixer
-        return (mixer.num_heads * mixer.head_dim**2 + (mixer.conv_size - 1) * 3 * mixer.inner_dim
-                + 6 * self.window_size * self.num_kv_heads * self.head_dim)
+        conv = (mixer.conv_size - 1) * 3 * mixer.inner_dim if include_conv else 0
+        return mixer.num_heads * mixer.head_dim**2 + conv + 6 * self.window_size * self.num_kv_heads * self.head_dim
 
     def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> BMojoFState:
         """Empty state for batch_size sequences; dtype is the activations' (the mixer state is >= float32)."""

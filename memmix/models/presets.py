@@ -3,7 +3,8 @@
 MoM 340M / 1.3B follow the MoM paper: hidden 1024 / 2048, 24 layers, 4 heads of 256, 4 memories, top-2 routing
 and a shared memory. `gdn-*` is the same stack with one always-selected memory (a Gated DeltaNet);
 `attention-*` makes every layer softmax attention (heads of 64); `bmojo-*` are B'MOJO models (every layer a
-memmix.layers.BMojo). `tiny` is `mom-tiny`. The recall benchmark's other models are built in
+memmix.layers.BMojo) and `bmojo-f-*` B'MOJO-F models of the same shapes (every layer a memmix.layers.BMojoF).
+`tiny` is `mom-tiny`. The recall benchmark's other models are built in
 memmix.evaluation.recall.
 """
 from __future__ import annotations
@@ -49,6 +50,15 @@ BMOJO_PRESETS: dict[str, dict] = {
                        chunk_size=64, eidetic_size=256, eidetic_per_chunk=4),
     "bmojo-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, head_dim=128, window_size=512,
                        chunk_size=64, eidetic_size=256, eidetic_per_chunk=4),
+    # B'MOJO-F: the released code's default window is 2048, sized for its long-context primed hybrids. A fading
+    # token only reaches queries window_size or more tokens later, so at window 2048 a model trained on rows of
+    # 2048 tokens (README's `memmix train`) would never read, nor train, its fading mixer. Window 512 (the
+    # store presets' window) keeps the span 2w = 1024 within the training rows; tiny: 32, for short demo rows.
+    "bmojo-f-tiny": dict(variant="f", hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=32, window_size=32),
+    "bmojo-f-340m": dict(variant="f", hidden_size=1024, num_hidden_layers=24, num_heads=8, head_dim=128,
+                         window_size=512),
+    "bmojo-f-1.3b": dict(variant="f", hidden_size=2048, num_hidden_layers=24, num_heads=16, head_dim=128,
+                         window_size=512),
 }
 
 # name -> factory(vocab_size, overrides) -> nn.Module, for models that are not config presets (tests, plugins)
@@ -97,11 +107,28 @@ def bmojo_recall_config(vocab_size: int, d_model: int, num_layers: int, head_dim
                         **overrides) -> BMojoConfig:
     """A BMojoConfig for the MQAR recall comparison: heads of head_dim, a 2x MLP, a short window (64) so that
     recall beyond it must come from the eidetic store (64 tokens per head) or the fading memory."""
-    if not (is_int(d_model) and is_int(head_dim) and head_dim >= 1 and d_model % head_dim == 0):
-        raise ValueError(f"d_model must be a multiple of head_dim={head_dim}, got {d_model!r}")
-    fields = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=num_layers,
-                  num_heads=d_model // head_dim, head_dim=head_dim, intermediate_size=2 * d_model, window_size=64,
-                  chunk_size=32, eidetic_size=64, eidetic_per_chunk=8, pad_token_id=None, bos_token_id=None,
-                  eos_token_id=None)
+    fields = _recall_fields(vocab_size, d_model, num_layers, head_dim)
+    fields.update(window_size=64, chunk_size=32, eidetic_size=64, eidetic_per_chunk=8)
     fields.update(overrides)
     return BMojoConfig(**fields)
+
+
+def bmojo_f_recall_config(vocab_size: int, d_model: int, num_layers: int, head_dim: int = 32,
+                          **overrides) -> BMojoConfig:
+    """A B'MOJO-F BMojoConfig for the MQAR recall comparison, shaped as bmojo_recall_config's: the same
+    in-context window (64), so the two rows differ in what reaches further back (the eidetic store there, the
+    64 fading tokens before the window here); recall beyond 2 x 64 tokens must come from the fading memory."""
+    fields = _recall_fields(vocab_size, d_model, num_layers, head_dim)
+    fields.update(variant="f", window_size=64)
+    fields.update(overrides)
+    return BMojoConfig(**fields)
+
+
+def _recall_fields(vocab_size: int, d_model: int, num_layers: int, head_dim: int) -> dict:
+    """The BMojoConfig fields every recall config shares: d_model // head_dim heads of head_dim, a 2x MLP, no
+    special tokens."""
+    if not (is_int(d_model) and is_int(head_dim) and head_dim >= 1 and d_model % head_dim == 0):
+        raise ValueError(f"d_model must be a multiple of head_dim={head_dim}, got {d_model!r}")
+    return dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=num_layers,
+                num_heads=d_model // head_dim, head_dim=head_dim, intermediate_size=2 * d_model, pad_token_id=None,
+                bos_token_id=None, eos_token_id=None)
