@@ -63,6 +63,19 @@ class MQARData:
         return MQARData(self.input_ids.to(device), self.labels.to(device), self.num_kv_pairs.to(device))
 
 
+def query_positions(labels: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(n, num_queries) int64 hidden positions whose next token is a query's value, in order, for a model's
+    ``loss_positions``: position p scores labels[:, p + 1]. Rows with fewer queries repeat position 0, whose next
+    label (the first pair's value, context) is always -100. No host read: the caller gives num_queries (e.g. the
+    largest pair count of the data)."""
+    is_query = labels[:, 1:] != IGNORE_INDEX  # (n, T - 1)
+    order = torch.argsort((~is_query).to(torch.int8), dim=1, stable=True)[:, :num_queries]  # queries first
+    if order.shape[1] < num_queries:
+        order = torch.cat([order, order.new_zeros(order.shape[0], num_queries - order.shape[1])], dim=1)
+    count = is_query.sum(1, keepdim=True)
+    return torch.where(torch.arange(num_queries, device=labels.device) < count, order, torch.zeros_like(order))
+
+
 def max_kv_pairs(seq_len: int, vocab_size: int) -> int:
     """The most pairs a sequence can hold: every key queried once (4 tokens a pair) and distinct keys and values."""
     return min(seq_len // 4, vocab_size // 2 - 1)

@@ -70,6 +70,10 @@ class RecallSettings:
     json_path: str | None = None  # results, written as each run finishes; an existing file is resumed
     plot_path: str | None = None  # accuracy against num_kv_pairs per seq_len (PNG)
     state_plot_path: str | None = None  # Zoology's plot: accuracy at the hardest trained setting vs state size
+    # the fast path (issue 16), "auto" = on for CUDA: each training step one captured CUDA graph, and the LM head and
+    # loss at the query positions only (also in evaluation). How runs run, not what they compute: not a result field
+    cuda_graph: str = "auto"
+    query_head: str = "auto"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +83,15 @@ class RecallSettings:
 RESULT_FIELDS = ("seq_lens", "num_kv_pairs", "train_grid", "test_grid", "data_style", "vocab_size", "num_train",
                  "num_valid", "num_test", "seed", "num_layers", "head_dim", "steps", "weight_decay",
                  "warmup_fraction", "batch_size", "stop_accuracy", "eval_every", "eval_batch_size", "device")
+
+FAST_PATH_CHOICES = ("auto", "on", "off")
+
+
+def fast_path(s: RecallSettings, name: str) -> bool:
+    """Whether the fast-path setting `name` (cuda_graph, query_head) is on: "on", or "auto" on a CUDA device."""
+    value = getattr(s, name)
+    return value == "on" or (value == "auto" and torch.device(s.device).type == "cuda")
+
 
 ZOOLOGY_TRAIN_GRID = [(64, 4), (128, 8), (256, 16), (256, 32), (256, 64)]
 ZOOLOGY_TEST_GRID = [(64, 4), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]  # the last two: longer
@@ -217,6 +230,11 @@ def validate_settings(s: RecallSettings) -> None:
     if not (s.budget_minutes >= 0 and math.isfinite(s.budget_minutes)):
         raise RecallSettingError("budget_minutes", f"must be a number >= 0 (0 = no limit), got {s.budget_minutes}")
     _check_device(s.device)
+    for name in ("cuda_graph", "query_head"):
+        if getattr(s, name) not in FAST_PATH_CHOICES:
+            raise RecallSettingError(name, f"must be one of {', '.join(FAST_PATH_CHOICES)}, got {getattr(s, name)!r}")
+    if s.cuda_graph == "on" and torch.device(s.device).type != "cuda":
+        raise RecallSettingError("cuda_graph", f"'on' needs a CUDA device, got device {s.device!r}; use auto or off")
     _check_outputs(s)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memmix.data.mqar import IGNORE_INDEX, MQARData, make_mqar_grid_splits
+from memmix.data.mqar import IGNORE_INDEX, MQARData, make_mqar_grid_splits, query_positions
 
 
 @dataclass
@@ -56,16 +56,25 @@ def _cached(key: tuple, device: str | torch.device, make) -> Splits:
 
 
 @torch.no_grad()
-def query_counts(model: nn.Module, data: MQARData, batch_size: int, inputs) -> tuple[int, int]:
+def query_counts(model: nn.Module, data: MQARData, batch_size: int, inputs, query_head: bool = False
+                 ) -> tuple[int, int]:
     """(queries answered right, queries) with the argmax prediction at each query's key (labels shifted as in HF).
-    Counts stay on the device until the end: one host sync per call."""
+    query_head: the LM head runs at the query positions only (the model's loss_positions), not at every position.
+    Counts stay on the device until the end: one host sync per call (two with query_head)."""
     model.eval()
     correct = total = None
+    most = int((data.labels[:, 1:] != IGNORE_INDEX).sum(1).max()) if query_head else 0
     for start in range(0, len(data), batch_size):
         batch = data.subset(slice(start, start + batch_size))
-        logits = model(**inputs(batch)).logits  # (B, T, vocab)
-        predicted = logits[:, :-1].argmax(dim=-1)  # (B, T - 1): prediction for the next token
-        target = batch.labels[:, 1:].to(predicted.device)
+        if query_head:
+            positions = query_positions(batch.labels, max(most, 1))  # (B, Q)
+            logits = model(**inputs(batch), loss_positions=positions).logits  # (B, Q, vocab)
+            predicted = logits.argmax(dim=-1)
+            target = batch.labels.gather(1, positions + 1).to(predicted.device)
+        else:
+            logits = model(**inputs(batch)).logits  # (B, T, vocab)
+            predicted = logits[:, :-1].argmax(dim=-1)  # (B, T - 1): prediction for the next token
+            target = batch.labels[:, 1:].to(predicted.device)
         mask = target != IGNORE_INDEX
         right, count = (predicted[mask] == target[mask]).sum(), mask.sum()
         correct = right if correct is None else correct + right
@@ -114,13 +123,19 @@ class MQARTask:
     def inputs(self, batch: MQARData) -> dict[str, torch.Tensor]:
         return {"input_ids": batch.input_ids}
 
+    def _query_head(self) -> bool:
+        from memmix.evaluation.recall.settings import fast_path
+
+        return fast_path(self.s, "query_head")
+
     def accuracy(self, model: nn.Module, data: MQARData) -> float:
-        correct, total = query_counts(model, data, self.s.eval_batch_size, self.inputs)
+        correct, total = query_counts(model, data, self.s.eval_batch_size, self.inputs, self._query_head())
         return correct / total
 
     def pooled_accuracy(self, model: nn.Module, sets: dict) -> float:
         """Fraction of all queries of several data sets answered right (the validation accuracy)."""
-        counts = [query_counts(model, data, self.s.eval_batch_size, self.inputs) for data in sets.values()]
+        counts = [query_counts(model, data, self.s.eval_batch_size, self.inputs, self._query_head())
+                  for data in sets.values()]
         return sum(c for c, _ in counts) / sum(t for _, t in counts)
 
 

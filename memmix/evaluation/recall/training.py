@@ -28,6 +28,8 @@ class Recipe:
     log_every: int = 10
     eval_every: int = 250
     stop_accuracy: float | None = None
+    cuda_graph: bool = False  # capture each step as a CUDA graph (memmix.training.step.TrainStep; CUDA only)
+    query_head: bool = False  # LM head and loss at the query positions only (the model's loss_positions)
 
 
 @dataclass
@@ -45,6 +47,12 @@ def endless_batches(train: dict, batch_size: int, seed: int) -> Iterator[Any]:
     every epoch. Indices are drawn on the host and copied to the data's device once per epoch.
 
     train: key -> a data set with len(), subset(index) and input_ids (MQARData, MixedRecallData)."""
+    for key, index in batch_indices(train, batch_size, seed):
+        yield train[key].subset(index)
+
+
+def batch_indices(train: dict, batch_size: int, seed: int) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(training-set key, row index on the data's device) of every batch of endless_batches, in its order."""
     generator = torch.Generator().manual_seed(seed)
     orders: dict[Any, torch.Tensor | None] = {key: None for key in train}
     while True:
@@ -54,7 +62,7 @@ def endless_batches(train: dict, batch_size: int, seed: int) -> Iterator[Any]:
                 fresh = torch.randperm(len(data), generator=generator).to(data.input_ids.device)
                 order = fresh if order is None else torch.cat([order, fresh])
             index, orders[key] = order[:batch_size], order[batch_size:]
-            yield data.subset(index)
+            yield key, index
 
 
 def train_steps(model: nn.Module, train: dict, inputs: Callable[[Any], dict], recipe: Recipe,
@@ -70,15 +78,15 @@ def train_steps(model: nn.Module, train: dict, inputs: Callable[[Any], dict], re
     optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = cosine_schedule(optimizer, warmup_steps=int(recipe.warmup_fraction * recipe.steps),
                                total_steps=recipe.steps)
-    step = TrainStep(model, optimizer, schedule, lambda m, batch: m(**inputs(batch), labels=batch.labels).loss,
-                     grad_clip=1.0)
+    step = TrainStep(model, optimizer, schedule, lambda m, batch: m(**batch).loss, grad_clip=1.0,
+                     cuda_graph=recipe.cuda_graph)
     model.train()
     log = TrainingLog()
     pending: list[torch.Tensor] = []  # device losses not read back yet
-    batches = endless_batches(train, recipe.batch_size, recipe.seed)
+    batches = _model_batches(train, inputs, recipe)
     checks = validate is not None and recipe.stop_accuracy is not None
     for index in range(recipe.steps):
-        pending.append(step([next(batches)]).loss)
+        pending.append(step([next(batches)]).loss)  # a dict of tensors of one shape per training set
         done = index + 1
         check = checks and done % recipe.eval_every == 0
         if done % recipe.log_every == 0 or done == recipe.steps or check:
@@ -95,3 +103,21 @@ def train_steps(model: nn.Module, train: dict, inputs: Callable[[Any], dict], re
                 log.stopped_early = True
                 break
     return log
+
+
+def _model_batches(train: dict, inputs: Callable[[Any], dict], recipe: Recipe) -> Iterator[dict]:
+    """endless_batches as the model's keyword arguments: inputs(batch), labels and, with recipe.query_head, the
+    query positions (Q per training set: its largest number of queries in a row)."""
+    positions = {}
+    if recipe.query_head:
+        from memmix.data.mqar import query_positions
+
+        for key, data in train.items():
+            most = int((data.labels[:, 1:] != -100).sum(1).max())  # once per training set, before training
+            positions[key] = query_positions(data.labels, max(most, 1))
+    for key, index in batch_indices(train, recipe.batch_size, recipe.seed):
+        batch = train[key].subset(index)
+        arguments = dict(inputs(batch), labels=batch.labels)
+        if recipe.query_head:
+            arguments["loss_positions"] = positions[key].index_select(0, index)
+        yield arguments
