@@ -20,9 +20,8 @@ from memmix.data.errors import InputError
 from memmix.data.sources import ENCODING_ERRORS
 from memmix.devices import parse_device, resolve_device
 
-# GPU-sized recall presets: CPU-core hours, from timing two steps of each model at d_model 64 and 256, seq_len 64 and
-# 512 on a 2-core AMD EPYC (2 s to 52 s per step: the 8192-token vocabulary dominates) for 20,000 steps x 12 runs.
-_GPU_PRESET_CPU_HOURS = {"paper": 1000, "zoology": 1000}
+# a recall grid estimated to take longer than this on the CPU is refused there without --force (it is GPU-sized)
+_CPU_RECALL_REFUSE_HOURS = 3.0
 
 
 class UsageError(Exception):
@@ -179,24 +178,44 @@ def _read_prompt(text: str, errors: str) -> str:
 # RecallSettings / MixedRecallSettings field -> (flag, kind, help); kind: "names" or "ints" (comma lists), int, float.
 # A field that only one --task's settings have is refused for the other task.
 _RECALL_OPTIONS = {
-    "models": ("--models", "names", "comma list of models (mqar: attention, mom, gdn, linear, bmojo, ...; "
-                                    "mixed: aware, blind, aware+moe)"),
-    "seq_lens": ("--seq-len", "ints", "sequence lengths, e.g. 64,128"),
+    "models": ("--models", "names", "comma list of models (mqar: attention, mom, gdn, gdn-wide, linear, bmojo, "
+                                    "bmojo-f, and the mom-* ablations; mixed: aware, blind, aware+moe)"),
+    "seq_lens": ("--seq-len", "ints", "sequence lengths, e.g. 64,128 (a grid with --num-kv-pairs)"),
     "num_kv_pairs": ("--num-kv-pairs", "ints", "key-value pair counts, e.g. 4,8,16"),
+    "train_grid": ("--train-grid", "grid", "explicit training settings SEQxPAIRS, e.g. 64x4,256x64 (instead of "
+                                           "--seq-len x --num-kv-pairs)"),
+    "test_grid": ("--test-grid", "grid", "explicit tested settings SEQxPAIRS, e.g. 64x4,1024x256"),
+    "data_style": ("--data-style", str, "MQAR data: memmix (the CPU demo's) or zoology (as Zoology's generator)"),
     "d_models": ("--d-model", "ints", "model widths, e.g. 64 (several: one row each)"),
     "num_layers": ("--layers", int, "layers per model"),
     "head_dim": ("--head-dim", int, "head size"),
-    "steps": ("--steps", int, "training steps per model (the shared budget)"),
-    "lr": ("--lr", float, "peak learning rate"),
+    "steps": ("--steps", int, "training steps per model (the shared budget; the cap with --stop-accuracy)"),
+    "lr": ("--lr", "floats", "peak learning rate; several (e.g. 1e-3,3.2e-3,1e-2): a sweep, the best on the "
+                             "validation split is kept"),
     "batch_size": ("--batch-size", int, "training batch size"),
     "vocab_size": ("--vocab-size", int, "vocabulary size"),
-    "num_train": ("--num-train", int, "training sequences per seq_len"),
+    "num_train": ("--num-train", int, "training sequences per training set"),
+    "num_valid": ("--num-valid", int, "validation sequences per trained setting (0: no validation split)"),
     "num_test": ("--num-test", int, "test sequences per (seq_len, num_kv_pairs)"),
     "seed": ("--seed", int, "seed of the data and the models"),
+    "seeds": ("--seeds", int, "the best configuration of each (model, width) is trained with this many seeds"),
+    "stop_accuracy": ("--stop-accuracy", float, "stop a run once its validation accuracy reaches this"),
+    "eval_every": ("--eval-every", int, "steps between validation checks"),
+    "log_every": ("--log-every", int, "steps between loss read-backs"),
+    "budget_minutes": ("--budget-minutes", float, "start no new run after this many minutes (0: no limit); a "
+                                                  "second call with the same --json continues"),
+    "cuda_graph": ("--cuda-graph", str, "auto | on | off: each training step one captured CUDA graph (auto: on CUDA)"),
+    "query_head": ("--query-head", str, "auto | on | off: the LM head and loss at the query positions only "
+                                        "(auto: on CUDA)"),
     "num_threads": ("--threads", int, "CPU threads per run (these tiny models gain little from more; "
                                       "0 = torch's default)"),
     "workers": ("--workers", int, "training runs at once, each in its own process (0: one per CPU core on the "
                                   "CPU, 1 on CUDA); the results do not depend on it"),
+    "json_path": ("--json", str, "write all settings and results here, as each run finishes; an existing file of "
+                                 "the same settings is continued"),
+    "plot_path": ("--plot", str, "write a PNG of accuracy against num_kv_pairs (--task mqar)"),
+    "state_plot_path": ("--state-plot", str, "write Zoology's plot: accuracy at the hardest trained setting against "
+                                             "recurrent state size (--task mqar)"),
     "topks": ("--topk", "ints", "top-k values to compare, e.g. 1,2"),
     "num_segments": ("--num-segments", int, "segments per modality (they alternate)"),
 }
@@ -238,18 +257,18 @@ def _add_recall(sub: argparse._SubParsersAction) -> None:
                    help="mqar: compare models on MQAR; mixed: mixed-modal recall, modality-aware against "
                         "modality-blind memory routing (--models aware,blind[,aware+moe], --topk)")
     p.add_argument("--preset", default="default",
-                   help="default: the CPU demo (about 9 min on 2 idle cores); paper: the Zoology-style grid "
-                        "(for a GPU: it refuses to start on the CPU without --force)")
+                   help="default: the CPU demo (about 9 min on 2 idle cores); zoology: the Zoology protocol and "
+                        "zoology-ablations: MoM's ablations on it (for a GPU: they refuse to start on the CPU "
+                        "without --force)")
     p.add_argument("--force", action="store_true", help="run a GPU-sized preset on the CPU anyway")
     for name, (flag, kind, help_text) in _RECALL_OPTIONS.items():
-        if kind in ("names", "ints"):
+        if kind in ("names", "ints", "floats", "grid"):
             p.add_argument(flag, dest=name, nargs="+", metavar=flag.lstrip("-").upper(), help=help_text)
+        elif name.endswith("_path"):
+            p.add_argument(flag, dest=name, metavar="PATH", help=help_text)
         else:
             p.add_argument(flag, dest=name, type=kind, help=help_text)
     _add_device(p)
-    p.add_argument("--json", dest="json_path", metavar="PATH", help="write all settings and results here")
-    p.add_argument("--plot", dest="plot_path", metavar="PATH", help="write a PNG of accuracy against num_kv_pairs "
-                                                                    "(--task mqar)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.set_defaults(run=_run_recall, prog=p.prog, flags=_RECALL_FLAGS)
 
@@ -258,13 +277,23 @@ def _recall_value(name: str, kind, raw):
     flag = _RECALL_FLAGS[name]
     if kind == "names":
         return [m.strip() for chunk in raw for m in chunk.split(",") if m.strip()]
-    if kind == "ints":
-        items = [x.strip() for chunk in raw for x in chunk.split(",") if x.strip()]
-        try:
+    items = [x.strip() for chunk in raw for x in chunk.split(",") if x.strip()] if isinstance(raw, list) else []
+    try:
+        if kind == "ints":
             return [int(x) for x in items]
-        except ValueError:
-            raise InputError(f"expected integers separated by commas, got {','.join(raw)}", argument=flag) from None
+        if kind == "floats":
+            values = [float(x) for x in items]
+            return values[0] if len(values) == 1 else values
+        if kind == "grid":
+            grid = [tuple(int(v) for v in x.lower().split("x")) for x in items]
+            if any(len(setting) != 2 for setting in grid):
+                raise ValueError
+            return grid
+    except ValueError:
+        what = {"ints": "integers", "floats": "numbers", "grid": "settings SEQxPAIRS (e.g. 64x4)"}[kind]
+        raise InputError(f"expected {what} separated by commas, got {','.join(raw)}", argument=flag) from None
     return raw
+
 
 
 def _recall_settings(args: argparse.Namespace, device: str):
@@ -275,19 +304,23 @@ def _recall_settings(args: argparse.Namespace, device: str):
         close = difflib.get_close_matches(args.preset, list(recall.PRESETS), n=1)
         raise InputError(f"unknown preset {args.preset!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                          + f"; allowed: {', '.join(recall.PRESETS)}", argument="--preset")
-    if not mqar and (args.preset != "default" or args.plot_path):
-        raise InputError("applies to --task mqar only", argument="--preset" if args.preset != "default" else "--plot")
+    if not mqar and args.preset != "default":
+        raise InputError("applies to --task mqar only", argument="--preset")
     cls = recall.RecallSettings if mqar else mixed.MixedRecallSettings
     fields = {f.name for f in dataclasses.fields(cls)}
     values = dict(recall.PRESETS[args.preset]) if mqar else {}
     values["device"] = device
     for name, (flag, kind, _) in _RECALL_OPTIONS.items():
         raw = getattr(args, name)
-        if raw is None:
+        if raw is None or (name == "json_path" and not mqar):  # mixed: the command writes the JSON itself
             continue
         if name not in fields:
             raise InputError(f"applies to --task {'mixed' if mqar else 'mqar'} only", argument=flag)
         values[name] = _recall_value(name, kind, raw)
+    if mqar and (args.train_grid or args.test_grid):  # explicit grids replace the preset's seq_len x pairs product
+        for name in ("seq_lens", "num_kv_pairs"):
+            if getattr(args, name) is None:
+                values[name] = []
     settings = cls(**values)
     try:
         (recall.validate_settings if mqar else mixed.validate_mixed_settings)(settings)
@@ -296,43 +329,45 @@ def _recall_settings(args: argparse.Namespace, device: str):
     return settings
 
 
-def _check_cpu_preset(args: argparse.Namespace, device) -> None:
-    """A GPU-sized preset on the CPU: refuse without --force, warn with the estimate with it."""
-    hours = _GPU_PRESET_CPU_HOURS.get(args.preset)
-    if hours is None or device.type != "cpu":
+def _check_cpu_grid(args: argparse.Namespace, settings, device) -> None:
+    """A long recall grid: on the CPU, one estimated to take hours (GPU-sized) is refused without --force;
+    otherwise a one-line warning with the estimate."""
+    recall, _ = _recall_modules()
+    warning = recall.preflight_warning(settings)
+    if warning is None:
         return
-    cores = os.cpu_count() or 1
-    estimate = f"roughly {hours:,} CPU-core hours, about {hours / cores / 24:.0f} days on this machine's {cores} cores"
-    if not args.force:
-        raise InputError(f"{args.preset!r} is sized for a GPU: {estimate}; pass --device cuda on a GPU machine, "
-                         "or --force to run it here anyway", argument="--preset")
-    print(f"{args.prog}: warning: --preset {args.preset} on the CPU: {estimate}", file=sys.stderr)
+    hours = recall.estimate_seconds(settings).seconds / 3600
+    if device.type == "cpu" and hours > _CPU_RECALL_REFUSE_HOURS and not args.force:
+        raise InputError(f"{warning}; pass --device cuda on a GPU machine, or --force to run it here anyway",
+                         argument="--preset" if args.preset != "default" else "--steps")
+    print(f"{args.prog}: warning: {warning}", file=sys.stderr)
 
 
 def _run_recall(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    _check_output("--json", args.json_path)
-    _check_output("--plot", args.plot_path)
+    for flag, path in (("--json", args.json_path), ("--plot", args.plot_path),
+                       ("--state-plot", args.state_plot_path)):
+        _check_output(flag, path)
     settings = _recall_settings(args, str(device))
-    _check_cpu_preset(args, device)
     recall, mixed = _recall_modules()
-    from memmix.files import atomic_write_json
-
     if args.task == "mixed":
+        from memmix.files import atomic_write_json
+
         report = mixed.run_mixed_recall(settings, progress=args.progress)
         print(mixed.format_mixed_table(report))
-        summary = mixed.mixed_summary_line(report)
-    else:
-        report = recall.run_recall(settings, progress=args.progress)
-        print(recall.format_table(report))
-        summary = recall.summary_line(report)
-    written = True
-    if args.json_path:
-        written &= _write_output(args.prog, "--json", args.json_path, lambda p: atomic_write_json(p, report.as_dict()))
-    if args.plot_path:
-        written &= _write_output(args.prog, "--plot", args.plot_path, lambda p: recall.plot_accuracy(report, p))
-    print(summary)
-    return 0 if written else 1
+        written = True
+        if args.json_path:
+            written = _write_output(args.prog, "--json", args.json_path,
+                                    lambda p: atomic_write_json(p, report.as_dict()))
+        print(mixed.mixed_summary_line(report))
+        return 0 if written else 1
+    _check_cpu_grid(args, settings, device)
+    report = recall.run_recall(settings, progress=args.progress)  # writes --json as runs finish, and the plots
+    print(recall.format_table(report))
+    for note in report.notes:
+        print(f"{args.prog}: {note}", file=sys.stderr)
+    print(recall.summary_line(report))
+    return 1 if any("could not write" in note for note in report.notes) else 0
 
 
 # ----------------------------------------------------------------------------------------------- prepare

@@ -376,12 +376,12 @@ def test_item_11_recall_unknown_options_and_gpu_presets_on_the_cpu(capsys, monke
         "memmix recall: error: unknown option '--bogus'; see `memmix recall --help`"
     assert "unknown option '--stesp' (did you mean --steps?)" in _error(capsys, ["recall", "--stesp", "5"])
     monkeypatch.setattr(recall_lib, "run_recall", _never)
-    line = _error(capsys, ["recall", "--preset", "paper", "--device", "cpu"])
-    assert "argument --preset: 'paper' is sized for a GPU: roughly" in line and "CPU-core hours" in line
-    assert "--force" in line
+    line = _error(capsys, ["recall", "--preset", "zoology", "--device", "cpu"])
+    assert "argument --preset: this grid takes" in line and "use --device cuda" in line and "--force" in line
+    assert "unknown preset 'paper'" in _error(capsys, ["recall", "--preset", "paper"])  # renamed zoology
     monkeypatch.setattr(recall_lib, "run_recall", _interrupt)  # it starts: interrupt it at once
-    code, _, err = _cli(["recall", "--preset", "paper", "--device", "cpu", "--force"], capsys)
-    assert code == 130 and "warning: --preset paper on the CPU: roughly" in err
+    code, _, err = _cli(["recall", "--preset", "zoology", "--device", "cpu", "--force"], capsys)
+    assert code == 130 and "warning: this grid takes" in err
 
 
 def test_recall_options_of_the_other_task_are_refused(capsys):
@@ -397,7 +397,7 @@ def test_help_shows_defaults(capsys):
     for argv, expected in ((["train", "--help"], ["tokens per row (default: 512)", "(default: --shuffle)"]),
                            (["eval", "ppl", "--help"], ["window length (default: 1024)"]),
                            (["generate", "--help"], ["0 = greedy (default: 0.8)"]),
-                           (["recall", "--help"], ["(the shared budget) (default: 4500", "--task mixed only"])):
+                           (["recall", "--help"], ["--stop-accuracy) (default: 4500", "--task mixed only"])):
         code, out, _ = _cli(argv, capsys)
         text = " ".join(out.split())
         assert code == 0 and all(e in text for e in expected), (argv, text)
@@ -468,3 +468,28 @@ def test_progress_in_a_file_is_plain_lines(run, capsys):
     code, out, err = _cli(["eval", "ppl", "--model", run[0], "--data", run[1], "--seq-len", "16"], capsys)
     tokens = len(open(run[1], "rb").read()) + 1  # bytes + the end-of-document token
     assert code == 0 and err.splitlines()[-1].startswith(f"perplexity: {tokens}/{tokens} tok (100%)")
+
+
+def test_recall_protocol_options_reach_the_settings(capsys, monkeypatch):
+    import memmix.evaluation.recall as recall_lib
+
+    seen = {}
+
+    def capture(settings, progress=True):
+        seen["settings"] = settings
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recall_lib, "run_recall", capture)
+    code, _, _ = _cli(["recall", "--train-grid", "32x2,32x4", "--test-grid", "32x2", "--lr", "1e-3,3e-3",
+                       "--num-valid", "20", "--seeds", "2", "--stop-accuracy", "0.9", "--cuda-graph", "off",
+                       "--query-head", "on", "--data-style", "zoology", "--budget-minutes", "5", "--device", "cpu"],
+                      capsys)
+    s = seen["settings"]
+    assert code == 130
+    assert s.train_grid == [(32, 2), (32, 4)] and s.test_grid == [(32, 2)] and s.lr == [1e-3, 3e-3]
+    assert (s.num_valid, s.seeds, s.stop_accuracy, s.cuda_graph, s.query_head, s.data_style, s.budget_minutes) == (
+        20, 2, 0.9, "off", "on", "zoology", 5.0)
+    assert "argument --train-grid: expected settings SEQxPAIRS" in _error(capsys, ["recall", "--train-grid", "64-4"])
+    assert "argument --cuda-graph: 'on' needs a CUDA device" in _error(
+        capsys, ["recall", "--cuda-graph", "on", "--device", "cpu"])
+    assert "argument --query-head: must be one of auto, on, off" in _error(capsys, ["recall", "--query-head", "x"])

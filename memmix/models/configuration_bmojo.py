@@ -120,13 +120,3 @@ def _checked_layer_fields(variant: str, hidden_size: int, norm_eps, impl, argume
 
 
 _DEFAULTS = {name: p.default for name, p in inspect.signature(BMojoConfig.__init__).parameters.items()}
-
-
-def __getattr__(name: str):
-    """BMOJO_PRESETS and bmojo_recall_config moved to memmix.models.presets; the old import path keeps working
-    (memmix.evaluation.recall imports bmojo_recall_config from here)."""
-    if name in ("BMOJO_PRESETS", "bmojo_recall_config"):
-        from memmix.models import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

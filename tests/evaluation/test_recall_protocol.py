@@ -52,7 +52,7 @@ def test_zoology_presets_validate_and_follow_the_protocol(preset):
     assert s.lr == [1e-3, 3.2e-3, 1e-2] and s.num_valid > 0
     if preset == "zoology":
         assert s.d_models == [64, 128, 256]
-        assert s.models == ["attention", "mom", "gdn", "gdn-wide", "linear", "bmojo"]
+        assert s.models == ["attention", "mom", "gdn", "gdn-wide", "linear", "bmojo", "bmojo-f"]
     else:
         assert len(s.d_models) == 1 and set(ABLATION_MODELS) <= set(s.models) and {"mom", "gdn"} <= set(s.models)
 

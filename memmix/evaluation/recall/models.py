@@ -128,19 +128,24 @@ register_model(_mom_family("attention", "softmax attention in every layer (the r
                            attention_everywhere=True, num_memories=1, topk=1, shared_mem=False))
 
 
-def _build_bmojo(size: ModelSize) -> nn.Module:
-    from memmix.models import BMojoForCausalLM
-    from memmix.models.configuration_bmojo import bmojo_recall_config
+def _bmojo_family(name: str, summary: str, config_name: str) -> RecallModel:
+    """A registry entry for a BMojoForCausalLM built by memmix.models.presets.<config_name>."""
+    def build(size: ModelSize) -> nn.Module:
+        from memmix.models import BMojoForCausalLM, presets
 
-    return BMojoForCausalLM(bmojo_recall_config(size.vocab_size, size.d_model, size.num_layers, head_dim=size.head_dim))
+        config = getattr(presets, config_name)(size.vocab_size, size.d_model, size.num_layers, head_dim=size.head_dim)
+        return BMojoForCausalLM(config)
+
+    return RecallModel(name=name, summary=summary, build=build,
+                       state_size=lambda model: StateSize(model.recurrent_state_size(), None, ""))
 
 
-register_model(RecallModel(
-    name="bmojo",
-    summary="B'MOJO: gated-delta fading memory + innovation-selected eidetic store + sliding-window attention",
-    build=_build_bmojo,
-    state_size=lambda model: StateSize(model.recurrent_state_size(), None, ""),
-))
+register_model(_bmojo_family(
+    "bmojo", "B'MOJO: gated-delta fading memory + innovation-selected eidetic store + sliding-window attention",
+    "bmojo_recall_config"))
+register_model(_bmojo_family(
+    "bmojo-f", "B'MOJO-F: gated-delta fading mixer; one softmax over a 64-token window and the 64 fading tokens "
+               "before it", "bmojo_f_recall_config"))
 
 # ----------------------------------------------------------------------------------------------- MoM ablations
 # Each changes one MoMConfig field of `mom` (preset "zoology-ablations" runs them against mom and gdn).

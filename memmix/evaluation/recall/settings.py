@@ -97,7 +97,7 @@ ZOOLOGY_TRAIN_GRID = [(64, 4), (128, 8), (256, 16), (256, 32), (256, 64)]
 ZOOLOGY_TEST_GRID = [(64, 4), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]  # the last two: longer
 
 _ZOOLOGY: dict[str, Any] = {  # Zoology / Based MQAR (arXiv 2312.04927), for a GPU; protocol in docs/recall.md
-    "models": ["attention", "mom", "gdn", "gdn-wide", "linear", "bmojo"],
+    "models": ["attention", "mom", "gdn", "gdn-wide", "linear", "bmojo", "bmojo-f"],
     "seq_lens": [],
     "num_kv_pairs": [],
     "train_grid": ZOOLOGY_TRAIN_GRID,
@@ -128,7 +128,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},  # RecallSettings' own defaults: the CPU demo
     "zoology": _ZOOLOGY,
     "zoology-ablations": _ZOOLOGY_ABLATIONS,
-    "paper": _ZOOLOGY,  # the old name of "zoology", kept while the CLI still offers it
 }
 
 
