@@ -209,7 +209,7 @@ def test_rows_use_the_chosen_rate_and_mark_an_unfinished_sweep():
 def test_estimate_counts_the_runs_left_and_scales_with_steps():
     s = RecallSettings(**PRESETS["zoology"], device="cpu")
     full = estimate_seconds(s, "cuda")
-    assert full.runs == 6 * 3 * (3 + 2) and full.device == "cuda" and "guess" in full.basis
+    assert full.runs == 7 * 3 * (3 + 2) and full.device == "cuda" and "guess" in full.basis  # 7 models, 3 widths
     half = estimate_seconds(dataclasses.replace(s, steps=s.steps // 2), "cuda")
     assert 0.4 * full.seconds < half.seconds < 0.6 * full.seconds
     one = estimate_seconds(dataclasses.replace(s, models=["attention"], d_models=[64]), "cuda")
