@@ -112,6 +112,13 @@ def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, 
     return input_ids, torch.tensor(bounds, dtype=torch.int64)
 
 
+def pad_bounds(cu_seqlens: torch.Tensor, minimum: int = 8) -> torch.Tensor:
+    """cu_seqlens (N+1,) repeated at its end up to the next power of two >= max(N+1, minimum) entries: empty documents
+    that change nothing, so batches come in few shapes (a captured CUDA graph needs static shapes)."""
+    length = max(minimum, 1 << (cu_seqlens.numel() - 1).bit_length())
+    return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(length - cu_seqlens.numel())])
+
+
 class RowOrder:
     """Which corpus row is the k-th one consumed: epoch after epoch, each a seeded permutation (or in order)."""
 

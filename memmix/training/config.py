@@ -14,6 +14,7 @@ from memmix.devices import parse_device
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
+SWITCHES = ("auto", "on", "off")
 
 
 @dataclass
@@ -50,6 +51,12 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables clipping"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass"})
+    fused_loss: str = field(default="auto", metadata={
+        "help": "auto | on | off: the LM head and cross-entropy a chunk of rows at a time (the logits are never "
+                "whole; same loss); auto = on for CUDA"})
+    cuda_graph: bool = field(default=False, metadata={
+        "help": "capture each optimiser step as one CUDA graph (one GPU, no DDP/FSDP; document bounds padded to a "
+                "power of two so few shapes occur): small models train at the GPU's speed, not Python's"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and the data order"})
     parallel: str = field(default="auto", metadata={"help": "auto | none | ddp | fsdp (under torchrun)"})
     # output
@@ -97,7 +104,7 @@ class TrainConfig:
                 raise InputError(f"must be >= 0, got {getattr(self, name)}", argument=name)
         parse_device(self.device)
         for name, allowed in (("parallel", PARALLEL_MODES), ("precision", PRECISIONS),
-                              ("encoding_errors", ENCODING_ERRORS)):
+                              ("encoding_errors", ENCODING_ERRORS), ("fused_loss", SWITCHES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}", argument=name)
         if not isinstance(self.model_overrides, dict):

@@ -52,8 +52,12 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     decay_embeddings: bool = False,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over two groups: weight decay on matrices, none on biases/norms/embeddings/`_no_weight_decay`."""
+    """AdamW over two groups: weight decay on matrices, none on biases/norms/embeddings/`_no_weight_decay`.
+
+    fused: torch's fused AdamW kernel (one launch for every parameter); None = when every parameter is a plain
+    CUDA tensor (FSDP2's DTensors and CPU parameters take torch's default)."""
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:
@@ -66,8 +70,11 @@ def build_optimizer(
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters")
-    # fused/foreach kernels can't mix DTensor and plain tensors on every torch version; let torch choose
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if fused is None:
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.is_cuda and type(p.data) is torch.Tensor for p in params)
+    # fused/foreach kernels can't mix DTensor and plain tensors on every torch version: there torch chooses
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {}))
 
 
 def cosine_schedule(

@@ -24,7 +24,7 @@ from torch import nn
 
 from memmix.data.corpus import load_corpus
 from memmix.data.errors import InputError
-from memmix.data.packing import BatchSource, PackedRows
+from memmix.data.packing import BatchSource, PackedRows, pad_bounds
 from memmix.data.tokenizer import load_tokenizer
 from memmix.files import atomic_replace_dir, atomic_write_text, check_writable
 from memmix.training.checkpoint import (
@@ -167,6 +167,9 @@ def check_model_overrides(name: str, overrides: dict) -> None:
 
 def check_run_settings(config: TrainConfig) -> None:
     """What TrainConfig cannot check alone: the launch, the output folder, the model overrides."""
+    if config.cuda_graph and config.parallel in ("ddp", "fsdp"):
+        raise InputError(f"captures one process's step; it does not combine with parallel {config.parallel!r}",
+                         "cuda_graph")
     if config.parallel in ("ddp", "fsdp") and "WORLD_SIZE" not in os.environ:
         raise InputError(f"{config.parallel!r} needs the processes that torchrun starts (WORLD_SIZE is not set): "
                          "`torchrun --nproc_per_node N -m memmix train ...`; or use 'none' or 'auto'", "parallel")
@@ -327,7 +330,11 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
             print(f"memmix train: warning: {warning}", file=sys.stderr)
     clear_out_dir(config, info)  # every check passed: only now may an old run be replaced
     raw_model.to(info.device)
+    raw_model.fused_loss = config.fused_loss == "on" or (config.fused_loss == "auto" and info.device.type == "cuda")
     parallel = config.parallel if config.parallel != "auto" else ("ddp" if info.enabled else "none")
+    if config.cuda_graph and (info.device.type != "cuda" or parallel != "none"):
+        raise InputError(f"needs one CUDA device and no DDP/FSDP, got {info.device.type} with {parallel!r}",
+                         "cuda_graph")
     model = wrap_model(raw_model, parallel, info)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
     scheduler = cosine_schedule(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
@@ -361,7 +368,8 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
                   + (f"; resuming at step {step}" if resume_path else ""), file=sys.stderr)
     autocast = autocast_context(config, info.device)
     train_step = TrainStep(model, optimizer, scheduler, lambda m, batch: lm_loss(m, *batch), grad_clip=config.grad_clip,
-                           autocast=autocast, micro_context=lambda i, n: grad_sync(model, i == n - 1))
+                           autocast=autocast, cuda_graph=config.cuda_graph,
+                           micro_context=None if config.cuda_graph else lambda i, n: grad_sync(model, i == n - 1))
     rows_per_step = info.world_size * config.grad_accum * config.micro_batch_size
     bar = progress_bar(config.max_steps, "train", "step", config.progress and info.is_main, initial=step)
     model.train()
@@ -369,27 +377,31 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
 
     while step < config.max_steps:
         # one optimiser step over grad_accum micro-batches
-        micro_batches = [tuple(t.to(info.device) for t in source.micro_batch(rows_consumed, micro, info.rank,
-                                                                             info.world_size))
+        micro_batches = [source.micro_batch(rows_consumed, micro, info.rank, info.world_size)
                          for micro in range(config.grad_accum)]  # each (input_ids (1, B*L), cu_seqlens (N+1,))
-        lr = optimizer.param_groups[0]["lr"]
+        if config.cuda_graph:  # a fixed number of bounds: few shapes, few graphs
+            micro_batches = [(ids, pad_bounds(cu)) for ids, cu in micro_batches]
+        micro_batches = [tuple(t.to(info.device, non_blocking=True) for t in batch) for batch in micro_batches]
+        logged = (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
+        lr = float(optimizer.param_groups[0]["lr"]) if logged else None  # this step's rate (a tensor under cuda_graph)
         result = train_step(micro_batches)
-        grad_norm = float(result.grad_norm)
         step += 1
         rows_consumed += rows_per_step
         tokens_seen += rows_per_step * config.seq_len
         window_tokens += rows_per_step * config.seq_len
 
-        loss_value = mean_across_ranks(result.loss.item(), info)
-        if not math.isfinite(loss_value):
-            raise InputError(f"the loss became {loss_value} at step {step}; lower it or check the data (the last "
-                             "checkpoint is kept)", "lr")
+        saving = step % config.save_every == 0 or step == config.max_steps
+        if logged or saving or step_callback is not None:  # the only reads of the loss back to the host
+            loss_value = mean_across_ranks(result.loss.item(), info)
+            if not math.isfinite(loss_value):
+                raise InputError(f"the loss became {loss_value} at step {step}; lower it or check the data (the "
+                                 "last checkpoint is kept)", "lr")
         if info.is_main:
-            if step % config.log_every == 0 or step == config.max_steps:
+            if logged:
                 elapsed = time.perf_counter() - window_start
                 tok_s = window_tokens / max(elapsed, 1e-9)
-                record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                          "tokens": tokens_seen, "tokens_per_s": tok_s}
+                record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr,
+                          "grad_norm": float(result.grad_norm), "tokens": tokens_seen, "tokens_per_s": tok_s}
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 log.log(record)
@@ -402,7 +414,7 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
                 ppl = math.exp(min(val, 50.0))
                 log.log({"kind": "val", "step": step, "loss": val, "ppl": ppl})
                 bar.write(f"step {step}: validation loss {val:.4f}, perplexity {ppl:.2f}", file=sys.stderr)
-        if step % config.save_every == 0 or step == config.max_steps:
+        if saving:
             state = {"step": step, "rows_consumed": rows_consumed, "tokens_seen": tokens_seen, "model_spec": spec,
                      "train_config": config.to_dict()}
             save_checkpoint(ckpts, model, optimizer, scheduler, state, info)
