@@ -22,21 +22,8 @@ def _digest(code: str) -> str:
 
 BLOCKS = python_blocks(open(os.path.join(REPO, "README.md"), encoding="utf-8").read())
 
-# Blocks that do not run on their own yet, by the hash of their text, with why. The README's editor fixes them;
-# an edited block has another hash, so it must run.
-KNOWN_BROKEN = {
-    "98a096db7f70": "uses torch without `import torch` (the quick start's import)",
-    "73326e965c8c": "memmix, q, k, v, g, beta are never defined",
-    "07454036eed2": "`MoMConfig(..., ...)`: a literal `...` argument; memmix, model, input_ids, modality_ids are "
-                    "never defined",
-}
-
-
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i + 1}-{_digest(c)}" for i, c in enumerate(BLOCKS)])
-def test_readme_python_block_runs_on_its_own(code, tmp_path, request):
-    reason = KNOWN_BROKEN.get(_digest(code))
-    if reason:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+def test_readme_python_block_runs_on_its_own(code, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
                OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
