@@ -17,8 +17,10 @@ $(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -e ".[$*]"
 	touch $@
 
+# a results file is resumed by `memmix recall`: the demo starts from none, so that it always trains
 demo: $(VENV)/.installed-plot
-	$(VENV)/bin/memmix recall --plot runs/demo/recall.png
+	rm -f runs/demo/recall.json
+	$(VENV)/bin/memmix recall --json runs/demo/recall.json --plot runs/demo/recall.png
 
 # Tests use tiny tensors and some start two processes: one intra-op thread each keeps them off each other's cores.
 test: $(VENV)/.installed-dev

@@ -366,8 +366,13 @@ def _run_recall(args: argparse.Namespace) -> int:
     print(recall.format_table(report))
     for note in report.notes:
         print(f"{args.prog}: {note}", file=sys.stderr)
+    failed = any("could not write" in note for note in report.notes)
+    if not failed:
+        for path in (args.json_path, args.plot_path, args.state_plot_path):
+            if path:
+                print(f"{args.prog}: wrote {path}", file=sys.stderr)
     print(recall.summary_line(report))
-    return 1 if any("could not write" in note for note in report.notes) else 0
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------------- prepare
