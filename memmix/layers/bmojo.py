@@ -30,14 +30,15 @@ Cost is linear in length. Decoding (an incoming state) runs one recurrent step p
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix import ops
+from memmix.layers.gates import init_decay_parameters
+from memmix.layers.state import SequenceRows
 from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
 from memmix.ops.registry import get_rule, rules
@@ -49,7 +50,7 @@ NEG_INF = float("-inf")
 
 
 @dataclass
-class BMojoState:
+class BMojoState(SequenceRows):
     """Recurrent state of one B'MOJO layer for N sequences (H heads of size Dh; w window, E store, a admissions).
 
     memory: (N, H, Dh, Dh) fading state (float32, float64 for float64 inputs).
@@ -76,22 +77,6 @@ class BMojoState:
     pending_scores: torch.Tensor
     pending_positions: torch.Tensor
     seen: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> BMojoState:
-        """Keep/reorder sequences: index (N',) int64."""
-        index = index.to(self.memory.device)
-        return BMojoState(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
-
-    def reorder(self, beam_idx: torch.Tensor) -> BMojoState:
-        return self.select(beam_idx)
-
-    def where(self, keep: torch.Tensor, other: BMojoState) -> BMojoState:
-        """Rows where keep (N,) bool is True from self, the others from `other`."""
-        values = []
-        for f in fields(self):
-            new, old = getattr(self, f.name), getattr(other, f.name)
-            values.append(torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old))
-        return BMojoState(*values)
 
     @property
     def store_size(self) -> torch.Tensor:
@@ -179,11 +164,7 @@ class BMojo(nn.Module):
         self.conv1d.reset_parameters()
         self.fading_norm.weight.data.fill_(1.0)
         if self.A_log is not None:
-            with torch.no_grad():
-                self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-                dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-                dt = dt.clamp(min=1e-4)
-                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            init_decay_parameters(self.A_log, self.dt_bias)
 
     # ------------------------------------------------------------------------------------------ state
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> BMojoState:

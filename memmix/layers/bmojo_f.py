@@ -25,8 +25,7 @@ bmojo_f_reference is the same layer written naively (one sequence at a time, ful
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 
 from memmix.ops.registry import get_rule, rules
 from memmix.layers.attention import apply_rope
+from memmix.layers.gates import init_decay_parameters
+from memmix.layers.state import SequenceRows
 from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 
@@ -46,7 +47,7 @@ MIN_BLOCK = 64  # the blocked path's query blocks hold at least max(window, MIN_
 # ---------------------------------------------------------------------------------------------- state / output
 
 @dataclass
-class BMojoFState:
+class BMojoFState(SequenceRows):
     """Decoding state of one B'MOJO-F layer for N sequences (constant size).
 
     memory: (N, Hf, Kf, Kf) fading mixer state (float32; float64 for float64 inputs).
@@ -64,23 +65,6 @@ class BMojoFState:
     fading_keys: torch.Tensor
     fading_values: torch.Tensor
     seen: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> BMojoFState:
-        """Keep / repeat / reorder sequences: index (N',) int64."""
-        index = index.to(self.seen.device)
-        return BMojoFState(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
-
-    def reorder(self, beam_idx: torch.Tensor) -> BMojoFState:
-        """Beam search: rows follow beam_idx (N,) int64."""
-        return self.select(beam_idx)
-
-    def where(self, keep: torch.Tensor, other: BMojoFState) -> BMojoFState:
-        """Rows where keep (N,) bool is True from self, the others from `other`."""
-        values = []
-        for f in fields(self):
-            new, old = getattr(self, f.name), getattr(other, f.name)
-            values.append(torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old))
-        return BMojoFState(*values)
 
 
 @dataclass
@@ -137,11 +121,7 @@ class FadingMixer(nn.Module):
             conv.reset_parameters()
         self.o_norm.weight.data.fill_(1.0)
         if self.A_log is not None:
-            with torch.no_grad():
-                self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-                dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-                dt = dt.clamp(min=1e-4)
-                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            init_decay_parameters(self.A_log, self.dt_bias)
 
     def conv_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., 3 Hf Kf): the q, k, v projections before the convolution."""
