@@ -13,7 +13,9 @@
 # the runs in progress are trained again by the next call.
 # Env (defaults): PRESET (zoology), DEVICE (cuda), WORKERS (8 runs at once on the GPU), BUDGET_MIN (6),
 #   TIMEOUT_S (530), PYTHON (python3), OVERRIDES (a JSON object of RecallSettings fields, for a tiny dry run:
-#   PRESET=zoology DEVICE=cpu WORKERS=2 OVERRIDES='{"d_models": [16], "head_dim": 8, ...}').
+#   PRESET=zoology DEVICE=cpu WORKERS=2 OVERRIDES='{"d_models": [16], "head_dim": 8, ...}'),
+#   MPS (0; 1: run the workers under an MPS daemon this script starts and stops, so that their kernels share the
+#   GPU at once: use it when benchmarks/train_step.py measured the mps mode faster than plain processes).
 set -euo pipefail
 out=${1:?usage: bash benchmarks/recall_study.sh OUT_DIR [RESULTS_JSON]}
 resume=${2:-}
@@ -24,6 +26,12 @@ if [ -n "$resume" ] && [ -f "$resume" ] && ! [ "$resume" -ef "$json" ]; then
   cp "$resume" "$json"
 fi
 export PYTHONUNBUFFERED=1 PRESET="$preset"
+if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  mps=$(mktemp -d)
+  export CUDA_MPS_PIPE_DIRECTORY="$mps/pipe" CUDA_MPS_LOG_DIRECTORY="$mps/log"
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT && echo "=== MPS daemon started"
+fi
 echo "=== recall study: preset $preset, $(date +%T), results $json"
 status=0
 timeout -s INT -k 30 "${TIMEOUT_S:-530}" "${PYTHON:-python3}" benchmarks/recall_study.py "$json" || status=$?
