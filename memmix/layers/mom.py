@@ -84,7 +84,7 @@ class MoMState:
 @dataclass
 class MoMLayerOutput:
     hidden_states: torch.Tensor  # (B, T, D)
-    router_logits: torch.Tensor  # (B, T, M) float32
+    router_logits: torch.Tensor  # (B, T, M) float32: the routing softmax's input, gate logits / router_temperature
     state: MoMState | None
 
 
