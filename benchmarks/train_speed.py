@@ -260,7 +260,8 @@ def model_loss(model, batch):
 def chunked_head_loss(model, batch):
     """The same loss with the LM head and cross-entropy through memmix.ops.linear_cross_entropy: next-token CE
     within documents (the last token of a document predicts nothing), plus aux_loss_scale x the model's
-    load-balancing loss in training. Equal to model_loss (tests/test_train_speed.py)."""
+    load-balancing loss (and router_z_loss x its router z-loss) in training. Equal to model_loss
+    (tests/test_train_speed.py)."""
     input_ids, cu_seqlens = batch
     config = model.config
     if getattr(config, "ffn_experts", None) is not None:
@@ -274,9 +275,12 @@ def chunked_head_loss(model, batch):
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else (
         hidden.dtype)
     loss = linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets)
-    if model.training and outputs.router_logits is not None and config.aux_loss_scale > 0:
-        aux_loss, _ = model._aux_losses(outputs, None, None)  # the model's own load-balancing loss
-        loss = loss + config.aux_loss_scale * aux_loss.to(loss.dtype)
+    if model.training and outputs.router_logits is not None:
+        aux_loss, z_loss, _ = model._aux_losses(outputs, None, None)  # the model's own routing losses
+        if config.aux_loss_scale > 0:
+            loss = loss + config.aux_loss_scale * aux_loss.to(loss.dtype)
+        if z_loss is not None:
+            loss = loss + config.router_z_loss * z_loss.to(loss.dtype)
     return loss
 
 

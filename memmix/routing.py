@@ -1,4 +1,5 @@
-"""What a MoM layer learns about routing: the top-k router, the load-balancing loss, modality groups.
+"""What a MoM layer learns about routing: the top-k router (with a temperature), the load-balancing loss, the router
+z-loss, modality groups.
 
 Where the routed tokens then go (slots, segments, the dispatch plan) is the mixer op's business:
 memmix.ops.mom.plan.
@@ -14,22 +15,28 @@ AUX_LOSS_MODES = ("global", "layerwise")
 
 @dataclass
 class RoutingDecision:
-    """The router's choice per token: logits (B, T, M) float32, weights (B, T, k) float32 summing to 1,
-    indices (B, T, k) int64 memory ids."""
+    """The router's choice per token: logits (B, T, M) float32, the softmax's input (the gate's logits divided by
+    the temperature); weights (B, T, k) float32 summing to 1; indices (B, T, k) int64 memory ids."""
 
     logits: torch.Tensor
     weights: torch.Tensor
     indices: torch.Tensor
 
 
-def route(router_logits: torch.Tensor, topk: int, allowed: torch.Tensor | None = None) -> RoutingDecision:
-    """Softmax in float32 over memories, keep the top-k, renormalise over the picks.
+def route(router_logits: torch.Tensor, topk: int, allowed: torch.Tensor | None = None,
+          temperature: float = 1.0) -> RoutingDecision:
+    """Softmax in float32 over memories of router_logits / temperature, keep the top-k, renormalise over the picks.
 
     router_logits: (B, T, M) in any float dtype.
     allowed: (B, T, M) bool or None: each token picks only among its allowed memories (modality groups);
     the softmax then runs over the allowed memories alone.
+    temperature: > 0; above 1 flattens the routing weights, below 1 sharpens them (the picks are the same: dividing
+    by a positive number keeps the order). The returned logits are the tempered ones, so the load-balancing loss and
+    the z-loss, which read them, see the probabilities that route.
     """
     logits = router_logits.float()
+    if temperature != 1.0:  # a Python float: no kernel (and the default's bits) when it is 1
+        logits = logits / temperature
     masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
     scores = masked.softmax(dim=-1)
     weights, indices = scores.topk(topk, dim=-1)
@@ -86,6 +93,51 @@ def load_balancing_loss(
     logits = torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in layers])
     mask = torch.cat([mk.reshape(-1) for mk in masks])
     return _balance(logits, mask, num_memories, topk)
+
+
+def router_z_loss(
+    router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor] | torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    mode: str = "global",
+    memory_groups: list[int] | tuple[int, ...] | None = None,
+    modality_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): the mean over real tokens of logsumexp(logits)^2, which keeps the
+    router's logits small.
+
+    router_logits: one (B, T, M) tensor per layer (tuple/list) or a single tensor: the router softmax's input.
+    attention_mask: (B, T_total) 0/1; its last T columns are used (padded tokens are left out).
+    mode: pooled over layers as the load-balancing loss: "global" pools all layers' tokens, "layerwise" averages
+    the per-layer means (the same number here, since every layer sees the same tokens).
+    memory_groups / modality_ids (B, T): with modality groups a token's softmax runs over its group's memories only,
+    so its logsumexp does too.
+    Returns a 0-d float32 tensor.
+    """
+    if mode not in AUX_LOSS_MODES:
+        raise ValueError(f"mode must be one of {AUX_LOSS_MODES}, got {mode!r}")
+    layers = [router_logits] if isinstance(router_logits, torch.Tensor) else list(router_logits)
+    if not layers:
+        raise ValueError("router_logits must hold at least one layer's logits")
+    allowed = None
+    if memory_groups is not None:
+        if modality_ids is None:
+            modality_ids = torch.zeros(layers[0].shape[:2], dtype=torch.long, device=layers[0].device)
+        allowed = allowed_memories(modality_ids[:, -layers[0].shape[1]:], memory_groups)
+    squares, masks = [], []
+    for logits in layers:
+        logits = logits.float()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        squares.append(logits.logsumexp(dim=-1).square())  # (B, T)
+        masks.append(_token_mask(logits, attention_mask))
+    if mode == "layerwise":
+        return torch.stack([_masked_mean(z, m) for z, m in zip(squares, masks)]).mean()
+    return _masked_mean(torch.cat([z.reshape(-1) for z in squares]), torch.cat([m.reshape(-1) for m in masks]))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values over mask == 1 (0 when no token is real); same shapes, float32."""
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _grouped_balance(router_logits, topk, attention_mask, mode, memory_groups, modality_ids) -> torch.Tensor:

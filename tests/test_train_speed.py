@@ -36,10 +36,11 @@ def packed_batch(seed: int, vocab: int = 320):
     return pack_rows(rows)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gdn-tiny", "attention-tiny"])
-def test_chunked_head_loss_equals_the_models_loss_with_gradients(train_speed, preset):
+@pytest.mark.parametrize("preset, overrides", [("tiny", None), ("gdn-tiny", None), ("attention-tiny", None),
+                                               ("tiny", {"router_z_loss": 0.1})])
+def test_chunked_head_loss_equals_the_models_loss_with_gradients(train_speed, preset, overrides):
     torch.manual_seed(3)
-    model = build_model(preset, 320, eos_token_id=0).double().train()
+    model = build_model(preset, 320, overrides, eos_token_id=0).double().train()
     batch = packed_batch(seed=len(preset))
     expected = train_speed.model_loss(model, batch)
     expected_grads = torch.autograd.grad(expected, list(model.parameters()), allow_unused=True)

@@ -8,6 +8,10 @@ added, then an output-gated RMSNorm and the output projection.
 The layer holds the weights and makes the router call, one call of the mixer op (memmix.ops.mom.mom_mixer: the
 dispatch, every memory's convolution and recurrence, the mix; docs/design.md) and the output gate, norm and
 projection.
+
+Ablation options (defaults: the paper): router_temperature (the routing softmax over logits / temperature),
+router_input (route from the token or from a causal short convolution of the layer input), conv_scope (each memory's
+convolution over its own tokens or over the whole sequence).
 """
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ import torch.nn as nn
 
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
-from memmix.ops.mom import MoMWeights, mom_mixer
+from memmix.ops.mom import CONV_SCOPES, MoMWeights, mom_mixer, sequence_conv
 from memmix.ops.registry import get_rule, rules
 from memmix.routing import allowed_memories, route
 
 MEMORY_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
+ROUTER_INPUTS = ("token", "conv")
 
 
 @dataclass
@@ -32,12 +37,15 @@ class MoMState:
 
     memory: (N, M + S, H, K, V) float32: the M routed memories, then the shared one (S = 1 if shared).
     conv:   (N, M + S, conv_size - 1, 2 * key_dim + value_dim): the last inputs of the q, k, v convolutions
-            over each memory's own sub-sequence.
+            over each memory's own sub-sequence (conv_scope "sequence": over the sequence's last tokens).
+    router_conv: (N, conv_size - 1, hidden_size): the last inputs of the router's convolution (router_input
+            "conv"), or None.
     """
 
     memory: torch.Tensor
     conv: torch.Tensor
     num_routed: int
+    router_conv: torch.Tensor | None = None
 
     @property
     def memory_states(self) -> torch.Tensor:
@@ -55,13 +63,28 @@ class MoMState:
 
     def select(self, index: torch.Tensor) -> MoMState:
         """Keep/reorder sequences: index (N',) int64."""
-        return MoMState(self.memory.index_select(0, index), self.conv.index_select(0, index), self.num_routed)
+        router_conv = None if self.router_conv is None else self.router_conv.index_select(0, index)
+        return MoMState(self.memory.index_select(0, index), self.conv.index_select(0, index), self.num_routed,
+                        router_conv)
+
+    def clone(self) -> MoMState:
+        """A copy with contiguous tensors of its own."""
+        router_conv = None if self.router_conv is None else self.router_conv.clone().contiguous()
+        return MoMState(self.memory.clone().contiguous(), self.conv.clone().contiguous(), self.num_routed, router_conv)
+
+    def copy_(self, other: MoMState) -> MoMState:
+        """Write other's values into this state's tensors (same shapes); returns self."""
+        self.memory.copy_(other.memory)
+        self.conv.copy_(other.conv)
+        if self.router_conv is not None:
+            self.router_conv.copy_(other.router_conv)
+        return self
 
 
 @dataclass
 class MoMLayerOutput:
     hidden_states: torch.Tensor  # (B, T, D)
-    router_logits: torch.Tensor  # (B, T, M) float32
+    router_logits: torch.Tensor  # (B, T, M) float32: the routing softmax's input, gate logits / router_temperature
     state: MoMState | None
 
 
@@ -75,6 +98,12 @@ class MixtureOfMemories(nn.Module):
     instead of the every-memory k/v projection and rebuilds it in its backward one feature group at a time, and
     the recurrence runs one head at a time, forward and backward (passed to mom_mixer and down to the kernels).
     impl: the mixer op's path, see memmix.ops.mom.mixer (MIXER_IMPLS).
+
+    router_temperature (> 0): the routing softmax runs over gate(x) / router_temperature (memmix.routing.route).
+    router_input: "token" routes from the layer input x; "conv" from silu(causal depthwise conv(x)) with conv_size
+    taps of its own (router_conv1d) along each sequence's real tokens, continuing from the state's router_conv tail.
+    conv_scope: "segment" (each memory convolves its own tokens, the paper) or "sequence" (every memory's projections
+    convolved along the whole sequence before the dispatch; the mixer's PyTorch path; memmix.ops.mom.mixer).
     """
 
     def __init__(
@@ -95,10 +124,14 @@ class MixtureOfMemories(nn.Module):
         layer_idx: int | None = None,
         memory_groups: list[int] | None = None,
         low_memory: bool = False,
+        router_temperature: float = 1.0,
+        router_input: str = "token",
+        conv_scope: str = "segment",
     ):
         super().__init__()
         _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
         _check_groups(memory_groups, num_memories, topk)
+        _check_ablation_args(router_temperature, router_input, conv_scope)
         if not isinstance(low_memory, bool):
             raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
         self.memory_groups = None if memory_groups is None else [int(n) for n in memory_groups]
@@ -117,6 +150,9 @@ class MixtureOfMemories(nn.Module):
         self.conv_size = conv_size
         self.impl = impl
         self.low_memory = low_memory
+        self.router_temperature = float(router_temperature)
+        self.router_input = router_input
+        self.conv_scope = conv_scope
         self.layer_idx = layer_idx
         self.num_slots_memories = num_memories + int(shared_mem)  # M + S
         # decode steps write the picked memories back into the given state's tensors (CUDA-graph decoding)
@@ -124,6 +160,7 @@ class MixtureOfMemories(nn.Module):
         rows = 1 if single_kv_proj else self.num_slots_memories  # P
 
         self.gate = nn.Linear(hidden_size, num_memories, bias=False)
+        self.router_conv1d = _depthwise_conv(hidden_size, conv_size) if router_input == "conv" else None
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Parameter(torch.empty(rows, self.key_dim, hidden_size))
         self.v_proj = nn.Parameter(torch.empty(rows, self.value_dim, hidden_size))
@@ -160,8 +197,9 @@ class MixtureOfMemories(nn.Module):
             dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
             dt = dt.clamp(min=1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
-            conv.reset_parameters()
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d, self.router_conv1d):
+            if conv is not None:
+                conv.reset_parameters()
         self.o_norm.weight.data.fill_(1.0)
 
     @property
@@ -173,7 +211,10 @@ class MixtureOfMemories(nn.Module):
         P = self.num_slots_memories
         memory = torch.zeros(batch_size, P, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype)
         conv = torch.zeros(batch_size, P, self.conv_size - 1, self.conv_channels, device=device, dtype=dtype)
-        return MoMState(memory, conv, self.num_memories)
+        router_conv = None
+        if self.router_input == "conv":
+            router_conv = torch.zeros(batch_size, self.conv_size - 1, self.hidden_size, device=device, dtype=dtype)
+        return MoMState(memory, conv, self.num_memories, router_conv)
 
     def forward(
         self,
@@ -189,20 +230,37 @@ class MixtureOfMemories(nn.Module):
         modality_ids (B, T or T_total) int64 group of each token when memory_groups is set (default 0)."""
         B, T, _ = hidden_states.shape
         valid = valid_tokens(hidden_states, attention_mask, cu_seqlens)
-        decision = route(self.gate(hidden_states), self.topk, self._allowed(modality_ids, B, T, hidden_states.device))
+        router_in, router_tail = self._router_input(hidden_states, valid, cu_seqlens, state)
+        allowed = self._allowed(modality_ids, B, T, hidden_states.device)
+        decision = route(self.gate(router_in), self.topk, allowed, self.router_temperature)
         mixed = mom_mixer(
             hidden_states, decision.indices, decision.weights, self._weights(), rule=self.memory_rule,
             num_heads=self.num_heads, num_memories=self.num_memories, shared_memory=self.shared_mem,
             memory=None if state is None else state.memory, conv=None if state is None else state.conv, valid=valid,
             cu_seqlens=cu_seqlens, use_cache=use_cache, low_memory=self.low_memory, inplace=self.inplace_decode,
-            impl=self.impl,
+            impl=self.impl, conv_scope=self.conv_scope,
         )
         o = self._output(hidden_states, mixed.o)
         new_state = None
         if use_cache:
             written = state is not None and mixed.memory is state.memory and mixed.conv is state.conv
-            new_state = state if written else MoMState(mixed.memory, mixed.conv, self.num_memories)
+            if written and router_tail is not None:  # an in-place decoding step writes the router's tail too
+                state.router_conv.copy_(router_tail)
+            new_state = state if written else MoMState(mixed.memory, mixed.conv, self.num_memories, router_tail)
         return MoMLayerOutput(o, decision.logits, new_state)
+
+    def _router_input(self, x: torch.Tensor, valid: torch.Tensor, cu_seqlens, state: MoMState | None):
+        """What the router reads, (B, T, D), and the router convolution's new tail (N, W-1, D) or None: x itself
+        (router_input "token"), or silu(causal depthwise conv(x)) along each sequence's real tokens ("conv")."""
+        if self.router_input == "token":
+            return x, None
+        tail = None if state is None else state.router_conv
+        if state is not None and tail is None:
+            raise ValueError("state has no router_conv tail, which router_input='conv' needs (a state made by a "
+                             "layer with router_input='token'?)")
+        y, new_tail = sequence_conv(x, self.router_conv1d.weight[:, 0], valid, cu_seqlens, tail)  # weight (D, W)
+        dtype = torch.promote_types(x.dtype, torch.float32) if tail is None else tail.dtype  # as the mixer's tails
+        return y, new_tail.to(dtype)
 
     def _weights(self) -> MoMWeights:
         """The mixer's weights: the stacked per-memory k, v, beta, decay projections (P, Kd + Vd + gates, D) and the
@@ -252,6 +310,16 @@ def _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, 
         raise ValueError(f"conv_size must be an integer >= 2, got {conv_size!r}")
     if expand_v <= 0 or head_dim * expand_v != int(head_dim * expand_v):
         raise ValueError(f"expand_v must be positive with head_dim * expand_v an integer, got {expand_v!r}")
+
+
+def _check_ablation_args(router_temperature, router_input, conv_scope) -> None:
+    if isinstance(router_temperature, bool) or not isinstance(router_temperature, (int, float)) \
+            or not router_temperature > 0:
+        raise ValueError(f"router_temperature must be a number > 0, got {router_temperature!r}")
+    if router_input not in ROUTER_INPUTS:
+        raise ValueError(f"router_input must be one of {list(ROUTER_INPUTS)}, got {router_input!r}")
+    if conv_scope not in CONV_SCOPES:
+        raise ValueError(f"conv_scope must be one of {list(CONV_SCOPES)}, got {conv_scope!r}")
 
 
 def _check_groups(memory_groups, num_memories: int, topk: int) -> None:

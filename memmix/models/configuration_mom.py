@@ -5,6 +5,7 @@ from transformers import PretrainedConfig
 
 from memmix.layers.mlp import default_intermediate_size
 from memmix.layers.moe import FFN_ROUTINGS
+from memmix.layers.mom import ROUTER_INPUTS
 from memmix.layers.mom import _check_args as check_mom_layer_args
 from memmix.layers.mom import _check_groups as check_mom_layer_groups
 from memmix.models.checks import (
@@ -17,6 +18,7 @@ from memmix.models.checks import (
     number,
     optional,
 )
+from memmix.ops.mom import CONV_SCOPES
 from memmix.routing import AUX_LOSS_MODES
 
 # Each stored field's type (and range where it stands alone), in two tables: the MoM layer's arguments, whose
@@ -38,6 +40,10 @@ _OTHER_FIELD_RULES = {
     "low_memory": boolean,
     "aux_loss_scale": number(non_negative=True),
     "aux_loss_mode": choice(AUX_LOSS_MODES),
+    "router_z_loss": number(non_negative=True),
+    "router_temperature": number(positive=True),
+    "router_input": choice(ROUTER_INPUTS),
+    "conv_scope": choice(CONV_SCOPES),
     "attn_num_heads": integer(1),
     "attn_num_kv_heads": integer(1),
     "rope_theta": number(positive=True),
@@ -71,6 +77,21 @@ class MoMConfig(PretrainedConfig):
 
     `low_memory=True` makes the MoM layers hold less memory in training on the Triton path, for more time (see
     MixtureOfMemories).
+
+    Ablations of the router and the convolution (issue 17; the defaults are the paper's MoM, which official
+    checkpoints need):
+    - `router_z_loss` (>= 0, default 0): weight of the router z-loss, the mean over real tokens of
+      logsumexp(router logits)^2, pooled over the MoM layers as the load-balancing loss
+      (memmix.routing.router_z_loss); added to the loss in training like the load-balancing loss, and returned as
+      the output's `z_loss`.
+    - `router_temperature` (> 0, default 1): the routing softmax runs over logits / temperature; the top-k, the
+      mixing weights, the load-balancing loss and the z-loss all read the tempered logits (memmix.routing.route).
+    - `router_input` ("token" | "conv", default "token"): route from the layer input, or from a causal depthwise
+      short convolution (conv_size taps, SiLU) of it along the whole sequence; "conv" adds a (conv_size - 1,
+      hidden_size) tail per MoM layer to the recurrent state.
+    - `conv_scope` ("segment" | "sequence", default "segment"): each memory's q/k/v short convolution runs over its
+      own tokens (the paper's and fla's semantics) or over the whole sequence before routing (the mixer's PyTorch
+      path; docs/design.md).
     """
 
     model_type = "memmix_mom"
@@ -96,6 +117,10 @@ class MoMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         aux_loss_scale: float = 0.01,
         aux_loss_mode: str = "global",
+        router_z_loss: float = 0.0,
+        router_temperature: float = 1.0,
+        router_input: str = "token",
+        conv_scope: str = "segment",
         impl: str = "auto",
         low_memory: bool = False,
         attn_layers: list[int] | tuple[int, ...] | None = None,

@@ -25,8 +25,8 @@ class CudaGraphDecoder:
         device = model.lm_head.weight.device
         self.static_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.static_mask = torch.ones(batch_size, 1, dtype=torch.long, device=device)
-        self.states = [_static_copy(s) for s in cache.layer_states]
-        saved = [MoMState(s.memory.clone(), s.conv.clone(), s.num_routed) for s in self.states]
+        self.states = [s.clone() for s in cache.layer_states]
+        saved = [s.clone() for s in self.states]
         with _inplace_decode(model):
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
@@ -38,8 +38,7 @@ class CudaGraphDecoder:
             with torch.cuda.graph(self.graph), torch.no_grad():
                 self.static_logits = self._forward()
         for static, original in zip(self.states, saved):  # the warm-up stepped the states: undo
-            static.memory.copy_(original.memory)
-            static.conv.copy_(original.conv)
+            static.copy_(original)
 
     def _forward(self) -> torch.Tensor:
         model = self.model.model
@@ -55,8 +54,7 @@ class CudaGraphDecoder:
         self.static_mask.fill_(1) if attention_mask is None else self.static_mask.copy_(attention_mask[:, -1:])
         for idx, (static, current) in enumerate(zip(self.states, cache.layer_states)):
             if current is not static:
-                static.memory.copy_(current.memory)
-                static.conv.copy_(current.conv)
+                static.copy_(current)
                 cache.set_layer_state(idx, static)
         self.graph.replay()
         cache.advance(1)
@@ -77,10 +75,6 @@ def can_graph_decode(model, input_ids, cache, flags: dict) -> bool:
         return False
     states = cache.layer_states
     return bool(states) and all(isinstance(s, MoMState) and s.memory.shape[0] == input_ids.shape[0] for s in states)
-
-
-def _static_copy(state: MoMState) -> MoMState:
-    return MoMState(state.memory.clone().contiguous(), state.conv.clone().contiguous(), state.num_routed)
 
 
 class _inplace_decode:

@@ -33,7 +33,7 @@ from memmix.models.cache import MoMCache
 from memmix.models.configuration_mom import MoMConfig
 from memmix.models.cuda_graph import CudaGraphDecoder, can_graph_decode
 from memmix.models.loss import causal_lm_loss  # noqa: F401  (its old home: memmix.models.modeling_mom)
-from memmix.routing import load_balancing_loss
+from memmix.routing import load_balancing_loss, router_z_loss
 
 # Stacked (P, out, D) projections of the MoM layer, initialised like Linear weights.
 _STACKED_PROJECTIONS = ("k_proj", "v_proj", "b_proj", "a_proj")
@@ -53,15 +53,17 @@ class MoMModelOutput(MemmixModelOutput):
 
 @dataclass
 class MoMCausalLMOutput(MemmixCausalLMOutput):
-    """loss (0-d, CE + aux_loss_scale * aux_loss in training); logits (B, T, V) (see MemmixCausalLMOutput); cache;
-    hidden_states; aux_loss (0-d float32 load-balancing loss, per modality group with memory_groups);
-    router_logits: tuple over MoM layers of (B, T, M). With `ffn_experts`, ffn_aux_loss (0-d): expert choice: the
-    auxiliary routers' BCE (training only; loss adds ffn_aux_router_loss_scale * it); token choice: the experts'
-    per-group load-balancing loss (loss adds aux_loss_scale * it)."""
+    """loss (0-d, CE + aux_loss_scale * aux_loss (+ router_z_loss * z_loss) in training); logits (B, T, V) (see
+    MemmixCausalLMOutput); cache; hidden_states; aux_loss (0-d float32 load-balancing loss, per modality group with
+    memory_groups); router_logits: tuple over MoM layers of (B, T, M), the routing softmax's input. With
+    `ffn_experts`, ffn_aux_loss (0-d): expert choice: the auxiliary routers' BCE (training only; loss adds
+    ffn_aux_router_loss_scale * it); token choice: the experts' per-group load-balancing loss (loss adds
+    aux_loss_scale * it). z_loss (0-d float32, with config.router_z_loss > 0): the routers' z-loss."""
 
     aux_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     ffn_aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
 
 
 class MoMBlock(nn.Module):
@@ -99,6 +101,9 @@ class MoMBlock(nn.Module):
                 layer_idx=layer_idx,
                 memory_groups=config.memory_group_sizes,
                 low_memory=config.low_memory,
+                router_temperature=config.router_temperature,
+                router_input=config.router_input,
+                conv_scope=config.conv_scope,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         if config.ffn_experts is None:
@@ -171,8 +176,9 @@ class MoMPreTrainedModel(MemmixPreTrainedModel):
     def recurrent_state_size(self, context_length: int | None = None, include_conv: bool = True) -> int:
         """Floats of generation state per sequence: MoM memories (+ conv tails), plus KV of attention layers.
 
-        MoM layers hold (M + S) * H * K * V memory floats whatever the context length; attention layers need
-        `context_length` (capped by the window) and hold 2 * H_kv * head_dim floats per cached token.
+        MoM layers hold (M + S) * H * K * V memory floats whatever the context length (with include_conv, plus
+        (M + S) (W - 1) (2 H K + H V) conv tails, and (W - 1) hidden_size for router_input "conv"); attention layers
+        need `context_length` (capped by the window) and hold 2 * H_kv * head_dim floats per cached token.
         """
         config = self.config
         value_head_dim = int(config.head_dim * config.expand_v)
@@ -181,6 +187,8 @@ class MoMPreTrainedModel(MemmixPreTrainedModel):
         if include_conv:
             channels = 2 * config.num_heads * config.head_dim + config.num_heads * value_head_dim
             per_mom_layer += num_states * (config.conv_size - 1) * channels
+            if config.router_input == "conv":
+                per_mom_layer += (config.conv_size - 1) * config.hidden_size
         total = per_mom_layer * config.num_mom_layers
         if config.attn_layers:
             if context_length is None:
@@ -272,7 +280,8 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         **kwargs,
     ) -> MoMCausalLMOutput | tuple:
         """As MoMModel.forward, plus labels, logits_to_keep and loss_positions as in MemmixForCausalLM.forward;
-        in training the loss adds the routers' auxiliary losses (aux_loss_scale, ffn_aux_router_loss_scale)."""
+        in training the loss adds the routers' auxiliary losses (aux_loss_scale, router_z_loss,
+        ffn_aux_router_loss_scale)."""
         cache = one_cache(past_key_values, cache)
         flags = dict(labels=labels, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, use_cache=use_cache,
                      output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
@@ -297,12 +306,14 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         )
         logits, loss = self.head_and_loss(outputs.last_hidden_state, labels, attention_mask, cu_seqlens,
                                           logits_to_keep, loss_positions)
-        aux_loss = ffn_aux_loss = None
+        aux_loss = ffn_aux_loss = z_loss = None
         if labels is not None or output_router_logits:
-            aux_loss, ffn_aux_loss = self._aux_losses(outputs, attention_mask, modality_ids)
+            aux_loss, z_loss, ffn_aux_loss = self._aux_losses(outputs, attention_mask, modality_ids)
         if loss is not None and self.training:
             if aux_loss is not None and self.config.aux_loss_scale > 0:
                 loss = loss + self.config.aux_loss_scale * aux_loss.to(loss.dtype)
+            if z_loss is not None:
+                loss = loss + self.config.router_z_loss * z_loss.to(loss.dtype)
             if ffn_aux_loss is not None:
                 scale = self.config.ffn_aux_router_loss_scale if self.config.ffn_routing == "expert_choice" else (
                     self.config.aux_loss_scale)
@@ -314,6 +325,7 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
             aux_loss=aux_loss,
             router_logits=outputs.router_logits if output_router_logits else None,
             ffn_aux_loss=ffn_aux_loss,
+            z_loss=z_loss,
             **cache_kwargs(outputs.cache),
         )
         return self.finish(output, return_dict)
@@ -345,11 +357,12 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         return model_inputs
 
     def _aux_losses(self, outputs: MoMModelOutput, attention_mask, modality_ids):
-        """(memories' load-balancing loss or None, experts' auxiliary loss or None), balanced per modality group.
+        """(memories' load-balancing loss or None, their routers' z-loss or None, experts' auxiliary loss or None),
+        balanced per modality group. The z-loss is computed only with a weight (config.router_z_loss > 0).
 
         Experts: expert choice's auxiliary-router BCE (present in training), or token choice's load balance."""
         config = self.config
-        aux_loss = ffn_aux_loss = None
+        aux_loss = z_loss = ffn_aux_loss = None
         masks = {}
         for name, logits in (("memories", outputs.router_logits), ("experts", outputs.ffn_router_logits)):
             if logits is not None:
@@ -360,6 +373,11 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
                 outputs.router_logits, config.num_memories, config.topk, attention_mask=masks["memories"],
                 mode=config.aux_loss_mode, memory_groups=config.memory_group_sizes, modality_ids=modality_ids,
             )
+            if config.router_z_loss > 0:
+                z_loss = router_z_loss(
+                    outputs.router_logits, attention_mask=masks["memories"], mode=config.aux_loss_mode,
+                    memory_groups=config.memory_group_sizes, modality_ids=modality_ids,
+                )
         if config.ffn_routing == "expert_choice":
             ffn_aux_loss = outputs.ffn_aux_router_loss
         elif outputs.ffn_router_logits is not None:
@@ -368,7 +386,7 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
                 attention_mask=masks["experts"], mode=config.aux_loss_mode, memory_groups=config.ffn_expert_groups,
                 modality_ids=modality_ids,
             )
-        return aux_loss, ffn_aux_loss
+        return aux_loss, z_loss, ffn_aux_loss
 
 
     def _graph_decoder(self, cache: MoMCache, batch_size: int) -> CudaGraphDecoder:

@@ -19,6 +19,8 @@ CASES = {
     "k1_no_shared": dict(B=2, T=257, layer=dict(topk=1, shared_mem=False)),
     "k_equals_M": dict(B=2, T=257, layer=dict(num_memories=3, topk=3)),
     "low_memory": dict(B=2, T=300, layer=dict(low_memory=True)),  # projection rebuilt, one head per pass
+    # the PyTorch path's convolution with the recurrence's Triton kernel
+    "conv_scope_sequence": dict(B=3, T=130, left_pad=[0, 17, 129], layer=dict(conv_scope="sequence")),
 }
 
 

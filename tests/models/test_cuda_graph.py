@@ -25,17 +25,19 @@ def test_inplace_decode_step_equals_functional_step(grad):
     assert torch.equal(copy.memory, functional.state.memory) and torch.equal(copy.conv, functional.state.conv)
 
 
-def _model(device="cuda"):
+def _model(device="cuda", **options):
     torch.manual_seed(0)
     config = MoMConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=32,
-                       num_memories=4, topk=2, shared_mem=True)
+                       num_memories=4, topk=2, shared_mem=True, **options)
     return MoMForCausalLM(config).to(device).eval()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_generate_equals_eager_generate_with_left_padding():
-    model = _model()
+@pytest.mark.parametrize("options", [dict(), dict(router_input="conv", conv_scope="sequence")],
+                         ids=["default", "router_conv-conv_sequence"])  # the router's tail is graphed state too
+def test_graph_generate_equals_eager_generate_with_left_padding(options):
+    model = _model(**options)
     ids = torch.randint(0, 97, (3, 12), device="cuda")
     mask = torch.ones_like(ids)
     mask[0, :4] = 0

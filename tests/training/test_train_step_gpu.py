@@ -10,7 +10,9 @@ from memmix.training.step import TrainStep, _make_capturable
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-MODELS = ["mom", "gdn", "linear", "attention", "bmojo"]
+# the recall models, and the MoM ablations whose options change the step (z-loss, temperature, a router
+# convolution, the sequence-wide convolution on the PyTorch path's convolution)
+MODELS = ["mom", "gdn", "linear", "attention", "bmojo", "mom-zloss", "mom-temp", "mom-route-conv", "mom-conv-whole"]
 SIZE = ModelSize(vocab_size=512, d_model=64, num_layers=2, head_dim=16)
 
 

@@ -1,7 +1,9 @@
 """The training step of every recall model reads nothing back to the host on the path CUDA takes, so a CUDA graph
 can capture it: MoM and its single-memory twins on the Triton segment kernels and the Triton gated delta rule, linear
 attention on the dense layout, softmax attention, B'MOJO. Checked on the CPU with Triton's interpreter standing in
-for the GPU (the optimiser is left out: on the CPU Adam reads its step count back, on CUDA it is capturable).
+for the GPU (the optimiser is left out: on the CPU Adam reads its step count back, on CUDA it is capturable). The MoM
+ablations of the recall study too: the z-loss, the router temperature, routing from a short convolution (with the
+Triton segment kernels), the sequence-wide convolution (the PyTorch path's convolution, the Triton recurrence).
 
 TRITON_INTERPRET=1 must be set before triton is imported, so the cases run in a child process (this file as a
 script prints one JSON object) and the tests check them.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import print_case_results
+from helpers import count_recurrence_passes, print_case_results
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, attn_num_heads=2,
             intermediate_size=64)
@@ -21,7 +23,12 @@ CASES = {  # the recall benchmark's models at a tiny size, with the kernels CUDA
     "linear": dict(num_memories=1, topk=1, shared_mem=False, memory_rule="linear"),
     "attention": dict(num_memories=1, topk=1, shared_mem=False, attn_layers=[0, 1]),
     "bmojo": dict(),
+    "mom-zloss": dict(num_memories=4, topk=2, shared_mem=True, impl="triton", router_z_loss=1e-3),
+    "mom-temp": dict(num_memories=4, topk=2, shared_mem=True, impl="triton", router_temperature=2.0),
+    "mom-route-conv": dict(num_memories=4, topk=2, shared_mem=True, impl="triton", router_input="conv"),
+    "mom-conv-whole": dict(num_memories=4, topk=2, shared_mem=True, impl="triton", conv_scope="sequence"),
 }
+SEGMENT_KERNEL_CASES = ("mom", "gdn", "mom-zloss", "mom-temp", "mom-route-conv")
 
 
 def run_case(name: str, seed: int) -> dict:
@@ -52,10 +59,11 @@ def run_case(name: str, seed: int) -> dict:
             clip_grad_norm(model.parameters(), 1.0)
             return loss
 
-        syncs = find_host_syncs(step)
+        with count_recurrence_passes() as passes:
+            syncs = find_host_syncs(step)
     finally:
         triton_path.triton_memories, kernels._layout_key = original, original_key
-    return {"syncs": syncs, "triton_segment_calls": len(calls)}
+    return {"syncs": syncs, "triton_segment_calls": len(calls), "recurrence_passes": passes}
 
 
 INTERPRET_TIMEOUT = 600
@@ -65,8 +73,10 @@ INTERPRET_TIMEOUT = 600
 def test_training_step_never_syncs_the_host(interpret_results, name):
     result = interpret_results[name]
     assert result["syncs"] == [], f"{name}: host reads {result['syncs']}"
-    if name in ("mom", "gdn"):
+    if name in SEGMENT_KERNEL_CASES:
         assert result["triton_segment_calls"] == 2  # one per layer: the Triton path ran, not the PyTorch one
+    if name == "mom-conv-whole":  # the PyTorch path's convolution, the recurrence on its Triton kernel
+        assert result["triton_segment_calls"] == 0 and result["recurrence_passes"]["backward"] == 2
 
 
 if __name__ == "__main__":

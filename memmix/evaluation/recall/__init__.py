@@ -18,7 +18,6 @@ from memmix.evaluation.recall.estimate import (
 from memmix.evaluation.recall.models import (
     ABLATION_MODELS,
     BUILTIN_MODELS,
-    LATER_ABLATIONS,
     RECALL_MODELS,
     ModelSize,
     RecallModel,
@@ -52,7 +51,6 @@ from memmix.evaluation.recall.training import Recipe, endless_batches, train_ste
 __all__ = [
     "ABLATION_MODELS",
     "BUILTIN_MODELS",
-    "LATER_ABLATIONS",
     "PRESETS",
     "RECALL_MODELS",
     "Estimate",

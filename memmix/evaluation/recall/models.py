@@ -155,15 +155,13 @@ register_mom_variant("mom-m8", "MoM with 8 routed memories, top-2", num_memories
 register_mom_variant("mom-noshared", "MoM without the shared memory", shared_mem=False)
 register_mom_variant("mom-lb0", "MoM without the load-balancing loss", aux_loss_scale=0.0)
 register_mom_variant("mom-lb0.1", "MoM with load-balancing weight 0.1 (default 0.01)", aux_loss_scale=0.1)
-ABLATION_MODELS = ["mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1"]
-
-# Ablations that need layer options MoMConfig does not have yet (issue 17); each becomes one
-# register_mom_variant line once its option exists, and then joins ABLATION_MODELS and the ablation preset:
-LATER_ABLATIONS = {
-    "mom-conv-whole": "one short convolution over the whole sequence before routing (not one per memory's tokens)",
-    "mom-route-conv": "routing from the convolved features instead of the layer input",
-    "mom-zloss": "a router z-loss",
-    "mom-temp": "a router temperature",
-}
+register_mom_variant("mom-conv-whole", "MoM with the q/k/v short convolution over the whole sequence before routing "
+                     "(not over each memory's own tokens)", conv_scope="sequence")
+register_mom_variant("mom-route-conv", "MoM routing from a causal short convolution of the layer input",
+                     router_input="conv")
+register_mom_variant("mom-zloss", "MoM with a router z-loss of weight 1e-3", router_z_loss=1e-3)
+register_mom_variant("mom-temp", "MoM with router temperature 2 (softmax over logits / 2)", router_temperature=2.0)
+ABLATION_MODELS = ["mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1", "mom-conv-whole",
+                   "mom-route-conv", "mom-zloss", "mom-temp"]
 
 BUILTIN_MODELS = dict(RECALL_MODELS)  # what a fresh interpreter (a worker process) has registered

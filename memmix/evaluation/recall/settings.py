@@ -122,7 +122,8 @@ _ZOOLOGY: dict[str, Any] = {  # Zoology / Based MQAR (arXiv 2312.04927), for a G
 
 # MoM ablations on the same protocol at one width (each against mom and gdn; names in models.ABLATION_MODELS).
 _ZOOLOGY_ABLATIONS = dict(_ZOOLOGY, d_models=[128], models=[
-    "mom", "gdn", "mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1"])
+    "mom", "gdn", "mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1", "mom-conv-whole",
+    "mom-route-conv", "mom-zloss", "mom-temp"])
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},  # RecallSettings' own defaults: the CPU demo

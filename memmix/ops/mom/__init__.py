@@ -4,16 +4,18 @@
     naive.py       naive_mom: the paper's per-token loop, the reference the paths are tested against
     plan.py        slots, segments and the dispatch plan (both buffer layouts), computed on the device
     core.py        what both paths share: weights and sizes, slot projections, gates, the recurrence call
-    torch_path.py  the PyTorch path: dispatch copies, conv1d over the segments, recurrence, combine
+    torch_path.py  the PyTorch path: dispatch copies, conv1d over the segments, recurrence, combine; sequence_conv
+                   (a short convolution along each sequence's real tokens: conv_scope "sequence", the router's)
     triton_path.py the Triton path: gathered segment convolution and combine on memmix.ops.triton's kernels
     decode.py      one decoding step: only the picked memories' states and conv tails, optionally in place
 
 docs/design.md explains the design; memmix.layers.MixtureOfMemories holds the weights and calls mom_mixer once.
 """
 from memmix.ops.mom.core import MoMWeights
-from memmix.ops.mom.mixer import DENSE_LAYOUT_MAX_LEN, MIXER_IMPLS, MixerOutput, mom_mixer
+from memmix.ops.mom.mixer import CONV_SCOPES, DENSE_LAYOUT_MAX_LEN, MIXER_IMPLS, MixerOutput, mom_mixer
 from memmix.ops.mom.naive import naive_mom
 from memmix.ops.mom.plan import LAYOUTS, DispatchPlan, SegmentRows, add_shared_slot, plan_dispatch
+from memmix.ops.mom.torch_path import sequence_conv
 
-__all__ = ["DENSE_LAYOUT_MAX_LEN", "LAYOUTS", "MIXER_IMPLS", "DispatchPlan", "MixerOutput", "MoMWeights",
-           "SegmentRows", "add_shared_slot", "mom_mixer", "naive_mom", "plan_dispatch"]
+__all__ = ["CONV_SCOPES", "DENSE_LAYOUT_MAX_LEN", "LAYOUTS", "MIXER_IMPLS", "DispatchPlan", "MixerOutput",
+           "MoMWeights", "SegmentRows", "add_shared_slot", "mom_mixer", "naive_mom", "plan_dispatch", "sequence_conv"]

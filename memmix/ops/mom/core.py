@@ -80,6 +80,27 @@ def slot_projections(x: torch.Tensor, memory_ids: torch.Tensor, weights: MoMWeig
     return torch.cat([q, kv], dim=-1), gates
 
 
+def memory_conv_inputs(x: torch.Tensor, memory_ids: torch.Tensor, weights: MoMWeights,
+                       sizes: MixerSizes) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv_scope "sequence": every memory's convolution inputs (q, k, v) at every token, and each slot's gate inputs.
+
+    x (B, T, D), memory_ids (B, T, S) -> (B, T, P, 2 Kd + Vd), (B, T, S, G); P = sizes.num_slot_memories.
+    """
+    B, T, S = memory_ids.shape
+    Kd, Vd, P = sizes.key_dim, sizes.value_dim, sizes.num_slot_memories
+    wide = weights.kv_proj  # (P', F, D)
+    rows = wide.shape[0]
+    proj = F.linear(x, wide.reshape(-1, wide.shape[-1])).view(B, T, rows, -1)  # (B, T, P', F)
+    kv, gates = proj.split([Kd + Vd, proj.shape[-1] - Kd - Vd], -1)
+    q = F.linear(x, weights.q_proj).unsqueeze(2).expand(B, T, P, Kd)
+    conv_in = torch.cat([q, kv.expand(B, T, P, Kd + Vd)], dim=-1)
+    if rows == 1:
+        gates = gates.expand(B, T, S, gates.shape[-1])
+    else:
+        gates = gates.gather(2, memory_ids.unsqueeze(-1).expand(B, T, S, gates.shape[-1]))
+    return conv_in, gates
+
+
 def memory_gates(gates: torch.Tensor, weights: MoMWeights,
                  sizes: MixerSizes) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(rows, G) gate features -> beta = sigmoid(b) and log decay g = -exp(A_log) softplus(a + dt_bias), each

@@ -6,6 +6,9 @@ touched. The states are stepped in their bank by memmix.ops.memory_step: on its 
 is wanted (each picked state read once and written once), else by its differentiable gather / step / scatter.
 With inplace, the given bank tensors are written and returned (CUDA-graph decoding replays this on a static bank);
 otherwise they are left alone and new ones are returned.
+
+With conv_scope "sequence" every memory's convolution moves on at every token: all P tails take the token's
+projections (each memory's own), and the picked slots take their memory's convolved features.
 """
 from __future__ import annotations
 
@@ -14,12 +17,13 @@ import torch.nn.functional as F
 
 from memmix.ops.decode import memory_step
 from memmix.ops.mom.core import MixerSizes, MoMWeights, memory_gates, slot_projections
+from memmix.ops.mom.torch_path import sequence_scope_conv
 
 
 def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: MixerSizes, memory, conv, *,
-                use_cache: bool, inplace: bool, impl: str):
+                use_cache: bool, inplace: bool, impl: str, conv_scope: str = "segment"):
     """x (B, 1, D); memory_ids, slot_weights (B, 1, S); valid (B, 1) bool; memory (B, P, H, K, V) and
-    conv (B, P, W-1, C), or None for zeros (dtype: x's promoted to float32).
+    conv (B, P, W-1, C), or None for zeros (dtype: x's promoted to float32); conv_scope as mom_mixer's.
 
     Returns the mixed outputs (B, 1, Vd), and the new memory and conv (None without use_cache).
     """
@@ -30,11 +34,16 @@ def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: 
         dtype = torch.promote_types(x.dtype, torch.float32)
         memory = torch.zeros(B, P, H, sizes.head_k_dim, sizes.head_v_dim, device=x.device, dtype=dtype)
         conv = torch.zeros(B, P, W - 1, 2 * Kd + Vd, device=x.device, dtype=dtype)
-    conv_in, gates_in = slot_projections(x, memory_ids, weights, sizes)
     picked = (torch.arange(B, device=x.device).unsqueeze(1) * P + memory_ids[:, 0]).reshape(-1)  # (B*S,)
-    tails = conv.reshape(B * P, W - 1, -1).index_select(0, picked)  # (B*S, W-1, C)
-    window = torch.cat([tails.to(conv_in.dtype), conv_in.reshape(B * S, 1, -1)], dim=1)  # (B*S, W, C)
-    conv_out = F.silu((window * weights.conv.t().to(window.dtype)).sum(1))  # (B*S, C)
+    if conv_scope == "sequence":
+        slot_conv, gates_in, all_tails = sequence_scope_conv(x, memory_ids, valid, None, weights, sizes,
+                                                             conv.reshape(B * P, W - 1, -1))
+        conv_out = slot_conv.reshape(B * S, -1)
+    else:
+        conv_in, gates_in = slot_projections(x, memory_ids, weights, sizes)
+        tails = conv.reshape(B * P, W - 1, -1).index_select(0, picked)  # (B*S, W-1, C)
+        window = torch.cat([tails.to(conv_in.dtype), conv_in.reshape(B * S, 1, -1)], dim=1)  # (B*S, W, C)
+        conv_out = F.silu((window * weights.conv.t().to(window.dtype)).sum(1))  # (B*S, C)
     q, k, v = (t.reshape(B * S, H, -1) for t in conv_out.split([Kd, Kd, Vd], -1))
     beta, g = memory_gates(gates_in.reshape(B * S, -1), weights, sizes)
     keep = valid.reshape(B, 1).expand(B, S).reshape(-1)
@@ -43,6 +52,9 @@ def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: 
     o = o.reshape(B, 1, S, Vd) * (slot_weights * valid.unsqueeze(-1)).unsqueeze(-1).to(o.dtype)
     if not use_cache:
         return o.sum(2), None, None
+    if conv_scope == "sequence":  # every memory's tail moved (padding rows keep theirs: sequence_conv)
+        all_tails = all_tails.view_as(conv).to(conv.dtype)
+        return o.sum(2), new_memory, conv.copy_(all_tails) if inplace else all_tails
     new_tails = torch.where(keep.view(-1, 1, 1), window[:, 1:].to(conv.dtype), tails)
     flat = conv.reshape(B * P, W - 1, -1)
     if inplace:

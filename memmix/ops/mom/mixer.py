@@ -10,9 +10,13 @@ impl picks the path (the same value the MoM layer and its config take, plus "nai
 - "triton":    the Triton path (triton_path.py: segment kernels) and the rule's Triton kernel; CUDA, or Triton's CPU
                interpreter under TRITON_INTERPRET=1;
 - "auto":      the Triton path where its kernels run on x, else the PyTorch path; the rule's own "auto".
-The Triton path needs the "packed" layout and incoming conv tails without gradient; otherwise "auto" and
-"triton" take the PyTorch path (with the rule's "auto" / "triton"). A decoding step (T == 1 without cu_seqlens)
-takes decode.py whatever the impl but "naive".
+The Triton path needs the "packed" layout, incoming conv tails without gradient and conv_scope "segment"; otherwise
+"auto" and "triton" take the PyTorch path (with the rule's "auto" / "triton"). A decoding step (T == 1 without
+cu_seqlens) takes decode.py whatever the impl but "naive".
+
+conv_scope picks what each memory's short convolution runs along: "segment" (the paper's and fla's semantics: the
+memory's own tokens) or "sequence" (an ablation: every real token of the sequence, each memory convolving its own
+projections; the convolution runs before the memories' tokens are dispatched). The state has the same shape in both.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from memmix.ops.mom.torch_path import torch_memories
 from memmix.ops.registry import get_rule
 
 MIXER_IMPLS = ("auto", "naive", "recurrent", "chunk", "triton")
+CONV_SCOPES = ("segment", "sequence")
 # without cu_seqlens, inputs up to this length use the dense layout (decoding steps, short prompts)
 DENSE_LAYOUT_MAX_LEN = 16
 
@@ -50,7 +55,7 @@ def mom_mixer(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
               memory: Optional[torch.Tensor] = None, conv: Optional[torch.Tensor] = None,
               valid: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
               use_cache: bool = False, low_memory: bool = False, inplace: bool = False,
-              layout: Optional[str] = None, impl: str = "auto") -> MixerOutput:
+              layout: Optional[str] = None, impl: str = "auto", conv_scope: str = "segment") -> MixerOutput:
     """Route every token's slots to their memories, run each memory over its own sub-sequence, mix the outputs.
 
     x: (B, T, D); memory_ids: (B, T, k) int64, each token's k distinct picks in [0, num_memories) (not checked:
@@ -58,29 +63,31 @@ def mom_mixer(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
     rule: a memory rule's name or alias (memmix.ops.registry); num_heads: H; shared_memory: one more memory
     (number M, weight 1) that every token writes to.
     memory (N, P, H, K, V) and conv (N, P, W-1, 2 Kd + Vd): the state from an earlier call (P = M + shared), or
-    None for zeros. valid: (B, T) bool, False at padding (touches nothing, outputs 0), None for all True.
+    None for zeros; conv holds each memory's last W-1 convolution inputs (of its own tokens with conv_scope
+    "segment", of the sequence's last real tokens under its projections with "sequence"). valid: (B, T) bool, False at padding (touches nothing, outputs 0), None for all True.
     cu_seqlens: (N + 1,) int document bounds of a packed batch (B == 1), else N = B.
     use_cache: return the new state. low_memory: less training memory on the Triton path for more time (the
     convolution rebuilds the k/v projection in its backward, the recurrence runs one head at a time).
     inplace: a decoding step writes the new state into `memory` and `conv` and returns them.
     layout: "packed", "dense" or None (dense without cu_seqlens up to DENSE_LAYOUT_MAX_LEN tokens, or where the
     rule has no kernel on the Triton path's device: see _no_kernel).
-    impl: see the module docstring (MIXER_IMPLS).
+    impl: see the module docstring (MIXER_IMPLS). conv_scope: "segment" or "sequence" (CONV_SCOPES; the module
+    docstring).
     """
     sizes = _validate(x, memory_ids, routing_weights, weights, rule, num_heads, num_memories, shared_memory,
-                      memory, conv, valid, cu_seqlens, layout, impl, use_cache, low_memory, inplace)
+                      memory, conv, valid, cu_seqlens, layout, impl, use_cache, low_memory, inplace, conv_scope)
     B, T, _ = x.shape
     if valid is None:
         valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
     if impl == "naive":
         return _naive(x, memory_ids, routing_weights, weights, sizes, memory, conv, valid, cu_seqlens, use_cache,
-                      inplace)
+                      inplace, conv_scope)
     memory_ids, slot_weights = add_shared_slot(memory_ids, routing_weights, num_memories, shared_memory)
     if T == 1 and cu_seqlens is None:
         if memory is not None and memory.shape[0] != B:
             raise ValueError(f"state holds {memory.shape[0]} sequences but the input has {B}")
         o, memory, conv = decode_step(x, memory_ids, slot_weights, valid, weights, sizes, memory, conv,
-                                      use_cache=use_cache, inplace=inplace, impl=impl)
+                                      use_cache=use_cache, inplace=inplace, impl=impl, conv_scope=conv_scope)
         return MixerOutput(o, memory, conv)
 
     if layout is None:
@@ -92,12 +99,12 @@ def mom_mixer(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
     tails = None if conv is None else conv.reshape(R, W - 1, -1)
     initial = None if memory is None else memory.reshape(R, *memory.shape[2:])
     options = dict(use_cache=use_cache, low_memory=low_memory, impl=impl)
-    if _triton_path(impl, plan.layout, x, tails):
+    if conv_scope == "segment" and _triton_path(impl, plan.layout, x, tails):
         o, final, new_tails = triton_path.triton_memories(x, memory_ids, slot_weights, valid, plan, weights, sizes,
                                                           tails, initial, **options)
     else:
-        o, final, new_tails = torch_memories(x, memory_ids, slot_weights, plan, weights, sizes, tails, initial,
-                                             **options)
+        o, final, new_tails = torch_memories(x, memory_ids, slot_weights, valid, cu_seqlens, plan, weights, sizes,
+                                             tails, initial, conv_scope=conv_scope, **options)
     if not use_cache:
         return MixerOutput(o, None, None)
     memory = final.reshape(N, sizes.num_slot_memories, *final.shape[1:])
@@ -120,11 +127,12 @@ def _triton_path(impl: str, layout: str, x: torch.Tensor, tails: Optional[torch.
             and not (tails is not None and tails.requires_grad))
 
 
-def _naive(x, memory_ids, routing_weights, weights, sizes, memory, conv, valid, cu_seqlens, use_cache, inplace):
+def _naive(x, memory_ids, routing_weights, weights, sizes, memory, conv, valid, cu_seqlens, use_cache, inplace,
+           conv_scope):
     o, new_memory, new_conv = naive_mom(x, memory_ids, routing_weights, weights, rule=sizes.rule.name,
                                         num_heads=sizes.num_heads, num_memories=sizes.num_memories,
                                         shared_memory=sizes.shared_memory, memory=memory, conv=conv, valid=valid,
-                                        cu_seqlens=cu_seqlens)
+                                        cu_seqlens=cu_seqlens, conv_scope=conv_scope)
     if not use_cache:
         return MixerOutput(o, None, None)
     if inplace and memory is not None and x.shape[1] == 1 and cu_seqlens is None:
@@ -135,10 +143,12 @@ def _naive(x, memory_ids, routing_weights, weights, sizes, memory, conv, valid, 
 
 
 def _validate(x, memory_ids, routing_weights, weights, rule, num_heads, num_memories, shared_memory, memory, conv,
-              valid, cu_seqlens, layout, impl, use_cache, low_memory, inplace) -> MixerSizes:
+              valid, cu_seqlens, layout, impl, use_cache, low_memory, inplace, conv_scope) -> MixerSizes:
     """The sizes of the call; ValueError naming the first bad argument and what it may be (no host sync)."""
     if impl not in MIXER_IMPLS:
         raise ValueError(f"impl must be one of {MIXER_IMPLS}, got {impl!r}")
+    if conv_scope not in CONV_SCOPES:
+        raise ValueError(f"conv_scope must be one of {CONV_SCOPES}, got {conv_scope!r}")
     record = get_rule(rule)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be None or one of {LAYOUTS}, got {layout!r}")

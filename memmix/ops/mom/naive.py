@@ -3,6 +3,10 @@
 The reference the fast paths are tested against; slow, written for reading. Every memory walks its own
 sub-sequence (the tokens that picked it, in time order): it convolves its own recent inputs, steps its rule and
 adds its read-out, scaled by the token's routing weight, to the token's output.
+
+conv_scope="sequence" (an ablation, not the paper) changes one thing: a memory's convolution history takes its
+projection of every real token of the sequence, picked or not, so the convolution runs along the whole sequence;
+the memory still steps its rule only at the tokens that picked it.
 """
 from __future__ import annotations
 
@@ -19,13 +23,15 @@ from memmix.ops.registry import get_rule
 def naive_mom(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.Tensor, weights: MoMWeights, *,
               rule: str, num_heads: int, num_memories: int, shared_memory: bool = True,
               memory: Optional[torch.Tensor] = None, conv: Optional[torch.Tensor] = None,
-              valid: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
+              valid: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+              conv_scope: str = "segment"):
     """Arguments and results as memmix.ops.mom.mom_mixer (without its speed options).
 
     x (B, T, D); memory_ids, routing_weights (B, T, k): each token's picks among the M = num_memories routed
     memories; the shared memory (number M, weight 1) sees every token. memory (N, P, H, K, V) and conv
     (N, P, W-1, C): the incoming state, or None for zeros. valid (B, T) bool: False tokens touch nothing.
     cu_seqlens (N + 1,): packed documents (B == 1), each memory starting afresh in each.
+    conv_scope: "segment" (the paper: a memory convolves the inputs of its own tokens) or "sequence" (of every token).
     Returns (o (B, T, H * V) in x's dtype, memory, conv) with the final state in x's dtype promoted to float32.
     """
     rule = get_rule(rule)
@@ -50,12 +56,15 @@ def naive_mom(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
             history = list(conv[n, p].to(dtype))  # the memory's last W - 1 convolution inputs, oldest first
             for t in range(start, end):
                 picks = memory_ids[b, t].tolist()
-                if not valid[b, t] or (p < M and p not in picks):
+                picked = p == M or p in picks
+                if not valid[b, t] or (not picked and conv_scope == "segment"):
                     continue
-                weight = 1.0 if p == M else routing_weights[b, t, picks.index(p)].to(dtype)
                 xt = x[b, t].to(dtype)
                 proj = weights.kv_proj[0 if weights.kv_proj.shape[0] == 1 else p].to(dtype) @ xt  # k | v | gates
                 history.append(torch.cat([weights.q_proj.to(dtype) @ xt, proj[: Kd + Vd]]))
+                if not picked:  # conv_scope "sequence": the token moved the convolution only
+                    continue
+                weight = 1.0 if p == M else routing_weights[b, t, picks.index(p)].to(dtype)
                 window = torch.stack(history[-W:])  # (W, C)
                 q, k, v = F.silu((window.t() * weights.conv.to(dtype)).sum(-1)).split([Kd, Kd, Vd])
                 q = l2norm(q.view(H, K)) * K**-0.5

@@ -41,6 +41,10 @@ CASES = {
     # feature groups' bf16 products in float32 where the default path makes one product (bf16 rounding apart)
     "low_memory_autocast": dict(B=2, T=33, autocast=True, against="default", use_cache=False,
                                 tolerance={"dx": 1e-2}),
+    # conv_scope "sequence" takes the PyTorch path's convolution whatever the impl, and with impl="triton" the
+    # recurrence's Triton kernel over the packed segments (as on CUDA)
+    "conv_scope_sequence": dict(B=3, T=33, left_pad=[0, 5, 30], impl="triton", conv_scope="sequence"),
+    "conv_scope_sequence_continued": dict(B=2, T=44, cont=20, impl="triton", conv_scope="sequence"),
 }
 TOLERANCE = 1e-4
 GRAD_NAMES = ("x", "routing_weights", "q_proj", "kv_proj", "conv", "A_log", "dt_bias")
@@ -61,7 +65,8 @@ def _inputs(case: dict, seed: int) -> dict:
         valid[row, :pad] = False
     return dict(x=torch.randn(B, T, SIZES["D"], generator=gen), memory_ids=ids, routing_weights=routing,
                 weights=weights, valid=valid, cu_seqlens=torch.tensor([0] + lengths).cumsum(0) if lengths else None,
-                kwargs=dict(rule=rule, num_heads=SIZES["H"], num_memories=options["M"], shared_memory=shared))
+                kwargs=dict(rule=rule, num_heads=SIZES["H"], num_memories=options["M"], shared_memory=shared,
+                            conv_scope=case.get("conv_scope", "segment")))
 
 
 def _run(inputs: dict, case: dict, impl: str, low_memory: bool) -> dict:
