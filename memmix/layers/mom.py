@@ -15,12 +15,12 @@ convolution over its own tokens or over the whole sequence).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from memmix.layers.gates import init_decay_parameters
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 from memmix.ops.mom import CONV_SCOPES, MoMWeights, mom_mixer, sequence_conv
@@ -129,8 +129,8 @@ class MixtureOfMemories(nn.Module):
         conv_scope: str = "segment",
     ):
         super().__init__()
-        _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
-        _check_groups(memory_groups, num_memories, topk)
+        check_mom_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
+        check_memory_groups(memory_groups, num_memories, topk)
         _check_ablation_args(router_temperature, router_input, conv_scope)
         if not isinstance(low_memory, bool):
             raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
@@ -192,11 +192,7 @@ class MixtureOfMemories(nn.Module):
             if stacked is not None:
                 for row in stacked.data:
                     nn.init.xavier_uniform_(row, gain=gain)
-        with torch.no_grad():
-            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-            dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            dt = dt.clamp(min=1e-4)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_decay_parameters(self.A_log, self.dt_bias)
         for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d, self.router_conv1d):
             if conv is not None:
                 conv.reset_parameters()
@@ -297,7 +293,8 @@ def _depthwise_conv(channels: int, kernel_size: int) -> nn.Conv1d:
     return nn.Conv1d(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=False)
 
 
-def _check_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size) -> None:
+def check_mom_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size) -> None:
+    """ValueError naming the first bad MixtureOfMemories argument and what it may be (MoMConfig calls it too)."""
     for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
                         ("num_memories", num_memories)):
         if not isinstance(value, int) or value < 1:
@@ -322,7 +319,8 @@ def _check_ablation_args(router_temperature, router_input, conv_scope) -> None:
         raise ValueError(f"conv_scope must be one of {list(CONV_SCOPES)}, got {conv_scope!r}")
 
 
-def _check_groups(memory_groups, num_memories: int, topk: int) -> None:
+def check_memory_groups(memory_groups, num_memories: int, topk: int) -> None:
+    """ValueError unless memory_groups (None or group sizes) split num_memories with topk <= the smallest group."""
     if memory_groups is None:
         return
     sizes = list(memory_groups)

@@ -6,8 +6,7 @@ from transformers import PretrainedConfig
 from memmix.layers.mlp import default_intermediate_size
 from memmix.layers.moe import FFN_ROUTINGS
 from memmix.layers.mom import ROUTER_INPUTS
-from memmix.layers.mom import _check_args as check_mom_layer_args
-from memmix.layers.mom import _check_groups as check_mom_layer_groups
+from memmix.layers.mom import check_memory_groups, check_mom_args
 from memmix.models.checks import (
     LM_FIELD_RULES,
     boolean,
@@ -150,7 +149,7 @@ class MoMConfig(PretrainedConfig):
         arguments = locals()
         fields = {name: arguments[name] for name in (*_LAYER_FIELD_RULES, "memory_rule", *_OTHER_FIELD_RULES)}
         check_fields(fields, _LAYER_FIELD_RULES)
-        check_mom_layer_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
+        check_mom_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
         check_fields(fields, _OTHER_FIELD_RULES)
         fields["attn_layers"] = _checked_attention_fields(attn_layers, fields)
         fields.update(_checked_modality_fields(modalities, memory_groups, ffn_experts, fields))
@@ -209,7 +208,7 @@ def _checked_modality_fields(modalities, memory_groups, ffn_experts, fields: dic
     modalities = _checked_modalities(modalities, memory_groups, ffn_experts)
     memory_groups = _checked_groups("memory_groups", memory_groups, modalities)
     if memory_groups is not None:
-        check_mom_layer_groups(list(memory_groups.values()), fields["num_memories"], fields["topk"])
+        check_memory_groups(list(memory_groups.values()), fields["num_memories"], fields["topk"])
     ffn_experts = _checked_groups("ffn_experts", ffn_experts, modalities)
     smallest_expert_group = min(ffn_experts.values()) if ffn_experts is not None else 1
     if fields["ffn_topk"] > smallest_expert_group:

@@ -103,6 +103,19 @@ def build_model(name: str, vocab_size: int, overrides: dict | None = None, eos_t
     raise AssertionError(f"preset {name!r} has no model family")  # unreachable: check_preset passed
 
 
+def mom_recall_config(vocab_size: int, d_model: int, num_layers: int, head_dim: int, heads_factor: int = 1,
+                      **overrides) -> MoMConfig:
+    """A MoMConfig for the MQAR recall comparison: heads of head_dim (heads_factor x d_model / head_dim of them:
+    gdn-wide's extra heads), attention layers of d_model / head_dim heads, a 2x MLP; overrides pick the variant
+    (memories, rule, attn_layers, ...)."""
+    num_heads = d_model // head_dim
+    fields = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=num_layers,
+                  num_heads=heads_factor * num_heads, head_dim=head_dim, expand_v=1.0, attn_num_heads=num_heads,
+                  intermediate_size=2 * d_model)
+    fields.update(overrides)
+    return MoMConfig(**fields)
+
+
 def bmojo_recall_config(vocab_size: int, d_model: int, num_layers: int, head_dim: int = 32,
                         **overrides) -> BMojoConfig:
     """A BMojoConfig for the MQAR recall comparison: heads of head_dim, a 2x MLP, a short window (64) so that

@@ -66,28 +66,16 @@ def count_parameters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- the MoM family
 
 
-def _mom_family_config(size: ModelSize, heads_factor: int = 1, **overrides: Any):
-    """A MoMConfig at ``size``: heads of ``head_dim`` (``heads_factor`` times d_model / head_dim of them), a 2x MLP;
-    ``overrides`` pick the variant."""
-    from memmix import (
-        MoMConfig,  # models floor; imported late so the data/validation paths stay light
-    )
-
-    num_heads = size.d_model // size.head_dim
-    fields = dict(vocab_size=size.vocab_size, hidden_size=size.d_model, num_hidden_layers=size.num_layers,
-                  num_heads=heads_factor * num_heads, head_dim=size.head_dim, expand_v=1.0, attn_num_heads=num_heads,
-                  intermediate_size=2 * size.d_model)
-    fields.update(overrides)
-    return MoMConfig(**fields)
-
-
 def _mom_family(name: str, summary: str, attention_everywhere: bool = False, heads_factor: int = 1,
                 **overrides: Any) -> RecallModel:
     """A registry entry for a MoMForCausalLM variant; attention_everywhere makes every layer softmax attention."""
     def build(size: ModelSize) -> nn.Module:
-        from memmix import MoMForCausalLM
+        from memmix.models import MoMForCausalLM
+        from memmix.models.presets import mom_recall_config
+
         layers = {"attn_layers": list(range(size.num_layers))} if attention_everywhere else {}
-        return MoMForCausalLM(_mom_family_config(size, heads_factor, **overrides, **layers))
+        return MoMForCausalLM(mom_recall_config(size.vocab_size, size.d_model, size.num_layers, size.head_dim,
+                                                heads_factor=heads_factor, **overrides, **layers))
 
     return RecallModel(name=name, summary=summary, build=build, state_size=mom_family_state_size)
 
