@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import atomic_write_json  # noqa: E402
-from memmix.data.mqar import generate_mqar  # noqa: E402
+from memmix.data.mqar import generate_mqar, query_positions  # noqa: E402
 from memmix.evaluation.recall import RECALL_MODELS, ModelSize  # noqa: E402
 from memmix.training.optim import build_optimizer, cosine_schedule  # noqa: E402
 from memmix.training.step import TrainStep  # noqa: E402
@@ -130,15 +130,6 @@ class Run:
         return outputs
 
 
-def query_positions(labels: torch.Tensor, q: int) -> torch.Tensor:
-    """(n, q) hidden positions whose next token is a query's value; rows with fewer queries repeat position 0,
-    whose next label is always -100 (the first key's value is context, not a query)."""
-    is_query = labels[:, 1:] != -100  # (n, T - 1): position p predicts labels[p + 1]
-    order = torch.argsort((~is_query).to(torch.int8), dim=1, stable=True)[:, :q]
-    count = is_query.sum(1, keepdim=True)
-    return torch.where(torch.arange(q).unsqueeze(0) < count, order, torch.zeros_like(order))
-
-
 # ------------------------------------------------------------------------------------------------ timing
 
 
@@ -181,12 +172,14 @@ def time_single(args, name: str, mode: str) -> dict:
 def time_streams(args, name: str) -> dict:
     runs = [Run(args, name, seed=i, mode="streams", stream=torch.cuda.Stream()) for i in range(args.runs)]
     for run in runs:
-        run.train(10)
+        with torch.cuda.stream(run.step.stream):
+            run.train(10)
 
     def step_all(steps: int) -> None:
         for _ in range(steps):
             for run in runs:
-                run.train(1)
+                with torch.cuda.stream(run.step.stream):  # the step's own stream: no wait on the others
+                    run.train(1)
 
     rate, rates = synced_rate(step_all, args.steps, args.windows)
     return dict(model=name, mode="streams", runs=args.runs, steps_per_s=rate * args.runs,
@@ -200,23 +193,29 @@ def time_processes(args, name: str, mps: bool) -> dict:
         return dict(model=name, mode=mode, runs=args.runs, steps_per_s=None, note="nvidia-cuda-mps-control missing "
                     "or refused")
     sync_dir = tempfile.mkdtemp(prefix="train_step_sync_")
+    procs = []
     try:
         cmd = [sys.executable, __file__, "--models", name, "--worker", "0", "--sync-dir", sync_dir,
                "--seconds", str(args.seconds)] + _shape_flags(args)
         procs = [subprocess.Popen(cmd[:5] + [str(i)] + cmd[6:], stdout=subprocess.PIPE, text=True, env=daemon)
                  for i in range(args.runs)]
-        deadline = time.time() + 600
+        deadline = time.time() + 180
         while len([f for f in os.listdir(sync_dir) if f.startswith("ready")]) < args.runs and time.time() < deadline:
             if any(p.poll() is not None for p in procs):
                 break
             time.sleep(0.2)
         Path(sync_dir, "go").touch()
-        outs = [p.communicate(timeout=600)[0] for p in procs]
+        outs = [p.communicate(timeout=args.seconds + 120)[0] for p in procs]
         rates = [float(line.split()[-1]) for o in outs for line in o.splitlines() if line.startswith("rate")]
         note = "" if len(rates) == args.runs else f"only {len(rates)} of {args.runs} processes reported"
         return dict(model=name, mode=mode, runs=args.runs, steps_per_s=sum(rates) if rates else None,
                     per_process=rates, note=note)
+    except subprocess.TimeoutExpired:
+        return dict(model=name, mode=mode, runs=args.runs, steps_per_s=None, note="a process did not finish in time")
     finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
         shutil.rmtree(sync_dir, ignore_errors=True)
         if daemon is not None:
             stop_mps(daemon)

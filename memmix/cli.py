@@ -317,8 +317,8 @@ def _recall_settings(args: argparse.Namespace, device: str):
         if name not in fields:
             raise InputError(f"applies to --task {'mixed' if mqar else 'mqar'} only", argument=flag)
         values[name] = _recall_value(name, kind, raw)
-    if mqar and (args.train_grid or args.test_grid):  # explicit grids replace the preset's seq_len x pairs product
-        for name in ("seq_lens", "num_kv_pairs"):
+    if mqar and values.get("train_grid") and values.get("test_grid"):  # both grids replace the seq_len x pairs
+        for name in ("seq_lens", "num_kv_pairs"):  # product (with one grid, the other side still uses it)
             if getattr(args, name) is None:
                 values[name] = []
     settings = cls(**values)
@@ -366,11 +366,10 @@ def _run_recall(args: argparse.Namespace) -> int:
     print(recall.format_table(report))
     for note in report.notes:
         print(f"{args.prog}: {note}", file=sys.stderr)
-    failed = any("could not write" in note for note in report.notes)
-    if not failed:
-        for path in (args.json_path, args.plot_path, args.state_plot_path):
-            if path:
-                print(f"{args.prog}: wrote {path}", file=sys.stderr)
+    failed = [note for note in report.notes if "could not write" in note]
+    for path in (args.json_path, args.plot_path, args.state_plot_path):
+        if path and os.path.exists(path) and not any(f"'{path}'" in note for note in failed):
+            print(f"{args.prog}: wrote {path}", file=sys.stderr)
     print(recall.summary_line(report))
     return 1 if failed else 0
 

@@ -490,6 +490,8 @@ def test_recall_protocol_options_reach_the_settings(capsys, monkeypatch):
     assert (s.num_valid, s.seeds, s.stop_accuracy, s.cuda_graph, s.query_head, s.data_style, s.budget_minutes) == (
         20, 2, 0.9, "off", "on", "zoology", 5.0)
     assert "argument --train-grid: expected settings SEQxPAIRS" in _error(capsys, ["recall", "--train-grid", "64-4"])
+    code, _, _ = _cli(["recall", "--train-grid", "32x4", "--device", "cpu"], capsys)  # one grid: tests the product
+    assert code == 130 and seen["settings"].train_grid == [(32, 4)] and seen["settings"].seq_lens == [32]
     assert "argument --cuda-graph: 'on' needs a CUDA device" in _error(
         capsys, ["recall", "--cuda-graph", "on", "--device", "cpu"])
     assert "argument --query-head: must be one of auto, on, off" in _error(capsys, ["recall", "--query-head", "x"])

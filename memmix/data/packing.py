@@ -114,8 +114,9 @@ def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, 
 
 def pad_bounds(cu_seqlens: torch.Tensor, minimum: int = 8) -> torch.Tensor:
     """cu_seqlens (N+1,) repeated at its end up to the next power of two >= max(N+1, minimum) entries: empty documents
-    that change nothing, so batches come in few shapes (a captured CUDA graph needs static shapes)."""
-    length = max(minimum, 1 << (cu_seqlens.numel() - 1).bit_length())
+    that change nothing, so batches come in few shapes (a captured CUDA graph needs static shapes). The micro-batches
+    of one step, given the same minimum (their largest N+1), come out the same length."""
+    length = 1 << (max(minimum, cu_seqlens.numel()) - 1).bit_length()
     return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(length - cu_seqlens.numel())])
 
 

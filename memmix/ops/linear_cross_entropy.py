@@ -5,9 +5,10 @@
 A head over a large vocabulary makes logits of N x V: at 16 k tokens and V = 32 k that is 2 GiB in float32, written,
 read for the softmax, and written again as its gradient. Here each chunk of rows makes its logits, reduces them to
 the loss, and (when a gradient is wanted) turns them at once into the chunk's gradients of `hidden` and `weight`;
-the logits never exist for more than one chunk. Memory: the N x D gradient of `hidden` and the V x D gradient of
-`weight` (float32), instead of N x V logits and their gradient. Arithmetic: the same three products as the plain
-path. The products run in the inputs' dtype (bf16 under autocast, as F.linear would), the softmax in float32.
+the logits never exist for more than one chunk. Memory: the N x D gradient of `hidden` (in its dtype) and the
+V x D gradient of `weight` (float32), instead of N x V logits and their gradient. Arithmetic: the same three
+products as the plain path. The products run in the inputs' dtype (bf16 under autocast, as F.linear would), the
+softmax in float32. With no row to score the loss is 0 (F.cross_entropy gives NaN there).
 """
 from __future__ import annotations
 

@@ -100,8 +100,21 @@ class TrainStep:
             raise ValueError("TrainStep needs at least one micro-batch")
         if self._recorder is None:
             return self._eager(micro_batches)
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        if self.stream is None:  # an emulated graph (CPU tests)
             return self._graphed(micro_batches)
+        # the caller's stream made the inputs and will read the outputs: order the step stream after it and the
+        # caller's stream after the step (GPU-side waits, no host sync; no-ops when the caller is inside
+        # torch.cuda.stream(step.stream), which is how several runs overlap on one GPU)
+        caller = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            out = self._graphed(micro_batches)
+        for tensor in pytree.tree_leaves(list(micro_batches)):
+            tensor.record_stream(self.stream)  # not reused by the caller's allocations before the step read it
+        caller.wait_stream(self.stream)
+        for tensor in (out.loss, out.grad_norm):
+            tensor.record_stream(caller)
+        return out
 
     def read(self, outputs: Sequence[StepOutput]) -> list[float]:
         """The losses of `outputs` as floats (one host synchronisation for all of them, on this step's stream)."""
@@ -114,6 +127,11 @@ class TrainStep:
 
     def _forward_backward(self, micro_batches: Sequence[Any]) -> StepOutput:
         """Everything a graph captures: each micro-batch's loss and backward, then the clip and the update."""
+        loss = self._losses_and_grads(micro_batches)
+        return StepOutput(loss=loss, grad_norm=self._update())
+
+    def _losses_and_grads(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+        """Forward and backward of every micro-batch (gradients accumulate); their mean loss, detached."""
         count = len(micro_batches)
         loss_sum = None
         for index, batch in enumerate(micro_batches):
@@ -124,12 +142,30 @@ class TrainStep:
                 (loss / count).backward()
             loss = loss.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss
+        return loss_sum / count
+
+    def _update(self) -> torch.Tensor:
+        """Clip and step the optimiser; the gradient norm before clipping."""
         grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
-        return StepOutput(loss=loss_sum / count, grad_norm=grad_norm)
+        return grad_norm
 
     def _eager(self, micro_batches: Sequence[Any]) -> StepOutput:
         out = self._forward_backward(micro_batches)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _eager_checked(self, micro_batches: Sequence[Any]) -> StepOutput:
+        """The last warm-up step before a capture, its forward and backward watched for reads back to the host (the
+        optimiser's update is left out: on CUDA it is capturable): a step that makes one cannot be captured, so it
+        stops here naming them, not inside the capture."""
+        holder = {}
+        found = find_host_syncs(lambda: holder.setdefault("loss", self._losses_and_grads(micro_batches)))
+        if found:
+            raise GraphCaptureError(f"the training step reads values back to the host ({', '.join(sorted(set(found)))})"
+                                    ", so it cannot be captured as a CUDA graph; train without cuda_graph")
+        out = StepOutput(holder["loss"], self._update())
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out
@@ -139,6 +175,8 @@ class TrainStep:
         entry = self._graphs.setdefault(key, _Graph())
         if entry.warmups < self.warmup_steps:  # eager: compile, autotune, warm the allocator
             entry.warmups += 1
+            if entry.warmups == self.warmup_steps and self.stream is not None:
+                return self._eager_checked(micro_batches)
             return self._eager(micro_batches)
         if entry.graph is None:
             self._capture(entry, micro_batches)
@@ -157,6 +195,10 @@ class TrainStep:
         entry.graph.record(lambda: self._forward_backward(entry.static))
         entry.keep = [p.grad for p in self.model.parameters() if p.grad is not None]  # the graph writes these
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class GraphCaptureError(ValueError):
+    """A step that cannot be captured as a CUDA graph (it reads device values back to the host)."""
 
 
 class _CudaGraph:
@@ -236,7 +278,7 @@ def _without_cache(autocast):
 
 # aten ops that read a device value back to the host (or size an output by data) and so cannot be captured
 _SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-                "unique_consecutive", "unique_dim", "equal", "is_nonzero")
+                "unique_consecutive", "unique_dim", "equal", "is_nonzero", "bincount")
 
 
 class _SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
@@ -279,8 +321,9 @@ def _flag_tensor_method(recorder: _SyncRecorder, name: str):
 def find_host_syncs(fn: Callable[[], Any]) -> list[str]:
     """Run fn() and return the aten ops it called that would synchronise a CUDA device with the host (or give an
     output sized by data): .item()/.tolist()/bool(tensor), nonzero, boolean-mask indexing, unique,
-    repeat_interleave without output_size. Works on any device, so a CPU test can check a CUDA path (run the
-    Triton path under TRITON_INTERPRET=1). On CUDA, torch.cuda.set_sync_debug_mode("error") is the native check.
+    repeat_interleave without output_size, bincount, device-to-host copies. Works on any device, so a CPU test can
+    check most of a CUDA path (run the Triton path under TRITON_INTERPRET=1); it cannot see a host-to-device copy of
+    data built on the host (torch.tensor(list, device=...)), which a capture also refuses.
     """
     recorder = _SyncRecorder()
     patched = {name: _flag_tensor_method(recorder, name) for name in ("tolist", "numpy")}  # not aten ops

@@ -50,7 +50,7 @@ from memmix.progress import progress_bar, quiet_transformers_bars
 from memmix.training.metrics import MetricsLog, write_loss_plot
 from memmix.training.optim import build_optimizer, cosine_schedule
 from memmix.models import presets
-from memmix.training.step import TrainStep
+from memmix.training.step import GraphCaptureError, TrainStep
 
 
 def model_spec(config: TrainConfig, vocab_size: int, tokenizer) -> dict:
@@ -328,25 +328,27 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
     if info.is_main:
         for warning in run_warnings(config, changed, checkpoint["step"] if checkpoint is not None else 0):
             print(f"memmix train: warning: {warning}", file=sys.stderr)
+    if config.cuda_graph and (info.device.type != "cuda" or info.enabled):
+        raise InputError(f"needs one CUDA device and no DDP/FSDP, got {info.device.type}"
+                         + (f" with {info.world_size} processes" if info.enabled else ""), "cuda_graph")
     clear_out_dir(config, info)  # every check passed: only now may an old run be replaced
     raw_model.to(info.device)
     raw_model.fused_loss = config.fused_loss == "on" or (config.fused_loss == "auto" and info.device.type == "cuda")
     parallel = config.parallel if config.parallel != "auto" else ("ddp" if info.enabled else "none")
-    if config.cuda_graph and (info.device.type != "cuda" or parallel != "none"):
-        raise InputError(f"needs one CUDA device and no DDP/FSDP, got {info.device.type} with {parallel!r}",
-                         "cuda_graph")
     model = wrap_model(raw_model, parallel, info)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
     scheduler = cosine_schedule(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
 
     step, rows_consumed, tokens_seen = 0, 0, 0
     if checkpoint is not None:
-        hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas")} for g in optimizer.param_groups]
+        # --weight-decay, --beta1/2 of this command, and how this run steps (fused, capturable), not the checkpoint's
+        hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "fused", "capturable")}
+                 for g in optimizer.param_groups]
         load_training_state(model, optimizer, checkpoint)
         scheduler.load_state_dict(checkpoint["scheduler"])
         scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)  # the checkpoint's would win silently
         for group, settings, base_lr in zip(optimizer.param_groups, hyper, scheduler.base_lrs):
-            group.update(settings)  # --weight-decay, --beta1/2 of this command, not the checkpoint's
+            group.update(settings)
             group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # --max-steps may have changed
         step, rows_consumed, tokens_seen = checkpoint["step"], checkpoint["rows_consumed"], checkpoint["tokens_seen"]
         set_rng_state(checkpoint["rng"])
@@ -379,12 +381,16 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
         # one optimiser step over grad_accum micro-batches
         micro_batches = [source.micro_batch(rows_consumed, micro, info.rank, info.world_size)
                          for micro in range(config.grad_accum)]  # each (input_ids (1, B*L), cu_seqlens (N+1,))
-        if config.cuda_graph:  # a fixed number of bounds: few shapes, few graphs
-            micro_batches = [(ids, pad_bounds(cu)) for ids, cu in micro_batches]
+        if config.cuda_graph:  # one number of bounds for every micro-batch of the step: few shapes, few graphs
+            length = max(cu.numel() for _, cu in micro_batches)
+            micro_batches = [(ids, pad_bounds(cu, length)) for ids, cu in micro_batches]
         micro_batches = [tuple(t.to(info.device, non_blocking=True) for t in batch) for batch in micro_batches]
         logged = (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
-        lr = float(optimizer.param_groups[0]["lr"]) if logged else None  # this step's rate (a tensor under cuda_graph)
-        result = train_step(micro_batches)
+        lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)  # this step's rate, on the host
+        try:
+            result = train_step(micro_batches)
+        except GraphCaptureError as err:
+            raise InputError(str(err), "cuda_graph") from None
         step += 1
         rows_consumed += rows_per_step
         tokens_seen += rows_per_step * config.seq_len

@@ -18,6 +18,7 @@ def test_pad_bounds_adds_empty_documents_to_a_power_of_two():
     cu = torch.tensor([0, 3, 7, 16])
     assert pad_bounds(cu).tolist() == [0, 3, 7, 16, 16, 16, 16, 16]
     assert pad_bounds(torch.arange(10)).numel() == 16
+    assert pad_bounds(torch.arange(5), 9).numel() == pad_bounds(torch.arange(9), 9).numel() == 16  # one step's
     labels = torch.randint(0, 9, (1, 16))
     assert torch.equal(next_token_targets(labels, cu_seqlens=pad_bounds(cu)), next_token_targets(labels, cu_seqlens=cu))
 

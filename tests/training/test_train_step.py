@@ -88,3 +88,27 @@ def test_find_host_syncs_names_each_kind_of_sync():
     assert find_host_syncs(lambda: torch.repeat_interleave(torch.tensor([1, 2])))
     assert find_host_syncs(lambda: torch.repeat_interleave(torch.arange(2), torch.tensor([1, 2]), output_size=3)) == []
     assert find_host_syncs(lambda: (x * 2).softmax(0).cumsum(0)[torch.tensor([0, 3])]) == []
+
+
+def test_the_last_warmup_step_names_host_reads_before_a_capture():
+    """On CUDA the last warm-up step runs watched (TrainStep._eager_checked): a step that reads a value back to the
+    host stops there with a clear error instead of failing inside the capture. The check itself is device-free."""
+    from memmix.training.step import GraphCaptureError
+
+    torch.manual_seed(0)
+    model = MoMForCausalLM(MoMConfig(**TINY, **KINDS["attention"]))
+    optimizer = build_optimizer(model, lr=1e-3)
+    ids = torch.randint(0, 64, (2, 16))
+
+    def syncing(m, batch):
+        loss = m(input_ids=batch[0], labels=batch[0]).loss
+        return loss * (1.0 if loss.item() > 0 else 2.0)  # a host read
+
+    step = TrainStep(model, optimizer, cosine_schedule(optimizer, 0, 10), syncing)
+    with pytest.raises(GraphCaptureError, match="_local_scalar_dense"):
+        step._eager_checked([(ids,)])
+    clean = TrainStep(model, optimizer, cosine_schedule(optimizer, 0, 10),
+                      lambda m, batch: m(input_ids=batch[0], labels=batch[0]).loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    out = clean._eager_checked([(ids,)])
+    assert torch.isfinite(out.loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -61,8 +61,9 @@ def test_runs_on_their_own_streams_equal_runs_alone():
             step([(order[i],)])
         alone.append(_weights(step))
     runs = [_setup("mom", True, steps, seed, stream=torch.cuda.Stream()) for seed in range(3)]
-    for i in range(steps):  # stepped in turn, each on its own stream: their work overlaps on the GPU
+    for i in range(steps):  # stepped in turn, each inside its own stream: their work overlaps on the GPU
         for step, order in runs:
-            step([(order[i],)])
+            with torch.cuda.stream(step.stream):
+                step([(order[i],)])
     torch.cuda.synchronize()
     assert [_weights(step) for step, _ in runs] == alone

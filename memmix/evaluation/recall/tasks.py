@@ -76,7 +76,7 @@ def query_counts(model: nn.Module, data: MQARData, batch_size: int, inputs, quer
             predicted = logits[:, :-1].argmax(dim=-1)  # (B, T - 1): prediction for the next token
             target = batch.labels[:, 1:].to(predicted.device)
         mask = target != IGNORE_INDEX
-        right, count = (predicted[mask] == target[mask]).sum(), mask.sum()
+        right, count = ((predicted == target) & mask).sum(), mask.sum()  # no boolean indexing: no host sync
         correct = right if correct is None else correct + right
         total = count if total is None else total + count
     return int(correct), int(total)
