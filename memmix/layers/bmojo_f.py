@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memmix.ops.common import log_decay
 from memmix.ops.registry import get_rule, rules
 from memmix.layers.attention import apply_rope
 from memmix.layers.gates import init_decay_parameters
@@ -136,9 +137,7 @@ class FadingMixer(nn.Module):
         [beta (..., Hf) sigmoid], each present only when the rule takes it (g in >= float32)."""
         gates = []
         if self.a_proj is not None:
-            a = self.a_proj(x)
-            dtype = torch.promote_types(a.dtype, torch.float32)
-            gates.append(-self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype)))
+            gates.append(log_decay(self.a_proj(x), self.A_log, self.dt_bias))
         if self.b_proj is not None:
             gates.append(self.b_proj(x).sigmoid())
         return gates

@@ -21,6 +21,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from memmix.ops.normalize import l2norm
 from memmix.ops.registry import MemoryRule, get_rule
@@ -30,6 +31,14 @@ CHUNK_SIZE = 64
 # On CPU, "auto" runs the step loop for sequences this short (decode steps, tiny prompts); measured
 # crossover with "chunk" at B=1, H=4, K=V=64: T ~ 8-12.
 RECURRENT_MAX_LEN = 8
+
+
+def log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dtype: Optional[torch.dtype] = None
+              ) -> torch.Tensor:
+    """The gated rules' log decay per head, g = -exp(A_log) * softplus(a + dt_bias): a (..., H); A_log, dt_bias (H,).
+    In `dtype` (default: a's dtype, at least float32)."""
+    dtype = dtype or torch.promote_types(a.dtype, torch.float32)
+    return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memmix.ops.mom.plan import DispatchPlan
+from memmix.ops.common import log_decay
 from memmix.ops.registry import MemoryRule
 
 
@@ -110,9 +111,7 @@ def memory_gates(gates: torch.Tensor, weights: MoMWeights,
     if sizes.rule.uses_beta:
         beta, gates = gates[:, :H].sigmoid(), gates[:, H:]
     if sizes.rule.uses_gate:
-        a = gates[:, :H]
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        g = -weights.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + weights.dt_bias.to(dtype))
+        g = log_decay(gates[:, :H], weights.A_log, weights.dt_bias)
     return beta, g
 
 
