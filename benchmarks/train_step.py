@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=8, help="concurrent runs of streams/processes/mps")
     p.add_argument("--steps", type=int, default=100, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16: autocast around the forward (the recall runner's default on CUDA); fp32: none")
     p.add_argument("--check", action="store_true", help="also compare graph and eager losses over 50 steps")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile STEPS eager graph-query steps per model (torch.profiler): top kernels by GPU time")
@@ -103,9 +105,11 @@ class Run:
             ids, labels = batch
         else:
             ids, labels = self.ids.index_select(0, batch[0]), self.labels.index_select(0, batch[0])
-        if self.query:
-            return model(input_ids=ids, labels=labels, loss_positions=self.positions.index_select(0, batch[0])).loss
-        return model(input_ids=ids, labels=labels).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.args.precision == "bf16"):
+            if self.query:
+                positions = self.positions.index_select(0, batch[0])
+                return model(input_ids=ids, labels=labels, loss_positions=positions).loss
+            return model(input_ids=ids, labels=labels).loss
 
     def next_index(self) -> torch.Tensor:
         """The next batch's rows: random, drawn on the host 1024 steps at a time and moved in one copy."""
@@ -226,7 +230,7 @@ def time_processes(args, name: str, mps: bool) -> dict:
 def _shape_flags(args) -> list[str]:
     return ["--d-model", str(args.d_model), "--layers", str(args.layers), "--head-dim", str(args.head_dim),
             "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size), "--seq-len",
-            str(args.seq_len), "--pairs", args.pairs, "--pool", str(args.pool)]
+            str(args.seq_len), "--pairs", args.pairs, "--pool", str(args.pool), "--precision", args.precision]
 
 
 def worker(args) -> None:
