@@ -37,12 +37,13 @@ def forced_sequence_form(form: Optional[str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def count_recurrence_passes() -> Iterator[dict]:
-    """{"forward": n, "backward": n}, filled inside the block: launches of the chunked gated delta rule's output
-    kernel (one per forward head group; none when every sequence fits one chunk) and of its backward sequential
-    kernel (one per backward head group). Needs Triton (memmix.ops.triton.gated_delta_rule)."""
-    from memmix.ops.triton import gated_delta_rule as kernels
+    """{"forward": n, "backward": n}, filled inside the block: passes of the delta-rule kernels over their heads.
+    Chunked form: launches of its output kernel (one per forward head group; none when every sequence fits one
+    chunk) and of its backward sequential kernel (one per backward head group). Recurrent form: its forward and
+    backward launches (all heads each). Needs Triton."""
+    from memmix.ops.triton import gated_delta_rule as kernels, recurrent_delta_rule as recurrent
 
-    originals = kernels._output, kernels._state_grad
+    originals = kernels._output, kernels._state_grad, recurrent._launch
     passes = {"forward": 0, "backward": 0}
 
     def counted(direction, launch):
@@ -51,8 +52,13 @@ def count_recurrence_passes() -> Iterator[dict]:
             return launch(*args, **kwargs)
         return run
 
+    def recurrent_launch(kernel, *args, **kwargs):
+        passes["backward" if kernel is recurrent.recurrent_bwd_kernel else "forward"] += 1
+        return originals[2](kernel, *args, **kwargs)
+
     kernels._output, kernels._state_grad = counted("forward", originals[0]), counted("backward", originals[1])
+    recurrent._launch = recurrent_launch
     try:
         yield passes
     finally:
-        kernels._output, kernels._state_grad = originals
+        kernels._output, kernels._state_grad, recurrent._launch = originals

@@ -30,7 +30,7 @@ def next_token_targets(
         # static shapes need) point one past the targets, into a column that is dropped
         boundaries = cu_seqlens[1:-1].to(targets.device) - 1
         targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
-        targets[:, boundaries] = IGNORE_INDEX
+        targets = targets.index_fill(1, boundaries, IGNORE_INDEX)  # a Scalar fill: no host value inside a graph
         targets = targets[:, :-1]
     return targets
 

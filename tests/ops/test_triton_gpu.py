@@ -15,7 +15,7 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
 # name -> shapes and options; lengths: a packed varlen batch (B = 1)
 CASES = {
     "dense_odd_T": dict(B=2, T=300, H=3, K=128, V=128),
-    "dense_K256_V256": dict(B=1, T=257, H=2, K=256, V=256),  # few programs: the narrowest V tiles (16)
+    "dense_K256_V256": dict(B=1, T=257, H=2, K=256, V=256),  # few programs: the narrowest V tiles (MIN_TILE)
     # the widest V tiles (64), as with many sequences: the SM count seen by the tile choice is set to 1
     "dense_K256_V256_wide_v_tiles": dict(B=1, T=257, H=2, K=256, V=256, sm_count=1),
     "dense_uneven_dims": dict(B=2, T=129, H=2, K=100, V=72, initial_state=False),

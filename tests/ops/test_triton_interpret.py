@@ -198,10 +198,11 @@ def test_sequential_v_tiles_narrow_until_most_sms_have_a_program(monkeypatch):
     assert tile(42 * 2) == 64  # MoM at 8 x 2048, two heads a pass: 84 x 4 tiles of 64 fill 132 SMs
     assert tile(8 * 4) == 64  # a dense batch of 8 x 4 heads: 128 programs, over 3/4 of the SMs
     assert tile(6 * 4) == 32  # MoM at 1 x 32768 (6 segments), four heads: 96 programs at 64, 192 at 32
-    assert tile(6) == 16  # the same one head a pass (low_memory): 96 programs even at the narrowest tile
+    assert tile(6) == 32  # the same one head a pass (low_memory): the narrowest tile (kernels.MIN_TILE)
     assert tile(None) == 64 and tile(6, device="cpu") == 64  # no launch size, or no GPU: the widest
     assert tile(6, dtype=torch.float32) == 32  # float32 keeps its tile
-    assert tile(200, V=32) == 32 and tile(1, V=32) == 16  # never wider than V
+    assert tile(200, V=32) == 32 and tile(1, V=32) == 32  # never wider than V, never narrower than MIN_TILE
+    assert kernels._chunk_config(16, 16) == dict(kernels._chunk_config(32, 32))  # K = V = 16 take 32-wide tiles
 
 
 def test_chunk_layouts_are_reused_until_cu_seqlens_change():

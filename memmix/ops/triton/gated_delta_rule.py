@@ -28,17 +28,16 @@ MIN_BACKWARD_PROGRAMS = None  # see heads_per_backward_pass: None = two per SM; 
 
 # --------------------------------------------------------------------------- configuration
 
+MIN_TILE = 32  # the narrowest K or V tile of the chunked kernels (see _tile)
+
+
 def _tile(dim: int, cap: int) -> int:
-    """Power-of-two tile covering up to `cap` of a dimension of size `dim` (tl.dot needs >= 16)."""
-    return min(cap, max(16, triton.next_power_of_2(dim)))
-
-
-def _k_tile(K: int, cap: int) -> int:
-    """The K tile (the inner dim of the chunk kernels' Q K^T and K K^T dots): at least 32. With 16, Triton 3.6 built
-    wy_prepare_kernel for bf16 on an H100 so that it read out-of-range shared memory (compute-sanitizer:
-    "Out-of-range shared or local address" in its stores; an illegal memory access without the sanitizer);
-    at 32 and above the same kernel is clean. The padded columns are masked to zero."""
-    return _tile(max(K, 32), cap)
+    """Power-of-two tile covering up to `cap` of a dimension of size `dim`, at least MIN_TILE. With 16-wide tiles as
+    a bf16 dot's inner or outer dim, Triton 3.6 built these kernels for an H100 so that they read out-of-range
+    shared memory (compute-sanitizer at K = V = 16: wy_prepare_kernel's stores with a 16-wide K tile, then
+    wy_recompute_kernel with a 16-wide V tile; an illegal memory access without the sanitizer). Padded rows and
+    columns are masked to zero."""
+    return min(cap, max(MIN_TILE, triton.next_power_of_2(dim)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -51,7 +50,7 @@ def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = 
 
     16-bit inputs take V tiles of 64 with 4 warps, which measured faster than 32 with 8 at K = V = 256 (dense and
     packed batches, and the MoM layer; benchmarks/results). programs (sequences x heads of the launch), given on a
-    GPU: 16-bit inputs narrow the V tile (64, 32, 16) while the launch has programs for fewer than 3/4 of the SMs, as
+    GPU: 16-bit inputs narrow the V tile (64, 32) while the launch has programs for fewer than 3/4 of the SMs, as
     a long chain then sets the time (few long segments, and low_memory's one head a pass, gain from narrower tiles;
     many segments keep 64). float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread,
     and at 64 x 4 warps the K = 256 kernels did not finish compiling within minutes."""
@@ -60,9 +59,9 @@ def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = 
     else:
         bv, warps = 64, 4
         if programs is not None and not INTERPRET and torch.device(device).type == "cuda":
-            while bv > 16 and 4 * programs * triton.cdiv(V, bv) < 3 * _sm_count(torch.device(device)):
+            while bv > MIN_TILE and 4 * programs * triton.cdiv(V, bv) < 3 * _sm_count(torch.device(device)):
                 bv //= 2
-    return {"BK": _k_tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
+    return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +72,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _chunk_config(K: int, V: int) -> dict:
     """Tiles and warps for the per-chunk kernels."""
-    return {"BK": _k_tile(K, 64), "BV": _tile(V, 64), "num_warps": 4 if max(K, V) <= 64 else 8}
+    return {"BK": _tile(K, 64), "BV": _tile(V, 64), "num_warps": 4 if max(K, V) <= 64 else 8}
 
 
 def _wy_prepare_config(K: int, V: int) -> dict:
@@ -85,7 +84,7 @@ def _wy_prepare_config(K: int, V: int) -> dict:
 def _fallbacks(config: dict) -> list[dict]:
     """The config, then lighter ones to try when it needs more shared memory or registers than the GPU has."""
     lighter = [config, dict(config, num_stages=1)]
-    if config.get("BV", 16) > 16:
+    if config.get("BV", MIN_TILE) > MIN_TILE:
         lighter.append(dict(config, num_stages=1, BV=config["BV"] // 2))
     return lighter
 

@@ -29,11 +29,16 @@ class RecurrentConfig:
     num_warps: int
 
 
+# (largest K, config) from benchmarks' config sweep on an H100 (2026-12-07, bf16, forward + backward at B=64 T=256
+# H=8 K=V=16; B=64 T=256 H=2 K=V=64; B=8 T=2048 H=8 K=V=128; docs/benchmarks.md). At K = 16 every tile from 4 to
+# 16 columns timed within 10% (the chain of each program sets the time, not its width).
+CONFIGS = ((16, RecurrentConfig(4, 1)), (64, RecurrentConfig(32, 2)), (128, RecurrentConfig(8, 1)))
+
+
 def default_config(K: int, V: int) -> RecurrentConfig:
-    """V tiles of 16 (more programs for the short chains of narrow heads); one warp per 256 state elements, 1 to 4."""
-    block_k = max(16, triton.next_power_of_2(K))
-    block_v = min(16, max(16, triton.next_power_of_2(V)))
-    return RecurrentConfig(block_v, min(4, max(1, block_k * block_v // 256)))
+    """The measured config of the narrowest CONFIGS row that covers K (V tiles never wider than V's power of two)."""
+    config = next(c for k_max, c in CONFIGS if K <= k_max)
+    return RecurrentConfig(min(config.block_v, max(4, triton.next_power_of_2(V))), config.num_warps)
 
 
 def _launch(kernel, grid, args, constants, num_warps: int) -> None:
