@@ -51,8 +51,7 @@ def _register_auto_classes() -> None:
     if partial is not None and getattr(getattr(partial, "__spec__", None), "_initializing", False):
         return  # memmix.models is being imported right now (it imports transformers); it registers itself
     models = importlib.import_module("memmix.models")
-    register = getattr(models, "register_auto_classes", None) or getattr(models, "_register_auto_classes")
-    register()
+    models.register_auto_classes()
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):

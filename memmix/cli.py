@@ -223,9 +223,10 @@ _RECALL_FLAGS = {name: flag for name, (flag, _, _) in _RECALL_OPTIONS.items()}
 
 
 def _recall_modules():
-    from memmix.evaluation import mixed_recall, recall
+    from memmix.evaluation import recall
+    from memmix.evaluation.recall import mixed
 
-    return recall, mixed_recall
+    return recall, mixed
 
 
 def _recall_help_notes() -> dict[str, str]:

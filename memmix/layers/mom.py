@@ -57,10 +57,6 @@ class MoMState:
         """(N, H, K, V) shared memory, or None without one."""
         return self.memory[:, self.num_routed] if self.memory.shape[1] > self.num_routed else None
 
-    @property
-    def conv_tails(self) -> torch.Tensor:
-        return self.conv
-
     def select(self, index: torch.Tensor) -> MoMState:
         """Keep/reorder sequences: index (N',) int64."""
         router_conv = None if self.router_conv is None else self.router_conv.index_select(0, index)

@@ -35,8 +35,6 @@ def register_auto_classes() -> None:
         AutoModelForCausalLM.register(config_class, lm_class, exist_ok=True)
 
 
-_register_auto_classes = register_auto_classes  # old name, kept until the callers move to register_auto_classes
-
 register_auto_classes()
 
 __all__ = [

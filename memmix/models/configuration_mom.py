@@ -77,7 +77,7 @@ class MoMConfig(PretrainedConfig):
     `low_memory=True` makes the MoM layers hold less memory in training on the Triton path, for more time (see
     MixtureOfMemories).
 
-    Ablations of the router and the convolution (issue 17; the defaults are the paper's MoM, which official
+    Ablations of the router and the convolution (the defaults are the paper's MoM, which official
     checkpoints need):
     - `router_z_loss` (>= 0, default 0): weight of the router z-loss, the mean over real tokens of
       logsumexp(router logits)^2, pooled over the MoM layers as the load-balancing loss

@@ -32,7 +32,6 @@ from memmix.models.base import (
 from memmix.models.cache import MoMCache
 from memmix.models.configuration_mom import MoMConfig
 from memmix.models.cuda_graph import CudaGraphDecoder, can_graph_decode
-from memmix.models.loss import causal_lm_loss  # noqa: F401  (its old home: memmix.models.modeling_mom)
 from memmix.routing import load_balancing_loss, router_z_loss
 
 # Stacked (P, out, D) projections of the MoM layer, initialised like Linear weights.

@@ -75,7 +75,7 @@ def test_saved_hf_dataset_loads_with_its_split_and_field(tmp_path):
     ("a.txt", b"caf\xc3\xa9 ok\n\xff", "'{path}'", 9), ("a.md", b"\xc3", "'{path}'", 0),
     ("a.jsonl", b'{"text": "fine"}\n{"text": "b\xe9"}\n', "'{path}' (line 2)", 28)])
 def test_bytes_that_are_not_utf8_stop_with_the_file_and_byte_offset(tmp_path, name, content, where, offset):
-    """Issue 21, item 4: one policy for every format (before, .txt turned them into U+FFFD and JSONL raised)."""
+    """One policy for every format: bytes that are not UTF-8 stop with the file and the byte offset."""
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(InputError) as err:

@@ -70,7 +70,7 @@ class RecallSettings:
     json_path: str | None = None  # results, written as each run finishes; an existing file is resumed
     plot_path: str | None = None  # accuracy against num_kv_pairs per seq_len (PNG)
     state_plot_path: str | None = None  # Zoology's plot: accuracy at the hardest trained setting vs state size
-    # the fast path (issue 16), "auto" = on for CUDA: each training step one captured CUDA graph, and the LM head and
+    # the fast path: "auto" = on for CUDA: each training step one captured CUDA graph, and the LM head and
     # loss at the query positions only (also in evaluation). How runs run, not what they compute: not a result field
     cuda_graph: str = "auto"
     query_head: str = "auto"
