@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.sources import ENCODING_ERRORS
 from memmix.devices import parse_device, resolve_device
 

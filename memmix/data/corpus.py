@@ -1,7 +1,7 @@
 """Load a corpus for training or evaluation from any supported data path."""
 from __future__ import annotations
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.packing import TokenCorpus, tokenize_documents
 from memmix.data.shards import open_shards
 from memmix.data.sources import detect_format, iter_documents

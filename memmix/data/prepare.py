@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.files import check_writable
 from memmix.progress import progress_bar
 from memmix.data.shards import SHARD_SUFFIX, ShardWriter

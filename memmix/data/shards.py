@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 
 MAGIC = b"MEMMIXTK"
 VERSION = 1

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -37,10 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix import ops
+from memmix.checks import is_int
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
+from memmix.ops.common import compute_dtype
 from memmix.ops.registry import get_rule, rules
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
@@ -255,7 +257,7 @@ class BMojo(nn.Module):
         """
         N, L, _ = x.shape
         H, Dh, C = self.num_heads, self.head_dim, self.chunk_size
-        dtype = ops.common.compute_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         valid = torch.arange(L, device=x.device) < lengths[:, None]  # (N, L)
         conv_in = self._conv_inputs(x) * valid[..., None].to(x.dtype)  # (N, L, 3 H Dh)
         weight = self.conv1d.weight.to(conv_in.dtype)
@@ -497,7 +499,7 @@ def check_bmojo_args(*, hidden_size, num_heads, head_dim, fading_rule, window_si
                                  ("head_dim", head_dim, 1), ("window_size", window_size, 1),
                                  ("chunk_size", chunk_size, 1), ("eidetic_size", eidetic_size, 0),
                                  ("eidetic_per_chunk", eidetic_per_chunk, 0), ("conv_size", conv_size, 2)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if fading_rule not in FADING_RULES:
         raise ValueError(f"fading_rule must be one of {FADING_RULES}, got {fading_rule!r}")

@@ -31,12 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memmix.checks import is_int
 from memmix.ops.registry import get_rule, rules
 from memmix.layers.attention import apply_rope
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
+from memmix.ops.common import compute_dtype
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 MEMORY_IMPLS = ("auto", "recurrent", "chunk", "triton")
@@ -137,7 +139,7 @@ class FadingMixer(nn.Module):
         gates = []
         if self.a_proj is not None:
             a = self.a_proj(x)
-            dtype = torch.promote_types(a.dtype, torch.float32)
+            dtype = compute_dtype(a.dtype)
             gates.append(-self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype)))
         if self.b_proj is not None:
             gates.append(self.b_proj(x).sigmoid())
@@ -266,7 +268,7 @@ class BMojoF(nn.Module):
         mixer, N, w = self.fading_mixer, batch_size, self.window_size
         Hkv, Dh = self.num_kv_heads, self.head_dim
         memory = torch.zeros(N, mixer.num_heads, mixer.head_dim, mixer.head_dim, device=device,
-                             dtype=torch.promote_types(dtype, torch.float32))
+                             dtype=compute_dtype(dtype))
         conv = torch.zeros(N, mixer.conv_size - 1, 3 * mixer.inner_dim, device=device, dtype=dtype)
         ring = lambda size: torch.zeros(N, Hkv, size, Dh, device=device, dtype=dtype)  # noqa: E731
         return BMojoFState(memory, conv, ring(w), ring(w), ring(2 * w), ring(2 * w),
@@ -513,7 +515,7 @@ def check_bmojo_f_args(*, hidden_size, num_heads, head_dim, num_kv_heads, window
                                  ("head_dim", head_dim, 1), ("num_kv_heads", num_kv_heads, 1),
                                  ("window_size", window_size, 1), ("fading_num_heads", fading_num_heads, 1),
                                  ("fading_head_dim", fading_head_dim, 1), ("conv_size", conv_size, 2)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads}")

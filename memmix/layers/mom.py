@@ -23,6 +23,7 @@ import torch.nn as nn
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
+from memmix.ops.common import compute_dtype
 from memmix.ops.mom import CONV_SCOPES, MoMWeights, mom_mixer, sequence_conv
 from memmix.ops.registry import get_rule, rules
 from memmix.routing import allowed_memories, route
@@ -251,7 +252,7 @@ class MixtureOfMemories(nn.Module):
             raise ValueError("state has no router_conv tail, which router_input='conv' needs (a state made by a "
                              "layer with router_input='token'?)")
         y, new_tail = sequence_conv(x, self.router_conv1d.weight[:, 0], valid, cu_seqlens, tail)  # weight (D, W)
-        dtype = torch.promote_types(x.dtype, torch.float32) if tail is None else tail.dtype  # as the mixer's tails
+        dtype = compute_dtype(x.dtype) if tail is None else tail.dtype  # as the mixer's tails
         return y, new_tail.to(dtype)
 
     def _weights(self) -> MoMWeights:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from memmix.checks import is_int
 from memmix.layers.mlp import default_intermediate_size
 from memmix.layers.moe import FFN_ROUTINGS
 from memmix.layers.mom import ROUTER_INPUTS
@@ -13,7 +14,6 @@ from memmix.models.checks import (
     check_fields,
     choice,
     integer,
-    is_int,
     number,
     optional,
 )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from memmix.data.corpus import load_corpus
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.packing import BatchSource, PackedRows, pad_bounds
 from memmix.data.tokenizer import load_tokenizer
 from memmix.files import atomic_replace_dir, atomic_write_text, check_writable

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from memmix.data.corpus import load_corpus
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.sources import detect_format, iter_documents
 from memmix.data.tokenizer import ByteTokenizer
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from standin_model import StandInLM
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.evaluation.perplexity import perplexity, windows
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from train_helpers import tiny_config
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.packing import pad_bounds
 from memmix.models.loss import next_token_targets
 from memmix.training.metrics import read_metrics

@@ -26,7 +26,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from memmix.data.mixed_recall import MODALITIES, MixedRecallData, max_mixed_kv_pairs
-from memmix.data.mqar import IGNORE_INDEX
 from memmix.evaluation.recall.models import (
     StateSize,
     count_parameters,
@@ -35,7 +34,8 @@ from memmix.evaluation.recall.models import (
 from memmix.evaluation.recall.settings import RecallSettingError
 from memmix.evaluation.recall.tasks import MixedTask
 from memmix.evaluation.recall.training import Recipe, train_steps
-from memmix.routing import allowed_memories, route
+from memmix.labels import IGNORE_INDEX
+from memmix.routing import allowed_memories, one_hot, route
 
 GROUPS = {"text": 2, "image": 2}
 
@@ -191,7 +191,7 @@ def _memory_usage(router_logits, modality_ids: torch.Tensor, config) -> torch.Te
     allowed = None if config.memory_groups is None else allowed_memories(modality_ids, config.memory_group_sizes)
     per_layer = []
     for logits in router_logits:
-        picks = torch.nn.functional.one_hot(route(logits, config.topk, allowed).indices, config.num_memories).sum(2)
+        picks = one_hot(route(logits, config.topk, allowed).indices, config.num_memories).sum(2)
         per_layer.append(torch.stack([(picks * (modality_ids == m).unsqueeze(-1)).sum((0, 1)) for m in range(2)], -1))
     return torch.stack(per_layer).float().cpu()
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from memmix.checks import is_int
 from memmix.data.mqar import MQAR_STYLES, max_kv_pairs
 from memmix.files import check_writable
 
@@ -206,7 +207,7 @@ def validate_settings(s: RecallSettings) -> None:
     _check_positive_ints(s, ["d_models"])
     for name in ["num_layers", "head_dim", "steps", "batch_size", "num_train", "num_test", "eval_batch_size",
                  "seeds", "eval_every", "log_every"]:
-        if not _is_int(getattr(s, name)) or getattr(s, name) < 1:
+        if not is_int(getattr(s, name)) or getattr(s, name) < 1:
             raise RecallSettingError(name, f"must be an integer >= 1, got {getattr(s, name)!r}")
     if s.vocab_size < 4:
         raise RecallSettingError("vocab_size", f"must be >= 4, got {s.vocab_size}")
@@ -238,14 +239,10 @@ def validate_settings(s: RecallSettings) -> None:
     _check_outputs(s)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_positive_ints(s: RecallSettings, names: Sequence[str], allow_empty: bool = False) -> None:
     for name in names:
         values = getattr(s, name)
-        if (not values and not allow_empty) or any(not _is_int(v) or v < 1 for v in values):
+        if (not values and not allow_empty) or any(not is_int(v) or v < 1 for v in values):
             raise RecallSettingError(name, f"give one or more integers >= 1, got {values}")
         if len(set(values)) != len(values):
             raise RecallSettingError(name, f"each value at most once, got {values}")
@@ -257,7 +254,7 @@ def _check_grids(s: RecallSettings) -> None:
         if grid is None:
             continue
         pairs = [tuple(g) if isinstance(g, (list, tuple)) else (g,) for g in grid]
-        if not pairs or any(len(g) != 2 or not all(_is_int(v) and v >= 1 for v in g) for g in pairs):
+        if not pairs or any(len(g) != 2 or not all(is_int(v) and v >= 1 for v in g) for g in pairs):
             raise RecallSettingError(name, f"give one or more (seq_len, num_kv_pairs) pairs of integers >= 1, "
                                            f"got {grid}")
         if len(set(pairs)) != len(pairs):
@@ -304,7 +301,7 @@ def _check_protocol(s: RecallSettings) -> None:
         raise RecallSettingError("lr", f"give one or more finite numbers > 0, got {s.lr}")
     if len(set(rates)) != len(rates):
         raise RecallSettingError("lr", f"each learning rate at most once, got {s.lr}")
-    if not _is_int(s.num_valid) or s.num_valid < 0:
+    if not is_int(s.num_valid) or s.num_valid < 0:
         raise RecallSettingError("num_valid", f"must be an integer >= 0 (0 = no validation split), got {s.num_valid}")
     if s.stop_accuracy is not None and not 0.0 < s.stop_accuracy <= 1.0:
         raise RecallSettingError("stop_accuracy",

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memmix.data.mqar import IGNORE_INDEX, MQARData, make_mqar_grid_splits, query_positions
+from memmix.data.mqar import MQARData, make_mqar_grid_splits, query_positions
+from memmix.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from memmix.ops.decode import memory_step
+from memmix.ops.common import compute_dtype
 from memmix.ops.mom.core import MixerSizes, MoMWeights, memory_gates, slot_projections
 from memmix.ops.mom.torch_path import sequence_scope_conv
 
@@ -31,7 +32,7 @@ def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: 
     P, W, H = sizes.num_slot_memories, sizes.conv_size, sizes.num_heads
     Kd, Vd = sizes.key_dim, sizes.value_dim
     if memory is None:
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = compute_dtype(x.dtype)
         memory = torch.zeros(B, P, H, sizes.head_k_dim, sizes.head_v_dim, device=x.device, dtype=dtype)
         conv = torch.zeros(B, P, W - 1, 2 * Kd + Vd, device=x.device, dtype=dtype)
     picked = (torch.arange(B, device=x.device).unsqueeze(1) * P + memory_ids[:, 0]).reshape(-1)  # (B*S,)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from memmix.ops.common import compute_dtype
 from memmix.ops.mom.core import MoMWeights
 from memmix.ops.normalize import l2norm
 from memmix.ops.registry import get_rule
@@ -41,7 +42,7 @@ def naive_mom(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
     Kd = weights.q_proj.shape[0]
     Vd = weights.conv.shape[0] - 2 * Kd
     K, V, W = Kd // H, Vd // H, weights.conv.shape[-1]
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = compute_dtype(x.dtype)
     valid = torch.ones(B, T, dtype=torch.bool) if valid is None else valid.cpu()
     bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else [
         (0, int(start), int(end)) for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
