@@ -20,7 +20,7 @@ _LAZY = {
     "BMojoConfig": "memmix.models",
     "BMojoForCausalLM": "memmix.models",
     "BMojoModel": "memmix.models",
-    "MoMCache": "memmix.models",
+    "LayerStateCache": "memmix.models",
     "MoMConfig": "memmix.models",
     "MoMForCausalLM": "memmix.models",
     "MoMModel": "memmix.models",

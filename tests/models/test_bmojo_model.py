@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import memmix
 from memmix.layers import BMojoState
-from memmix.models.cache import MoMCache
+from memmix.models.cache import LayerStateCache
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
 from memmix.models.presets import BMOJO_PRESETS, bmojo_recall_config, build_model
@@ -37,7 +37,7 @@ def step_by_step(model, ids: torch.Tensor, prefill: int = 0) -> torch.Tensor:
         out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
         cache = out.cache
         logits.append(out.logits)
-    assert isinstance(cache, MoMCache) and cache.get_seq_length() == ids.shape[1]
+    assert isinstance(cache, LayerStateCache) and cache.get_seq_length() == ids.shape[1]
     assert all(isinstance(s, BMojoState) for s in cache.layer_states)
     return torch.cat(logits, dim=1)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from memmix.models import MoMCache, MoMForCausalLM, MoMModel, causal_lm_loss
+from memmix.models import LayerStateCache, MoMForCausalLM, MoMModel, causal_lm_loss
 from memmix.routing import load_balancing_loss
 
 from _model_utils import output_cache, random_ids, tiny_config, tiny_model
@@ -37,7 +37,7 @@ def _step_by_step(model, ids: torch.Tensor, prefill: int = 0) -> torch.Tensor:
         out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
         cache = output_cache(out)
         logits.append(out.logits)
-    assert isinstance(cache, MoMCache) and cache.get_seq_length() == ids.shape[1]
+    assert isinstance(cache, LayerStateCache) and cache.get_seq_length() == ids.shape[1]
     return torch.cat(logits, dim=1)
 
 
