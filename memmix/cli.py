@@ -325,6 +325,8 @@ def _recall_settings(args: argparse.Namespace, device: str):
     settings = cls(**values)
     try:
         (recall.validate_settings if mqar else mixed.validate_mixed_settings)(settings)
+        if mqar:
+            recall.check_resumable(settings)
     except recall.RecallSettingError as err:
         raise InputError(err.detail, argument=err.setting) from None
     return settings

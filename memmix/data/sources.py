@@ -14,7 +14,9 @@ import os
 import re
 from collections.abc import Iterator
 
+from memmix.data.shards import SHARD_SUFFIX, is_shard_file
 from memmix.errors import InputError
+from memmix.files import list_files
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -62,15 +64,6 @@ def _import_datasets():
 def is_hf_saved_dataset(path: str) -> bool:
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in markers)
-
-
-def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Files under a folder (recursively, sorted) whose names end with one of `suffixes`."""
-    found = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.endswith(suffixes) and not f.startswith(".")]
-    return found
 
 
 def iter_text_file(path: str, doc_separator: str | None = None, encoding_errors: str = "strict") -> Iterator[str]:
@@ -131,8 +124,6 @@ def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "t
 
 def detect_format(path: str) -> str:
     """'text' | 'jsonl' | 'hf' | 'shards' for a data path (see DATA_FORMATS)."""
-    from memmix.data.shards import SHARD_SUFFIX, is_shard_file
-
     if path.startswith("hf:"):
         return "hf"
     if not os.path.exists(path):

@@ -36,7 +36,7 @@ from memmix.evaluation.recall.report import (
     plot_state_accuracy,
     summary_line,
 )
-from memmix.evaluation.recall.results import RunResult, RunSpec, select_best
+from memmix.evaluation.recall.results import RunResult, RunSpec, check_resumable, select_best
 from memmix.evaluation.recall.runner import run_recall, worker_count
 from memmix.evaluation.recall.settings import (
     PRESETS,
@@ -45,7 +45,7 @@ from memmix.evaluation.recall.settings import (
     settings_grid,
     validate_settings,
 )
-from memmix.evaluation.recall.tasks import MixedTask, MQARTask, recall_accuracy
+from memmix.evaluation.recall.tasks import MQARTask, recall_accuracy
 from memmix.evaluation.recall.training import Recipe, endless_batches, train_steps
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "RECALL_MODELS",
     "Estimate",
     "MQARTask",
-    "MixedTask",
     "ModelResult",
     "ModelSize",
     "RecallModel",
@@ -66,6 +65,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "StateSize",
+    "check_resumable",
     "count_parameters",
     "endless_batches",
     "estimate_seconds",

@@ -25,14 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from memmix.data.mixed_recall import MODALITIES, MixedRecallData, max_mixed_kv_pairs
+from memmix.data.mixed_recall import MODALITIES, MixedRecallData, make_mixed_recall_splits, max_mixed_kv_pairs
 from memmix.evaluation.recall.models import (
     StateSize,
     count_parameters,
     mom_family_state_size,
 )
 from memmix.evaluation.recall.settings import RecallSettingError
-from memmix.evaluation.recall.tasks import MixedTask
+from memmix.evaluation.recall.tasks import Splits, cached_splits
 from memmix.evaluation.recall.training import Recipe, train_steps
 from memmix.labels import IGNORE_INDEX
 from memmix.routing import allowed_memories, one_hot, route
@@ -143,11 +143,44 @@ def build_mixed_model(variant: MixedVariant, topk: int, d_model: int, s: MixedRe
 # ----------------------------------------------------------------------------------------------- train / evaluate
 
 
-def _model_inputs(batch: MixedRecallData, uses_modality: bool, device) -> dict[str, torch.Tensor]:
-    inputs = {"input_ids": batch.input_ids.to(device)}
+def model_inputs(batch: MixedRecallData, uses_modality: bool) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for a batch: input_ids, and modality_ids when the model routes by modality."""
+    inputs = {"input_ids": batch.input_ids}
     if uses_modality:
-        inputs["modality_ids"] = batch.modality_ids.to(device)
+        inputs["modality_ids"] = batch.modality_ids
     return inputs
+
+
+class MixedTask:
+    """Mixed-modal recall at a MixedRecallSettings' grid; ``uses_modality`` passes modality_ids to the model."""
+
+    def __init__(self, settings, uses_modality: bool):
+        self.s, self.uses_modality = settings, uses_modality
+
+    def make_splits(self) -> Splits:
+        s, train, test = self.s, {}, {}
+        for seq_len in s.seq_lens:
+            train[seq_len], per_count = make_mixed_recall_splits(seq_len, s.num_kv_pairs, s.vocab_size, s.num_train,
+                                                                 s.num_test, s.seed, s.num_segments)
+            test.update({(seq_len, n): data for n, data in per_count.items()})
+        return Splits(train, test)
+
+    def splits(self, device: str | torch.device) -> Splits:
+        s = self.s
+        key = ("mixed", tuple(s.seq_lens), tuple(s.num_kv_pairs), s.vocab_size, s.num_train, s.num_test, s.seed,
+               s.num_segments)
+        return cached_splits(key, device, self.make_splits)
+
+    def inputs(self, batch: MixedRecallData) -> dict[str, torch.Tensor]:
+        return model_inputs(batch, self.uses_modality)
+
+    def accuracy(self, model: nn.Module, data) -> float:
+        return self.scores(model, data)["all"]
+
+    def scores(self, model: nn.Module, data) -> dict[str, float]:
+        """Accuracy over all queries and per modality ({"all", "text", "image"}) plus the memory purity."""
+        device = next(model.parameters()).device
+        return mixed_recall_accuracy(model, data, self.s.eval_batch_size, device, self.uses_modality)
 
 
 def train_mixed(model: nn.Module, train: dict[int, MixedRecallData], s: MixedRecallSettings, uses_modality: bool,
@@ -170,7 +203,8 @@ def mixed_recall_accuracy(model: nn.Module, data: MixedRecallData, batch_size: i
     usage = None  # (layers, M, 2) routed slots per memory and token modality
     for start in range(0, len(data), batch_size):
         batch = data.subset(slice(start, start + batch_size))
-        out = model(**_model_inputs(batch, uses_modality, device), output_router_logits=True, use_cache=False)
+        inputs = {name: t.to(device) for name, t in model_inputs(batch, uses_modality).items()}
+        out = model(**inputs, output_router_logits=True, use_cache=False)
         predicted = out.logits[:, :-1].argmax(-1).cpu()  # (B, T - 1)
         target, modality = batch.labels[:, 1:].cpu(), batch.modality_ids[:, 1:].cpu()
         for m in range(2):

@@ -194,8 +194,8 @@ def _parses_as_device(device: str) -> bool:
 def validate_settings(s: RecallSettings) -> None:
     """Raise RecallSettingError naming the field and the allowed values on the first bad setting.
 
-    Also checks, before any work, that the output paths can be written and that an existing results file at
-    json_path was made with the same result-changing settings (so that it can be continued)."""
+    Also checks, before any work, that the output paths can be written. Whether an existing results file at
+    json_path can be continued is checked where it is read (memmix.evaluation.recall.results.check_resumable)."""
     from memmix.evaluation.recall.models import RECALL_MODELS
 
     unknown = [m for m in s.models if m not in RECALL_MODELS]
@@ -325,9 +325,7 @@ def _check_device(device: str) -> None:
 
 
 def _check_outputs(s: RecallSettings) -> None:
-    """Every output path writable, distinct, and an existing json_path continuable by these settings."""
-    from memmix.evaluation.recall.results import check_resumable
-
+    """Every output path writable and distinct."""
     paths = {name: getattr(s, name) for name in ("json_path", "plot_path", "state_plot_path") if getattr(s, name)}
     for name, path in paths.items():
         reason = check_writable(path)
@@ -336,5 +334,3 @@ def _check_outputs(s: RecallSettings) -> None:
     if len({os.path.abspath(p) for p in paths.values()}) != len(paths):
         raise RecallSettingError("state_plot_path" if "state_plot_path" in paths else "plot_path",
                                  f"each output needs its own path, got {paths}")
-    if s.json_path:
-        check_resumable(s)
