@@ -44,6 +44,7 @@ from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
 from memmix.ops.common import compute_dtype
 from memmix.ops.registry import get_rule, rules
+from memmix.ops.short_conv import short_conv, short_conv_step
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 EVICTIONS = ("score", "fifo")
@@ -260,9 +261,7 @@ class BMojo(nn.Module):
         dtype = compute_dtype(x.dtype)
         valid = torch.arange(L, device=x.device) < lengths[:, None]  # (N, L)
         conv_in = self._conv_inputs(x) * valid[..., None].to(x.dtype)  # (N, L, 3 H Dh)
-        weight = self.conv1d.weight.to(conv_in.dtype)
-        conv_out = F.conv1d(conv_in.transpose(1, 2), weight, padding=self.conv_size - 1, groups=weight.shape[0])
-        q, k, v = F.silu(conv_out[..., :L]).transpose(1, 2).view(N, L, 3, H, Dh).unbind(2)  # (N, L, H, Dh) each
+        q, k, v = short_conv(conv_in, self.conv1d.weight[:, 0]).view(N, L, 3, H, Dh).unbind(2)  # (N, L, H, Dh) each
         beta, g = self._gates(x, dtype)
         keep = valid[..., None]
         k, v = k * keep[..., None].to(k.dtype), v * keep[..., None].to(v.dtype)
@@ -420,8 +419,7 @@ class BMojo(nn.Module):
         H, Dh, w = self.num_heads, self.head_dim, self.window_size
         dtype = state.memory.dtype
         conv_in = self._conv_inputs(x)  # (B, 3 H Dh)
-        window = torch.cat([state.conv.to(conv_in.dtype), conv_in[:, None]], dim=1)  # (B, W, 3 H Dh)
-        conv = F.silu((window * self.conv1d.weight[:, 0].t().to(window.dtype)).sum(1))
+        conv, conv_tails = short_conv_step(conv_in, self.conv1d.weight[:, 0], state.conv)  # (B, 3 H Dh)
         q, k, v = conv.view(B, 3, H, Dh).unbind(1)  # (B, H, Dh)
         beta, g = self._gates(x, dtype)
         memory = state.memory
@@ -449,7 +447,7 @@ class BMojo(nn.Module):
         probs = logits.float().softmax(-1).to(q.dtype) if q.dtype != torch.float64 else logits.softmax(-1)
         out = self.o_proj(torch.einsum("bhr,bhrd->bhd", probs, values).reshape(B, self.inner_dim))
 
-        new_state = self._advance(state, memory, window[:, 1:], k, v, score, position, dtype)
+        new_state = self._advance(state, memory, conv_tails, k, v, score, position, dtype)
         return out, new_state.where(valid, state)
 
     def _advance(self, state, memory, conv_tails, k, v, score, position, dtype) -> BMojoState:
