@@ -83,27 +83,7 @@ class MoMBlock(nn.Module):
                 layer_idx=layer_idx,
             )
         else:
-            self.attn = MixtureOfMemories(
-                config.hidden_size,
-                num_heads=config.num_heads,
-                head_dim=config.head_dim,
-                expand_v=config.expand_v,
-                num_memories=config.num_memories,
-                topk=config.topk,
-                shared_mem=config.shared_mem,
-                single_kv_proj=config.single_kv_proj,
-                memory_rule=config.memory_rule,
-                use_output_gate=config.use_output_gate,
-                conv_size=config.conv_size,
-                norm_eps=config.norm_eps,
-                impl=config.impl,
-                layer_idx=layer_idx,
-                memory_groups=config.memory_group_sizes,
-                low_memory=config.low_memory,
-                router_temperature=config.router_temperature,
-                router_input=config.router_input,
-                conv_scope=config.conv_scope,
-            )
+            self.attn = MixtureOfMemories.from_config(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         if config.ffn_experts is None:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
