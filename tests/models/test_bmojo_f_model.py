@@ -17,7 +17,7 @@ from memmix.models.cache import LayerStateCache
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
 from memmix.models.presets import BMOJO_PRESETS, bmojo_f_recall_config, build_model
-from memmix.training.step import find_host_syncs
+from memmix.host_syncs import find_host_syncs
 
 from _model_utils import VOCAB, random_ids
 
