@@ -6,7 +6,8 @@
 
 Modules: settings (RecallSettings, presets, validation, grids), tasks (MQAR and mixed-modal recall data behind one
 interface), models (the registry: adding a model is one ``register_model`` call), training (the loop over
-memmix.training.step.TrainStep), runner (the plan of runs, worker pool, resume, budget), results (a run's numbers
+memmix.training.step.TrainStep), plan (the runs), run (one run), pool (in this process or worker processes),
+progress (the bars), runner (the benchmark: resume, budget), results (a run's numbers
 and the results file), report (table, summary, JSON, plots), estimate (wall time before starting), mixed (the
 mixed-modal routing benchmark).
 """
@@ -37,7 +38,8 @@ from memmix.evaluation.recall.report import (
     summary_line,
 )
 from memmix.evaluation.recall.results import RunResult, RunSpec, check_resumable, select_best
-from memmix.evaluation.recall.runner import run_recall, worker_count
+from memmix.evaluation.recall.pool import worker_count
+from memmix.evaluation.recall.runner import run_recall
 from memmix.evaluation.recall.settings import (
     PRESETS,
     RecallSettingError,

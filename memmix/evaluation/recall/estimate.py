@@ -152,7 +152,8 @@ def estimate_seconds(s: RecallSettings, device: str | None = None, finished: lis
     per step replace the model for their (model, d_model). stop_fraction: the share of the step cap a run is
     assumed to train (1.0: no early stop, an upper bound). costs: step costs replacing the device's table (e.g.
     CAPTURED_STEP_TARGET_COSTS). Runs are packed onto the workers in plan order."""
-    from memmix.evaluation.recall.runner import Plan, worker_count
+    from memmix.evaluation.recall.plan import Plan
+    from memmix.evaluation.recall.pool import worker_count
 
     device_type = torch.device(device or s.device).type
     done = {r.spec.key: r for r in finished or []}

@@ -31,7 +31,10 @@ from memmix.evaluation.recall.models import (
     count_parameters,
     mom_family_state_size,
 )
-from memmix.evaluation.recall.settings import RecallSettingError
+from memmix.evaluation.recall.pool import torch_threads
+from memmix.evaluation.recall.report import fmt_seconds
+from memmix.evaluation.recall.run import thin
+from memmix.evaluation.recall.settings import RecallSettingError, hardest
 from memmix.evaluation.recall.tasks import Splits, cached_splits
 from memmix.evaluation.recall.training import Recipe, train_steps
 from memmix.labels import IGNORE_INDEX
@@ -277,13 +280,8 @@ def mixed_grid(s: MixedRecallSettings) -> list[tuple[int, int]]:
 def run_mixed_recall(s: MixedRecallSettings, progress: bool = True) -> MixedRecallReport:
     """Train every (variant, topk, d_model) under the same budget; test every (seq_len, num_kv_pairs)."""
     validate_mixed_settings(s)
-    threads_before = torch.get_num_threads()
-    if s.num_threads > 0:
-        torch.set_num_threads(s.num_threads)
-    try:
+    with torch_threads(s.num_threads):
         return _run(s, progress)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(s: MixedRecallSettings, progress: bool) -> MixedRecallReport:
@@ -309,11 +307,10 @@ def _train_and_test(variant: MixedVariant, topk: int, d_model: int, s: MixedReca
     seconds = time.perf_counter() - started
     accuracy = {key: task.scores(model, data) for key, data in splits.test.items()}
     tail = losses[-max(1, len(losses) // 20):]
-    stride = max(1, math.ceil(len(losses) / 200))
     return MixedResult(model=variant.name, summary=variant.summary, topk=topk, d_model=d_model,
                        params=count_parameters(model), state=mom_family_state_size(model), accuracy=accuracy,
                        final_loss=sum(tail) / len(tail), train_seconds=seconds,
-                       loss_curve=[round(v, 5) for v in losses[::stride]])
+                       loss_curve=thin(losses, 200))
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -341,13 +338,13 @@ def format_mixed_table(report: MixedRecallReport) -> str:
 
 def mixed_summary_line(report: MixedRecallReport) -> str:
     """Aware against blind at each topk (and d_model), at the hardest setting (most pairs, longest sequence)."""
-    hardest = max(mixed_grid(report.settings), key=lambda g: (g[1], g[0]))
-    by_key = {(r.model, r.topk, r.d_model): r.accuracy[hardest]["all"] for r in report.results}
+    setting = hardest(mixed_grid(report.settings))
+    by_key = {(r.model, r.topk, r.d_model): r.accuracy[setting]["all"] for r in report.results}
     parts = []
     for (model, topk, d_model), acc in by_key.items():
         if model == "aware" and ("blind", topk, d_model) in by_key:
             blind = by_key[("blind", topk, d_model)]
             parts.append(f"top-{topk}: aware {acc:.3f} vs blind {blind:.3f} ({acc - blind:+.3f})")
     comparison = "; ".join(parts) if parts else ", ".join(f"{m} top-{k} {a:.3f}" for (m, k, _), a in by_key.items())
-    return (f"mixed-modal recall at T={hardest[0]} N={hardest[1]} per modality: {comparison}; "
-            f"{len(report.results)} runs in {report.wall_seconds:.0f}s")
+    return (f"mixed-modal recall at T={setting[0]} N={setting[1]} per modality: {comparison}; "
+            f"{len(report.results)} runs in {fmt_seconds(report.wall_seconds)}")

@@ -166,8 +166,12 @@ def hardest_setting(s: RecallSettings) -> tuple[int, int]:
     """The tested setting with the most pairs (then the longest sequence) among those the models trained on; with
     none trained on, among all tested."""
     trained = set(trained_settings(s))
-    candidates = [g for g in settings_grid(s) if g in trained] or settings_grid(s)
-    return max(candidates, key=lambda g: (g[1], g[0]))
+    return hardest([g for g in settings_grid(s) if g in trained] or settings_grid(s))
+
+
+def hardest(grid: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (seq_len, num_kv_pairs) setting of ``grid`` with the most pairs, then the longest sequence."""
+    return max(grid, key=lambda g: (g[1], g[0]))
 
 
 def result_fingerprint(s: RecallSettings) -> dict[str, Any]:
