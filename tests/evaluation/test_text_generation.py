@@ -1,6 +1,6 @@
 import pytest
 import torch
-from train_helpers import TINY_MOM
+from training_helpers import TINY_MOM
 
 from memmix.errors import InputError
 from memmix.data.tokenizer import ByteTokenizer

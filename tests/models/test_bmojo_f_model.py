@@ -19,7 +19,7 @@ from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
 from memmix.models.presets import BMOJO_PRESETS, bmojo_f_recall_config, build_model
 from memmix.host_syncs import find_host_syncs
 
-from _model_utils import VOCAB, random_ids
+from models_helpers import VOCAB, random_ids
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memmix.models import LayerStateCache
 
-from _model_utils import random_ids, tiny_bmojo, tiny_model
+from models_helpers import random_ids, tiny_bmojo, tiny_model
 
 MODELS = {"mom": lambda: tiny_model(seed=0, num_hidden_layers=3, attn_layers=[1]), "bmojo": lambda: tiny_bmojo(0)}
 
