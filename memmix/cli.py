@@ -402,13 +402,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from memmix.data.prepare import prepare_shards
+    from memmix.data.sources import TextSource
     from memmix.data.shards import read_header
     from memmix.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    paths = prepare_shards(args.data, args.out, tokenizer, args.tokenizer, args.data_format, args.text_field,
-                           args.split, args.doc_separator, args.shard_tokens, args.overwrite, args.progress,
-                           encoding_errors=args.encoding_errors)
+    paths = prepare_shards(args.data, args.out, tokenizer, args.tokenizer, TextSource.of(args), args.shard_tokens,
+                           args.overwrite, args.progress)
     tokens = sum(int(read_header(p)["num_tokens"]) for p in paths)
     print(f"wrote {len(paths)} shard(s), {tokens:,} tokens, to {args.out}")
     return 0
@@ -511,14 +511,14 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     from memmix.data.corpus import load_corpus
+    from memmix.data.sources import TextSource
     from memmix.evaluation.loading import load_model_and_tokenizer
     from memmix.evaluation.perplexity import perplexity
     from memmix.files import atomic_write_json
     from memmix.progress import progress_bar
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
-    corpus = load_corpus(args.data, tokenizer, args.tokenizer or tokenizer.name, args.data_format, args.text_field,
-                         args.split, args.doc_separator, encoding_errors=args.encoding_errors)
+    corpus = load_corpus(args.data, tokenizer, args.tokenizer or tokenizer.name, TextSource.of(args))
     bar = progress_bar(corpus.num_tokens, "perplexity", "tok", args.progress)
     result = perplexity(model, corpus.documents(), args.seq_len, args.stride, args.mode, args.tokens_per_batch,
                         device, progress=bar.update)

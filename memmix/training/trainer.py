@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from memmix.data.corpus import load_corpus
+from memmix.data.sources import TextSource
 from memmix.errors import InputError
 from memmix.data.packing import BatchSource, PackedRows, pad_bounds
 from memmix.data.tokenizer import load_tokenizer
@@ -391,14 +392,12 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
 
 def _data_sources(config: TrainConfig, tokenizer):
     """The training corpus, its BatchSource, and the validation BatchSource (None without val_data / eval_every)."""
-    corpus = load_corpus(config.data, tokenizer, config.tokenizer, config.data_format, config.text_field,
-                         config.split, config.doc_separator or None, config.verify_shards, config.encoding_errors)
+    corpus = load_corpus(config.data, tokenizer, config.tokenizer, TextSource.of(config), config.verify_shards)
     source = BatchSource(PackedRows(corpus, config.seq_len), config.micro_batch_size, config.seed, config.shuffle)
     val_source = None
     if config.val_data and config.eval_every:
-        val_corpus = load_corpus(config.val_data, tokenizer, config.tokenizer, config.data_format, config.text_field,
-                                 config.split, config.doc_separator or None, config.verify_shards,
-                                 config.encoding_errors)
+        val_corpus = load_corpus(config.val_data, tokenizer, config.tokenizer, TextSource.of(config),
+                                 config.verify_shards)
         val_source = BatchSource(PackedRows(val_corpus, config.seq_len), config.micro_batch_size, shuffle=False)
     return corpus, source, val_source
 
