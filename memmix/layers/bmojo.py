@@ -42,7 +42,7 @@ from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
-from memmix.ops.common import compute_dtype
+from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
 from memmix.ops.short_conv import short_conv, short_conv_step
 
@@ -219,7 +219,7 @@ class BMojo(nn.Module):
         beta = None if self.b_proj is None else self.b_proj(x).to(dtype).sigmoid()
         g = None
         if self.a_proj is not None:
-            g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
+            g = log_decay(self.a_proj(x), self.A_log, self.dt_bias, dtype)
         return beta, g
 
     def _fading_tokens(self, o_fading: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

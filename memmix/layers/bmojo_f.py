@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix.checks import is_int
+from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
 from memmix.ops.short_conv import short_conv, short_conv_step
 from memmix.layers.attention import apply_rope
@@ -39,7 +40,6 @@ from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
-from memmix.ops.common import compute_dtype
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 MEMORY_IMPLS = ("auto", "recurrent", "chunk", "triton")
@@ -139,9 +139,7 @@ class FadingMixer(nn.Module):
         [beta (..., Hf) sigmoid], each present only when the rule takes it (g in >= float32)."""
         gates = []
         if self.a_proj is not None:
-            a = self.a_proj(x)
-            dtype = compute_dtype(a.dtype)
-            gates.append(-self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype)))
+            gates.append(log_decay(self.a_proj(x), self.A_log, self.dt_bias))
         if self.b_proj is not None:
             gates.append(self.b_proj(x).sigmoid())
         return gates

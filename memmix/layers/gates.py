@@ -1,4 +1,4 @@
-"""The decay gate's parameters of the gated memory rules (g = -exp(A_log) * softplus(a + dt_bias) per head)."""
+"""The decay gate's parameters of the gated memory rules (the gate itself: memmix.ops.common.log_decay)."""
 from __future__ import annotations
 
 import math

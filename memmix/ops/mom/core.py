@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from memmix.ops.common import compute_dtype
+from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.mom.plan import DispatchPlan
 from memmix.ops.registry import MemoryRule
 
@@ -111,9 +111,7 @@ def memory_gates(gates: torch.Tensor, weights: MoMWeights,
     if sizes.rule.uses_beta:
         beta, gates = gates[:, :H].sigmoid(), gates[:, H:]
     if sizes.rule.uses_gate:
-        a = gates[:, :H]
-        dtype = compute_dtype(a.dtype)
-        g = -weights.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + weights.dt_bias.to(dtype))
+        g = log_decay(gates[:, :H], weights.A_log, weights.dt_bias)
     return beta, g
 
 

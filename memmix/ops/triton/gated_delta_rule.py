@@ -116,12 +116,14 @@ class ChunkLayout:
 
     cu_seqlens: (N + 1,) int64 sequence bounds; chunk_offsets: (N + 1,) index of each sequence's first chunk;
     chunk_start, chunk_end: (num_chunks,) int32 token bounds per chunk slot (start == end: unused slot).
+    chunk_size: tokens a chunk (CHUNK_SIZE for the chunked kernels; the recurrent ones checkpoint at their own).
     seq_order: (N,) int32 the sequences longest first, the order the sequential kernels take them in.
     max_seq_len: host-side upper bound on the longest sequence (T for a dense batch, all tokens for varlen).
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seq_len: int, num_chunks_bound: int):
-        C = CHUNK_SIZE
+    def __init__(self, cu_seqlens: torch.Tensor, max_seq_len: int, num_chunks_bound: int,
+                 chunk_size: int = CHUNK_SIZE):
+        C = self.chunk_size = chunk_size
         self.cu_seqlens = cu_seqlens
         self.num_seqs = cu_seqlens.numel() - 1
         self.num_chunks = num_chunks_bound
@@ -139,17 +141,19 @@ class ChunkLayout:
         self.seq_order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)  # (N,)
 
     @classmethod
-    def build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
+    def build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device,
+              chunk_size: int = CHUNK_SIZE) -> "ChunkLayout":
         """Dense batch (cu_seqlens None): B sequences of length T; else the packed sequences of cu_seqlens.
 
         The last few layouts are kept, by shape for a dense batch and by cu_seqlens for a packed one (see
         _layout_key): building one takes ~25 small device ops, which cost more host time
         than the kernels of a short batch (and every layer of a model sees the same batch)."""
         key = _layout_key(batch, seq_len, cu_seqlens, device)
+        key = None if key is None else key + (chunk_size,)
         if key is not None and key in _LAYOUT_CACHE:
             _LAYOUT_CACHE.move_to_end(key)
             return _LAYOUT_CACHE[key][1]
-        layout = cls._build(batch, seq_len, cu_seqlens, device)
+        layout = cls._build(batch, seq_len, cu_seqlens, device, chunk_size)
         if key is not None:
             _LAYOUT_CACHE[key] = (cu_seqlens, layout)  # the tensor is held so that its id is not reused
             if len(_LAYOUT_CACHE) > LAYOUT_CACHE_SIZE:
@@ -157,14 +161,15 @@ class ChunkLayout:
         return layout
 
     @classmethod
-    def _build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
-        C = CHUNK_SIZE
+    def _build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device,
+               chunk_size: int) -> "ChunkLayout":
+        C = chunk_size
         if cu_seqlens is None:
             cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
-            return cls(cu, seq_len, batch * triton.cdiv(seq_len, C))
+            return cls(cu, seq_len, batch * triton.cdiv(seq_len, C), C)
         cu = cu_seqlens.to(device=device, dtype=torch.int64, copy=True)  # a cached layout owns its bounds
         num_seqs = cu.numel() - 1
-        return cls(cu, seq_len, (seq_len + num_seqs * (C - 1)) // C)  # sum ceil(L_i / C) <= this
+        return cls(cu, seq_len, (seq_len + num_seqs * (C - 1)) // C, C)  # sum ceil(L_i / C) <= this
 
 
 LAYOUT_CACHE_SIZE = 8
