@@ -184,8 +184,12 @@ def main() -> None:
         with torch.no_grad():
             reference = memmix_chunk(inputs)  # float32 math on the same bf16 inputs
         for impl_name, fn in impls.items():
-            with torch.no_grad():
-                error = rel_diff(fn(inputs), reference)
+            try:
+                with torch.no_grad():
+                    error = rel_diff(fn(inputs), reference)
+            except ValueError as exc:  # a form forced beyond its limits (the recurrent kernels at K = 256)
+                print(f"{case_name:42s} {impl_name:24s} skipped: {exc}", flush=True)
+                continue
             fwd, fwd_bwd = time_impl(fn, inputs, args.forward_only)
             rows.append(dict(case=case_name, impl=impl_name, forward_ms=fwd, forward_backward_ms=fwd_bwd,
                              rel_err_vs_fp32_chunk=error))

@@ -33,6 +33,14 @@ def _tile(dim: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
+def _k_tile(K: int, cap: int) -> int:
+    """The K tile (the inner dim of the chunk kernels' Q K^T and K K^T dots): at least 32. With 16, Triton 3.6 built
+    wy_prepare_kernel for bf16 on an H100 so that it read out-of-range shared memory (compute-sanitizer:
+    "Out-of-range shared or local address" in its stores; an illegal memory access without the sanitizer);
+    at 32 and above the same kernel is clean. The padded columns are masked to zero."""
+    return _tile(max(K, 32), cap)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact float32 products; 16-bit inputs use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -54,7 +62,7 @@ def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = 
         if programs is not None and not INTERPRET and torch.device(device).type == "cuda":
             while bv > 16 and 4 * programs * triton.cdiv(V, bv) < 3 * _sm_count(torch.device(device)):
                 bv //= 2
-    return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
+    return {"BK": _k_tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +73,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _chunk_config(K: int, V: int) -> dict:
     """Tiles and warps for the per-chunk kernels."""
-    return {"BK": _tile(K, 64), "BV": _tile(V, 64), "num_warps": 4 if max(K, V) <= 64 else 8}
+    return {"BK": _k_tile(K, 64), "BV": _tile(V, 64), "num_warps": 4 if max(K, V) <= 64 else 8}
 
 
 def _wy_prepare_config(K: int, V: int) -> dict:
