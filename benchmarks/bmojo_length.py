@@ -19,7 +19,8 @@ import time
 import torch
 from common import atomic_write_json
 
-from memmix.data.mqar import IGNORE_INDEX, generate_mqar, split_seed
+from memmix.data.mqar import generate_mqar, split_seed
+from memmix.labels import IGNORE_INDEX
 from memmix.models import MoMConfig, MoMForCausalLM
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM

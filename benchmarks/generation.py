@@ -4,7 +4,7 @@ Models (same width): our MoM LM (CUDA-graph decoding on, and off), a softmax Tra
 (our all-attention config), and, when importable, flash-linear-attention's MomForCausalLM and
 GatedDeltaNetForCausalLM.
 
-    python benchmarks/generation.py                                  # the grid on CUDA
+    python benchmarks/generation.py                                  # the whole grid on CUDA
     python benchmarks/generation.py --batch-sizes 16 --prompts 512   # one cell
     python benchmarks/generation.py --device cpu --hidden 64 --heads 2 --head-dim 32 --batch-sizes 2 --prompts 16 --new-tokens 8
 

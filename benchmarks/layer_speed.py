@@ -2,7 +2,7 @@
 low_memory=True), our B'MOJO, our B'MOJO-F against SDPA sliding-window attention of its span (2 --window),
 flash-linear-attention's MomAttention and GatedDeltaNet (when importable), and softmax attention (PyTorch SDPA).
 
-    python benchmarks/layer_speed.py                      # the shape on CUDA, T = 2048, 8192, 32768
+    python benchmarks/layer_speed.py                      # the default shape on CUDA, T = 2048, 8192, 32768
     python benchmarks/layer_speed.py --device cpu --tokens 2048 --seq-lens 256 --hidden 128 --head-dim 32
     python benchmarks/layer_speed.py --only MoM,single --phases  # + peak memory of each phase (CUDA)
     python benchmarks/layer_speed.py --only "B'MOJO-F,sliding" --window 512  # B'MOJO-F vs its SDPA baseline

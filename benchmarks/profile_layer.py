@@ -1,6 +1,6 @@
 """Where the time of one MoM layer goes: torch.profiler over forward+backward, CUDA kernels ranked by total time.
 
-    python benchmarks/profile_layer.py                     # the issue-5 shape: 8 x 2048, hidden 1024, 4 heads of 256
+    python benchmarks/profile_layer.py                     # the default shape: 8 x 2048, hidden 1024, 4 heads of 256
     python benchmarks/profile_layer.py --memories 1 --topk 1 --no-shared   # the single-memory layer
     python benchmarks/profile_layer.py --low-memory                       # MoM with low_memory=True
 

@@ -1,7 +1,7 @@
-"""Training throughput of the language-model presets at issue 18's shape: tokens/s, peak memory, model FLOP
+"""Training throughput of the language-model presets at the LM-training shape (PLANS): tokens/s, peak memory, model FLOP
 utilisation and a per-phase breakdown, for the step `memmix train` runs today and for faster variants of it.
 
-    python benchmarks/train_speed.py --out $OUT --time-budget 480            # the issue-18 plan (PLANS["all"]), CUDA
+    python benchmarks/train_speed.py --out $OUT --time-budget 480            # the whole plan (PLANS["all"]), CUDA
     python benchmarks/train_speed.py --plan core --profile --out $OUT       # the first half of it, with profiles
     python benchmarks/train_speed.py --presets attention-340m --variants base+attn-mask,base
     python benchmarks/train_speed.py --presets tiny,gdn-tiny --device cpu --steps 2            # CPU smoke test
@@ -66,10 +66,10 @@ OPTIONS = ("lce", "fused", "graph", "compile", "compile-mlp", "ckpt", "lowmem", 
            "attn-varlen", "read")
 ATTENTION_IMPLS = {"attn-mask": "mask", "attn-flex": "flex", "attn-varlen": "varlen"}
 
-# The issue-18 plan, most important rows first (a --time-budget cuts the tail). "core" answers: the attention
+# The plan, most important rows first (a --time-budget cuts the tail). "core" answers: the attention
 # baseline before/after its packed kernel, each preset today and with the cheap fixes, the graphed step, fla.
 CORE = [
-    ("attention-340m", "base+attn-mask"),  # the path the issue measured (dense T x T mask)
+    ("attention-340m", "base+attn-mask"),  # the dense T x T mask path
     ("attention-340m", "base"),  # packed_impl auto = flex
     ("gdn-340m", "base"),
     ("mom-340m", "base"),

@@ -4,7 +4,7 @@ against several runs sharing the GPU (CUDA streams in one process, separate proc
     python benchmarks/train_step.py                                  # the recall shape, every model and mode
     python benchmarks/train_step.py --models mom --modes graph,streams --runs 8 --out $OUT
 
-The shape is the recall study's (issue 16): d_model 128, 2 layers, heads of 16, vocabulary 8192, batch 64 x 256,
+The shape is the recall study's: d_model 128, 2 layers, heads of 16, vocabulary 8192, batch 64 x 256,
 MQAR with 16/32/64 pairs mixed. Modes:
   eager-host  today's loop before TrainStep: each batch indexed on the CPU and copied over, the loss read every step
   eager       TrainStep without a graph; the data set lives on the GPU, the loss is read every 100 steps

@@ -20,7 +20,7 @@ _LAZY = {
     "BMojoConfig": "memmix.models",
     "BMojoForCausalLM": "memmix.models",
     "BMojoModel": "memmix.models",
-    "MoMCache": "memmix.models",
+    "LayerStateCache": "memmix.models",
     "MoMConfig": "memmix.models",
     "MoMForCausalLM": "memmix.models",
     "MoMModel": "memmix.models",
@@ -51,8 +51,7 @@ def _register_auto_classes() -> None:
     if partial is not None and getattr(getattr(partial, "__spec__", None), "_initializing", False):
         return  # memmix.models is being imported right now (it imports transformers); it registers itself
     models = importlib.import_module("memmix.models")
-    register = getattr(models, "register_auto_classes", None) or getattr(models, "_register_auto_classes")
-    register()
+    models.register_auto_classes()
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):

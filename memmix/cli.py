@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.sources import ENCODING_ERRORS
 from memmix.devices import parse_device, resolve_device
 
@@ -225,9 +225,10 @@ _RECALL_FLAGS = {name: flag for name, (flag, _, _) in _RECALL_OPTIONS.items()}
 
 
 def _recall_modules():
-    from memmix.evaluation import mixed_recall, recall
+    from memmix.evaluation import recall
+    from memmix.evaluation.recall import mixed
 
-    return recall, mixed_recall
+    return recall, mixed
 
 
 def _recall_help_notes() -> dict[str, str]:
@@ -326,6 +327,8 @@ def _recall_settings(args: argparse.Namespace, device: str):
     settings = cls(**values)
     try:
         (recall.validate_settings if mqar else mixed.validate_mixed_settings)(settings)
+        if mqar:
+            recall.check_resumable(settings)
     except recall.RecallSettingError as err:
         raise InputError(err.detail, argument=err.setting) from None
     return settings
@@ -401,13 +404,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from memmix.data.prepare import prepare_shards
+    from memmix.data.sources import TextSource
     from memmix.data.shards import read_header
     from memmix.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    paths = prepare_shards(args.data, args.out, tokenizer, args.tokenizer, args.data_format, args.text_field,
-                           args.split, args.doc_separator, args.shard_tokens, args.overwrite, args.progress,
-                           encoding_errors=args.encoding_errors)
+    paths = prepare_shards(args.data, args.out, tokenizer, args.tokenizer, TextSource.of(args), args.shard_tokens,
+                           args.overwrite, args.progress)
     tokens = sum(int(read_header(p)["num_tokens"]) for p in paths)
     print(f"wrote {len(paths)} shard(s), {tokens:,} tokens, to {args.out}")
     return 0
@@ -510,14 +513,14 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     from memmix.data.corpus import load_corpus
+    from memmix.data.sources import TextSource
     from memmix.evaluation.loading import load_model_and_tokenizer
     from memmix.evaluation.perplexity import perplexity
     from memmix.files import atomic_write_json
     from memmix.progress import progress_bar
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device)
-    corpus = load_corpus(args.data, tokenizer, args.tokenizer or tokenizer.name, args.data_format, args.text_field,
-                         args.split, args.doc_separator, encoding_errors=args.encoding_errors)
+    corpus = load_corpus(args.data, tokenizer, args.tokenizer or tokenizer.name, TextSource.of(args))
     bar = progress_bar(corpus.num_tokens, "perplexity", "tok", args.progress)
     result = perplexity(model, corpus.documents(), args.seq_len, args.stride, args.mode, args.tokens_per_batch,
                         device, progress=bar.update)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -1,4 +1,5 @@
-"""Writing result files safely: atomic replacement, ordinary permissions, and checks before the work starts.
+"""Files: writing results safely (atomic replacement, ordinary permissions, checks before the work starts) and
+listing a folder's files.
 
 Every file memmix writes (checkpoints, JSON reports, plots, configs, shards, saved model folders) goes through
 `atomic_write`: the bytes land in a temporary file beside the target, are synced, and replace the target in one
@@ -35,6 +36,15 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Files under a folder (recursively, sorted) whose names end with one of `suffixes`."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.endswith(suffixes) and not f.startswith(".")]
+    return found
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bool = False) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -62,3 +62,18 @@ def count_recurrence_passes() -> Iterator[dict]:
         yield passes
     finally:
         kernels._output, kernels._state_grad, recurrent._launch = originals
+
+
+class EmulatedGraph:
+    """A CUDA graph's contract without a GPU: record(fn) keeps fn, replay() calls it. CPU tests pass it as
+    TrainStep's `graph_recorder` to check everything around the capture (static inputs, warm-up, the schedule's
+    device learning rate, one graph per batch signature) against the eager step."""
+
+    def __init__(self, stream):
+        self.fn = None
+
+    def record(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def replay(self) -> Any:
+        return self.fn()

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "training"))
 
-from train_helpers import TINY_MOM, train_tiny_mom, write_corpus  # noqa: E402
+from training_helpers import TINY_MOM, train_tiny_mom, write_corpus  # noqa: E402
 
 from memmix.cli import main  # noqa: E402
 from memmix.training.checkpoint import CheckpointDir  # noqa: E402

@@ -1,10 +1,10 @@
 """Load a corpus for training or evaluation from any supported data path."""
 from __future__ import annotations
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.packing import TokenCorpus, tokenize_documents
 from memmix.data.shards import open_shards
-from memmix.data.sources import detect_format, iter_documents
+from memmix.data.sources import TextSource, detect_format, iter_documents
 from memmix.data.tokenizer import tokenizer_spec_name
 
 
@@ -12,22 +12,17 @@ def load_corpus(
     path: str,
     tokenizer,
     tokenizer_spec: str = "byte",
-    data_format: str = "auto",
-    text_field: str = "text",
-    split: str = "train",
-    doc_separator: str | None = None,
+    source: TextSource = TextSource(),
     verify_shards: bool = True,
-    encoding_errors: str = "strict",
 ) -> TokenCorpus:
-    """Token shards are memory-mapped (and checked against the tokenizer); text is tokenised in memory.
-
-    encoding_errors: what to do with bytes that are not UTF-8 (see memmix.data.sources)."""
+    """Token shards are memory-mapped (and checked against the tokenizer); text is tokenised in memory, read as
+    `source` says (memmix.data.sources.TextSource)."""
     if not path:
         raise InputError("no training data given: pass a text file/folder, JSONL, dataset or shards", "data")
-    fmt = detect_format(path) if data_format == "auto" else data_format
+    fmt = detect_format(path) if source.data_format == "auto" else source.data_format
     if fmt == "shards":
         return _corpus_from_shards(path, tokenizer, tokenizer_spec, verify_shards)
-    documents = iter_documents(path, data_format, text_field, split, doc_separator, encoding_errors)
+    documents = iter_documents(path, source)
     tokens, offsets = tokenize_documents(documents, tokenizer)
     if len(tokens) == 0:
         raise InputError(f"data '{path}' holds no text (every document is empty); pass a path with text in it")

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memmix.data.mqar import IGNORE_INDEX, generate_mqar, max_kv_pairs, split_seed
+from memmix.data.mqar import generate_mqar, max_kv_pairs, split_seed
+from memmix.labels import IGNORE_INDEX
 
 MODALITIES = ("text", "image")
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from memmix.labels import IGNORE_INDEX
+
 MQAR_STYLES = ("memmix", "zoology")
 _SPLIT_CODES = {"train": 0, "test": 1}
 _VALID_STREAM = 1  # the validation split: the train seed's second SeedSequence stream (spawn_key)

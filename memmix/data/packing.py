@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 
 
 @dataclass

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.files import check_writable
 from memmix.progress import progress_bar
 from memmix.data.shards import SHARD_SUFFIX, ShardWriter
-from memmix.data.sources import iter_documents
+from memmix.data.sources import TextSource, iter_documents
 from memmix.data.tokenizer import tokenizer_spec_name
 
 
@@ -18,19 +18,15 @@ def prepare_shards(
     out_dir: str,
     tokenizer,
     tokenizer_spec: str = "byte",
-    data_format: str = "auto",
-    text_field: str = "text",
-    split: str = "train",
-    doc_separator: str | None = None,
+    source: TextSource = TextSource(),
     shard_tokens: int = 100_000_000,
     overwrite: bool = False,
     progress: bool = True,
-    encoding_errors: str = "strict",
 ) -> list[str]:
-    """Tokenise every document of `data` (EOS appended) into `out_dir/shard_00000.mmtok`, ... Returns the paths.
+    """Tokenise every document of `data` (EOS appended, read as `source` says: memmix.data.sources.TextSource) into
+    `out_dir/shard_00000.mmtok`, ... Returns the paths.
 
-    A shard is closed once it holds >= `shard_tokens` tokens (documents are never split). encoding_errors: what to
-    do with bytes that are not UTF-8 (see memmix.data.sources).
+    A shard is closed once it holds >= `shard_tokens` tokens (documents are never split).
     """
     if shard_tokens < 1:
         raise InputError(f"must be >= 1, got {shard_tokens}", "shard_tokens")
@@ -46,7 +42,7 @@ def prepare_shards(
     written, writer, tokens_done = [], None, 0
     bar = progress_bar(None, "tokenising", "doc", progress)
     try:
-        for text in iter_documents(data, data_format, text_field, split, doc_separator, encoding_errors):
+        for text in iter_documents(data, source):
             ids = np.concatenate([tokenizer.encode(text), np.asarray(eos, dtype=np.int32)])
             if writer is None:
                 os.makedirs(out_dir, exist_ok=True)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
+from memmix.files import list_files
 
 MAGIC = b"MEMMIXTK"
 VERSION = 1
@@ -151,8 +152,6 @@ class TokenShard:
 
 def shard_paths(path: str) -> list[str]:
     """A shard file, or every `*.mmtok` file under a folder (sorted)."""
-    from memmix.data.sources import list_files
-
     if os.path.isfile(path):
         return [path]
     paths = list_files(path, (SHARD_SUFFIX,)) if os.path.isdir(path) else []

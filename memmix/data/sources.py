@@ -13,13 +13,35 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from memmix.data.errors import InputError
+from memmix.data.shards import SHARD_SUFFIX, is_shard_file
+from memmix.errors import InputError
+from memmix.files import list_files
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 DATA_FORMATS = ("auto", "text", "jsonl", "hf", "shards")
 ENCODING_ERRORS = ("strict", "replace")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """How documents are read from a text data path: data_format (DATA_FORMATS), text_field (of a JSONL line or a
+    dataset row), split (of a dataset), doc_separator (splits a plain-text file; None: one document a file) and
+    encoding_errors (ENCODING_ERRORS; see the module docstring)."""
+
+    data_format: str = "auto"
+    text_field: str = "text"
+    split: str = "train"
+    doc_separator: str | None = None
+    encoding_errors: str = "strict"
+
+    @classmethod
+    def of(cls, options) -> TextSource:
+        """The source named by an object with these five attributes (a TrainConfig, the command line's options)."""
+        return cls(options.data_format, options.text_field, options.split, options.doc_separator or None,
+                   options.encoding_errors)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -62,15 +84,6 @@ def _import_datasets():
 def is_hf_saved_dataset(path: str) -> bool:
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in markers)
-
-
-def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Files under a folder (recursively, sorted) whose names end with one of `suffixes`."""
-    found = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.endswith(suffixes) and not f.startswith(".")]
-    return found
 
 
 def iter_text_file(path: str, doc_separator: str | None = None, encoding_errors: str = "strict") -> Iterator[str]:
@@ -131,8 +144,6 @@ def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "t
 
 def detect_format(path: str) -> str:
     """'text' | 'jsonl' | 'hf' | 'shards' for a data path (see DATA_FORMATS)."""
-    from memmix.data.shards import SHARD_SUFFIX, is_shard_file
-
     if path.startswith("hf:"):
         return "hf"
     if not os.path.exists(path):
@@ -148,17 +159,16 @@ def detect_format(path: str) -> str:
     return "text"  # a folder of text and/or JSONL files
 
 
-def iter_documents(
-    path: str, data_format: str = "auto", text_field: str = "text", split: str = "train",
-    doc_separator: str | None = None, encoding_errors: str = "strict",
-) -> Iterator[str]:
-    """Documents (str) from a data path; see the module docstring for what a document is and the encoding policy."""
+def iter_documents(path: str, source: TextSource = TextSource()) -> Iterator[str]:
+    """Documents (str) from a data path read as `source` says; see the module docstring for what a document is and
+    the encoding policy."""
+    data_format, text_field, encoding_errors = source.data_format, source.text_field, source.encoding_errors
     if data_format not in DATA_FORMATS:
         raise InputError(f"must be one of {', '.join(DATA_FORMATS)}; got {data_format!r}", "data_format")
     check_encoding_errors(encoding_errors)
     fmt = detect_format(path) if data_format == "auto" else data_format
     if fmt == "hf":
-        yield from iter_hf_dataset(path.removeprefix("hf:"), text_field, split, encoding_errors)
+        yield from iter_hf_dataset(path.removeprefix("hf:"), text_field, source.split, encoding_errors)
         return
     if fmt == "shards":
         raise InputError(f"'{path}' holds token shards, not text; use it as --data for `memmix train`/`memmix eval`")
@@ -170,4 +180,4 @@ def iter_documents(
     for file in files:
         is_jsonl = fmt == "jsonl" or (data_format == "auto" and file.endswith(JSONL_SUFFIXES))
         yield from (iter_jsonl_file(file, text_field, encoding_errors) if is_jsonl
-                    else iter_text_file(file, doc_separator, encoding_errors))
+                    else iter_text_file(file, source.doc_separator, encoding_errors))

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 
 BYTE_EOS = "<|endoftext|>"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 
 
 def check_generate_args(max_new_tokens: int, temperature: float, top_p: float) -> None:

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.tokenizer import HFTokenizer, load_tokenizer
 from memmix.progress import quiet_transformers_bars
 from memmix.training.checkpoint import check_state_dict_shapes, load_checkpoint, resolve_checkpoint

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 
 PPL_MODES = ("chunked", "sliding")
 

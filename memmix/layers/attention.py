@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memmix.ops.common import compute_dtype
 PACKED_IMPLS = ("auto", "mask", "flex", "varlen")
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: one block-mask entry per 128 queries x 128 keys
 
@@ -87,7 +88,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
     x: (B, H, T, K) float; positions: (B, T) int64. Angles are computed in float64 for float64 inputs, else float32.
     """
     head_dim = x.shape[-1]
-    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    angle_dtype = compute_dtype(x.dtype)
     exponents = torch.arange(0, head_dim, 2, device=x.device, dtype=angle_dtype) / head_dim
     inv_freq = 1.0 / (theta**exponents)  # (K/2,)
     angles = positions.to(angle_dtype)[..., None] * inv_freq  # (B, T, K/2)

@@ -37,12 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix import ops
+from memmix.checks import is_int
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
-from memmix.ops.common import log_decay
+from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
+from memmix.ops.short_conv import short_conv, short_conv_step
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 EVICTIONS = ("score", "fifo")
@@ -256,12 +258,10 @@ class BMojo(nn.Module):
         """
         N, L, _ = x.shape
         H, Dh, C = self.num_heads, self.head_dim, self.chunk_size
-        dtype = ops.common.compute_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         valid = torch.arange(L, device=x.device) < lengths[:, None]  # (N, L)
         conv_in = self._conv_inputs(x) * valid[..., None].to(x.dtype)  # (N, L, 3 H Dh)
-        weight = self.conv1d.weight.to(conv_in.dtype)
-        conv_out = F.conv1d(conv_in.transpose(1, 2), weight, padding=self.conv_size - 1, groups=weight.shape[0])
-        q, k, v = F.silu(conv_out[..., :L]).transpose(1, 2).view(N, L, 3, H, Dh).unbind(2)  # (N, L, H, Dh) each
+        q, k, v = short_conv(conv_in, self.conv1d.weight[:, 0]).view(N, L, 3, H, Dh).unbind(2)  # (N, L, H, Dh) each
         beta, g = self._gates(x, dtype)
         keep = valid[..., None]
         k, v = k * keep[..., None].to(k.dtype), v * keep[..., None].to(v.dtype)
@@ -419,8 +419,7 @@ class BMojo(nn.Module):
         H, Dh, w = self.num_heads, self.head_dim, self.window_size
         dtype = state.memory.dtype
         conv_in = self._conv_inputs(x)  # (B, 3 H Dh)
-        window = torch.cat([state.conv.to(conv_in.dtype), conv_in[:, None]], dim=1)  # (B, W, 3 H Dh)
-        conv = F.silu((window * self.conv1d.weight[:, 0].t().to(window.dtype)).sum(1))
+        conv, conv_tails = short_conv_step(conv_in, self.conv1d.weight[:, 0], state.conv)  # (B, 3 H Dh)
         q, k, v = conv.view(B, 3, H, Dh).unbind(1)  # (B, H, Dh)
         beta, g = self._gates(x, dtype)
         memory = state.memory
@@ -448,7 +447,7 @@ class BMojo(nn.Module):
         probs = logits.float().softmax(-1).to(q.dtype) if q.dtype != torch.float64 else logits.softmax(-1)
         out = self.o_proj(torch.einsum("bhr,bhrd->bhd", probs, values).reshape(B, self.inner_dim))
 
-        new_state = self._advance(state, memory, window[:, 1:], k, v, score, position, dtype)
+        new_state = self._advance(state, memory, conv_tails, k, v, score, position, dtype)
         return out, new_state.where(valid, state)
 
     def _advance(self, state, memory, conv_tails, k, v, score, position, dtype) -> BMojoState:
@@ -498,7 +497,7 @@ def check_bmojo_args(*, hidden_size, num_heads, head_dim, fading_rule, window_si
                                  ("head_dim", head_dim, 1), ("window_size", window_size, 1),
                                  ("chunk_size", chunk_size, 1), ("eidetic_size", eidetic_size, 0),
                                  ("eidetic_per_chunk", eidetic_per_chunk, 0), ("conv_size", conv_size, 2)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if fading_rule not in FADING_RULES:
         raise ValueError(f"fading_rule must be one of {FADING_RULES}, got {fading_rule!r}")

@@ -31,8 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memmix.ops.common import log_decay
+from memmix.checks import is_int
+from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
+from memmix.ops.short_conv import short_conv, short_conv_step
 from memmix.layers.attention import apply_rope
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
@@ -153,9 +155,7 @@ class FadingMixer(nn.Module):
         N, L, _ = x.shape
         W, Hf, Kf = self.conv_size, self.num_heads, self.head_dim
         conv_in = self.conv_inputs(x)  # (N, L, 3 Hf Kf)
-        weight = self.conv_weight().unsqueeze(1).to(conv_in.dtype)  # (3 Hf Kf, 1, W)
-        y = F.conv1d(conv_in.transpose(1, 2), weight, padding=W - 1, groups=weight.shape[0])[..., :L]
-        q, k, v = F.silu(y).transpose(1, 2).view(N, L, 3, Hf, Kf).unbind(2)  # (N, L, Hf, Kf) each
+        q, k, v = short_conv(conv_in, self.conv_weight()).view(N, L, 3, Hf, Kf).unbind(2)  # (N, L, Hf, Kf) each
         keep = (torch.arange(L, device=x.device) < lengths[:, None])[..., None]  # (N, L, 1)
         # padding (only after a row's real tokens) writes nothing: k = v = g = beta = 0 leave the state as it is
         k, v = k * keep[..., None].to(k.dtype), v * keep[..., None].to(v.dtype)
@@ -173,13 +173,12 @@ class FadingMixer(nn.Module):
         f (B, D), the new memory and conv tails."""
         B = x.shape[0]
         conv_in = self.conv_inputs(x)  # (B, 3 Hf Kf)
-        window = torch.cat([conv.to(conv_in.dtype), conv_in[:, None]], dim=1)  # (B, W, 3 Hf Kf)
-        y = F.silu((window * self.conv_weight().t().to(window.dtype)).sum(1))
+        y, tails = short_conv_step(conv_in, self.conv_weight(), conv)  # (B, 3 Hf Kf)
         q, k, v = y.view(B, 1, 3, self.num_heads, self.head_dim).unbind(2)  # (B, 1, Hf, Kf)
         gates = [t[:, None] for t in self.gates(x)]
         o, memory = self.op(q, k, v, *gates, initial_state=memory, output_final_state=True, use_qk_l2norm=True,
                             impl=self.impl)
-        return self.output(x, o[:, 0]), memory, window[:, 1:]
+        return self.output(x, o[:, 0]), memory, tails
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -265,7 +264,7 @@ class BMojoF(nn.Module):
         mixer, N, w = self.fading_mixer, batch_size, self.window_size
         Hkv, Dh = self.num_kv_heads, self.head_dim
         memory = torch.zeros(N, mixer.num_heads, mixer.head_dim, mixer.head_dim, device=device,
-                             dtype=torch.promote_types(dtype, torch.float32))
+                             dtype=compute_dtype(dtype))
         conv = torch.zeros(N, mixer.conv_size - 1, 3 * mixer.inner_dim, device=device, dtype=dtype)
         ring = lambda size: torch.zeros(N, Hkv, size, Dh, device=device, dtype=dtype)  # noqa: E731
         return BMojoFState(memory, conv, ring(w), ring(w), ring(2 * w), ring(2 * w),
@@ -512,7 +511,7 @@ def check_bmojo_f_args(*, hidden_size, num_heads, head_dim, num_kv_heads, window
                                  ("head_dim", head_dim, 1), ("num_kv_heads", num_kv_heads, 1),
                                  ("window_size", window_size, 1), ("fading_num_heads", fading_num_heads, 1),
                                  ("fading_head_dim", fading_head_dim, 1), ("conv_size", conv_size, 2)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads}")

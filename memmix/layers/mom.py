@@ -15,7 +15,7 @@ convolution over its own tokens or over the whole sequence).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -23,12 +23,50 @@ import torch.nn as nn
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.masks import valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
+from memmix.ops.common import compute_dtype
 from memmix.ops.mom import CONV_SCOPES, MoMWeights, mom_mixer, sequence_conv
 from memmix.ops.registry import get_rule, rules
 from memmix.routing import allowed_memories, route
 
 MEMORY_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 ROUTER_INPUTS = ("token", "conv")
+
+
+@dataclass(frozen=True)
+class MoMOptions:
+    """The MoM layer's options, checked in one place (check). MoMConfig stores the same fields (with defaults of
+    its own for head_dim and norm_eps) and MixtureOfMemories.from_config reads them back by name: a new option is a
+    field here and an argument of MoMConfig.
+
+    memory_groups: group sizes (summing to num_memories) or None; the other fields: see MixtureOfMemories.
+    """
+
+    num_heads: int = 4
+    head_dim: int = 64
+    expand_v: float = 1.0
+    num_memories: int = 4
+    topk: int = 2
+    shared_mem: bool = True
+    single_kv_proj: bool = False
+    memory_rule: str = "gated_delta"
+    use_output_gate: bool = True
+    conv_size: int = 4
+    norm_eps: float = 1e-5
+    impl: str = "auto"
+    memory_groups: tuple[int, ...] | list[int] | None = None
+    low_memory: bool = False
+    router_temperature: float = 1.0
+    router_input: str = "token"
+    conv_scope: str = "segment"
+
+    def check(self, hidden_size: int) -> None:
+        """ValueError naming the first bad option (or hidden_size) and what it may be."""
+        check_mom_args(hidden_size, self.num_heads, self.head_dim, self.expand_v, self.num_memories, self.topk,
+                       self.memory_rule, self.conv_size)
+        check_memory_groups(self.memory_groups, self.num_memories, self.topk)
+        _check_ablation_args(self.router_temperature, self.router_input, self.conv_scope)
+        if not isinstance(self.low_memory, bool):
+            raise ValueError(f"low_memory must be True or False, got {self.low_memory!r}")
 
 
 @dataclass
@@ -56,10 +94,6 @@ class MoMState:
     def shared_state(self) -> torch.Tensor | None:
         """(N, H, K, V) shared memory, or None without one."""
         return self.memory[:, self.num_routed] if self.memory.shape[1] > self.num_routed else None
-
-    @property
-    def conv_tails(self) -> torch.Tensor:
-        return self.conv
 
     def select(self, index: torch.Tensor) -> MoMState:
         """Keep/reorder sequences: index (N',) int64."""
@@ -106,65 +140,50 @@ class MixtureOfMemories(nn.Module):
     convolved along the whole sequence before the dispatch; the mixer's PyTorch path; memmix.ops.mom.mixer).
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int = 4,
-        head_dim: int = 64,
-        expand_v: float = 1.0,
-        num_memories: int = 4,
-        topk: int = 2,
-        shared_mem: bool = True,
-        single_kv_proj: bool = False,
-        memory_rule: str = "gated_delta",
-        use_output_gate: bool = True,
-        conv_size: int = 4,
-        norm_eps: float = 1e-5,
-        impl: str = "auto",
-        layer_idx: int | None = None,
-        memory_groups: list[int] | None = None,
-        low_memory: bool = False,
-        router_temperature: float = 1.0,
-        router_input: str = "token",
-        conv_scope: str = "segment",
-    ):
+    def __init__(self, hidden_size: int, *, layer_idx: int | None = None, options: MoMOptions | None = None,
+                 **option_values):
+        """options, or MoMOptions' fields as keyword arguments (defaults: MoMOptions')."""
         super().__init__()
-        check_mom_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
-        check_memory_groups(memory_groups, num_memories, topk)
-        _check_ablation_args(router_temperature, router_input, conv_scope)
-        if not isinstance(low_memory, bool):
-            raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
-        self.memory_groups = None if memory_groups is None else [int(n) for n in memory_groups]
+        if options is None:
+            options = MoMOptions(**option_values)
+        elif option_values:
+            raise TypeError(f"give options or its fields as keyword arguments, not both (got {sorted(option_values)})")
+        options.check(hidden_size)
+        self.options = options
+        num_heads, head_dim, num_memories, shared_mem = (options.num_heads, options.head_dim, options.num_memories,
+                                                         options.shared_mem)
+        conv_size, use_output_gate, norm_eps = options.conv_size, options.use_output_gate, options.norm_eps
+        self.memory_groups = None if options.memory_groups is None else [int(n) for n in options.memory_groups]
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_k_dim = head_dim
-        self.head_v_dim = int(head_dim * expand_v)
+        self.head_v_dim = int(head_dim * options.expand_v)
         self.key_dim = num_heads * head_dim
         self.value_dim = num_heads * self.head_v_dim
         self.num_memories = num_memories
-        self.topk = topk
+        self.topk = options.topk
         self.shared_mem = shared_mem
-        self.single_kv_proj = single_kv_proj
-        self.memory_rule = memory_rule
+        self.single_kv_proj = options.single_kv_proj
+        self.memory_rule = options.memory_rule
         self.use_output_gate = use_output_gate
         self.conv_size = conv_size
-        self.impl = impl
-        self.low_memory = low_memory
-        self.router_temperature = float(router_temperature)
-        self.router_input = router_input
-        self.conv_scope = conv_scope
+        self.impl = options.impl
+        self.low_memory = options.low_memory
+        self.router_temperature = float(options.router_temperature)
+        self.router_input = options.router_input
+        self.conv_scope = options.conv_scope
         self.layer_idx = layer_idx
         self.num_slots_memories = num_memories + int(shared_mem)  # M + S
         # decode steps write the picked memories back into the given state's tensors (CUDA-graph decoding)
         self.inplace_decode = False
-        rows = 1 if single_kv_proj else self.num_slots_memories  # P
+        rows = 1 if self.single_kv_proj else self.num_slots_memories  # P
 
         self.gate = nn.Linear(hidden_size, num_memories, bias=False)
-        self.router_conv1d = _depthwise_conv(hidden_size, conv_size) if router_input == "conv" else None
+        self.router_conv1d = _depthwise_conv(hidden_size, conv_size) if self.router_input == "conv" else None
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Parameter(torch.empty(rows, self.key_dim, hidden_size))
         self.v_proj = nn.Parameter(torch.empty(rows, self.value_dim, hidden_size))
-        rule = get_rule(memory_rule)
+        rule = get_rule(self.memory_rule)
         self.b_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_beta else None
         self.a_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_gate else None
         self.A_log = nn.Parameter(torch.empty(num_heads))
@@ -181,6 +200,14 @@ class MixtureOfMemories(nn.Module):
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int | None = None) -> MixtureOfMemories:
+        """The MoM layer of a MoMConfig: every MoMOptions field read from the config by name (memory_groups as
+        its list of group sizes)."""
+        values = {f.name: getattr(config, f.name) for f in fields(MoMOptions)}
+        values["memory_groups"] = config.memory_group_sizes
+        return cls(config.hidden_size, layer_idx=layer_idx, options=MoMOptions(**values))
 
     def reset_parameters(self) -> None:
         """Initialise as the reference: small Xavier weights, decay rates A in (1, 16), dt in [1e-3, 0.1]."""
@@ -255,7 +282,7 @@ class MixtureOfMemories(nn.Module):
             raise ValueError("state has no router_conv tail, which router_input='conv' needs (a state made by a "
                              "layer with router_input='token'?)")
         y, new_tail = sequence_conv(x, self.router_conv1d.weight[:, 0], valid, cu_seqlens, tail)  # weight (D, W)
-        dtype = torch.promote_types(x.dtype, torch.float32) if tail is None else tail.dtype  # as the mixer's tails
+        dtype = compute_dtype(x.dtype) if tail is None else tail.dtype  # as the mixer's tails
         return y, new_tail.to(dtype)
 
     def _weights(self) -> MoMWeights:

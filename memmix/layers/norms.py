@@ -5,17 +5,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memmix.ops.common import compute_dtype
 from memmix.ops.registry import find_kernel
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, otherwise the input dtype (float64 stays float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS-normalise the last dim of x (..., D) and scale by weight (D,), in at least float32."""
-    xf = x.to(_compute_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.to(xf.dtype)).to(x.dtype)
 
@@ -44,5 +40,5 @@ class GatedRMSNorm(RMSNorm):
                 and kernel.fits(x, gate, self.weight, head_dim=x.shape[-1])):
             return kernel.fn(x, gate, self.weight, self.eps)
         y = rms_norm(x, self.weight, self.eps)
-        gf = gate.to(_compute_dtype(gate.dtype))
+        gf = gate.to(compute_dtype(gate.dtype))
         return (y.to(gf.dtype) * F.silu(gf)).to(x.dtype)

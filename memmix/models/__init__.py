@@ -7,7 +7,7 @@ AutoModelForCausalLM (register_auto_classes, idempotent).
 from __future__ import annotations
 
 from memmix.models.base import MemmixCausalLMOutput, MemmixForCausalLM, MemmixModel, MemmixPreTrainedModel
-from memmix.models.cache import MoMCache
+from memmix.models.cache import LayerStateCache
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.configuration_mom import MoMConfig
 from memmix.models.loss import causal_lm_loss
@@ -35,8 +35,6 @@ def register_auto_classes() -> None:
         AutoModelForCausalLM.register(config_class, lm_class, exist_ok=True)
 
 
-_register_auto_classes = register_auto_classes  # old name, kept until the callers move to register_auto_classes
-
 register_auto_classes()
 
 __all__ = [
@@ -44,12 +42,12 @@ __all__ = [
     "BMojoConfig",
     "BMojoForCausalLM",
     "BMojoModel",
+    "LayerStateCache",
     "MemmixCausalLMOutput",
     "MemmixForCausalLM",
     "MemmixModel",
     "MemmixPreTrainedModel",
     "MoMBlock",
-    "MoMCache",
     "MoMCausalLMOutput",
     "MoMConfig",
     "MoMForCausalLM",

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from memmix.layers.norms import RMSNorm
-from memmix.models.cache import MoMCache
+from memmix.models.cache import LayerStateCache
 from memmix.models.loss import causal_lm_loss, check_loss_positions, fused_lm_loss, gather_positions
 
 # transformers 5.24 renamed the outputs' `past_key_values` to `cache` (generate() reads `outputs["cache"]`, and
@@ -31,21 +31,21 @@ from memmix.models.loss import causal_lm_loss, check_loss_positions, fused_lm_lo
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def cache_kwargs(cache: MoMCache | None) -> dict:
+def cache_kwargs(cache: LayerStateCache | None) -> dict:
     """{CACHE_FIELD: cache}, for building an output under this transformers' field name."""
     return {CACHE_FIELD: cache}
 
 
 @dataclass
 class MemmixModelOutput(ModelOutput):
-    """last_hidden_state (B, T, D); cache (MoMCache, under CACHE_FIELD); hidden_states: tuple of (B, T, D),
+    """last_hidden_state (B, T, D); cache (LayerStateCache, under CACHE_FIELD); hidden_states: tuple of (B, T, D),
     embeddings first, final norm last."""
 
     last_hidden_state: torch.Tensor | None = None
     if CACHE_FIELD == "cache":
-        cache: MoMCache | None = None
+        cache: LayerStateCache | None = None
     else:
-        past_key_values: MoMCache | None = None
+        past_key_values: LayerStateCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -57,9 +57,9 @@ class MemmixCausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     if CACHE_FIELD == "cache":
-        cache: MoMCache | None = None
+        cache: LayerStateCache | None = None
     else:
-        past_key_values: MoMCache | None = None
+        past_key_values: LayerStateCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -95,7 +95,7 @@ class MemmixPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        """generate() must not build a DynamicCache; the model creates its MoMCache on the first forward."""
+        """generate() must not build a DynamicCache; the model creates its LayerStateCache on the first forward."""
         return False
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -136,17 +136,17 @@ class MemmixModel(MemmixPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        past_key_values: MoMCache | None = None,
+        past_key_values: LayerStateCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        cache: MoMCache | None = None,
+        cache: LayerStateCache | None = None,
         **kwargs,
     ) -> MemmixModelOutput | tuple:
         """input_ids (B, T) int64 or inputs_embeds (B, T, D); attention_mask (B, T_total) 0/1 with the last T
         columns for these tokens; cu_seqlens int64 (N+1,) for a packed batch (B == 1, no cache);
-        past_key_values / cache: MoMCache from a previous call."""
+        past_key_values / cache: LayerStateCache from a previous call."""
         return self.run_blocks(input_ids, inputs_embeds, attention_mask, cu_seqlens, one_cache(past_key_values, cache),
                                use_cache, output_hidden_states, return_dict)
 
@@ -270,14 +270,14 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        past_key_values: MoMCache | None = None,
+        past_key_values: LayerStateCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        cache: MoMCache | None = None,
+        cache: LayerStateCache | None = None,
         loss_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> MemmixCausalLMOutput | tuple:
@@ -331,14 +331,14 @@ def one_cache(past_key_values, cache):
     return cache if cache is not None else past_key_values
 
 
-def usable_cache(cache, use_cache: bool, num_layers: int) -> MoMCache | None:
-    """A MoMCache to read from / write to, replacing an empty foreign Cache (e.g. a DynamicCache)."""
-    if cache is not None and not isinstance(cache, MoMCache):
+def usable_cache(cache, use_cache: bool, num_layers: int) -> LayerStateCache | None:
+    """A LayerStateCache to read from / write to, replacing an empty foreign Cache (e.g. a DynamicCache)."""
+    if cache is not None and not isinstance(cache, LayerStateCache):
         if cache.get_seq_length() > 0:
-            raise ValueError(f"past_key_values must be a MoMCache, got a non-empty {type(cache).__name__}")
+            raise ValueError(f"past_key_values must be a LayerStateCache, got a non-empty {type(cache).__name__}")
         cache = None
     if cache is None and use_cache:
-        cache = MoMCache(num_layers)
+        cache = LayerStateCache(num_layers)
     return cache
 
 

@@ -1,6 +1,6 @@
-"""Recurrent generation cache: one state object per layer (MoMState or AttentionState).
+"""Generation cache: one state object per layer (MoMState, BMojoState, BMojoFState or AttentionState).
 
-`MoMCache` subclasses transformers' `Cache` so that `generate()` accepts it, but it keeps its own per-layer
+`LayerStateCache` subclasses transformers' `Cache` so that `generate()` accepts it, but it keeps its own per-layer
 states and overrides every method generation calls, so it does not depend on the layer classes that changed
 between transformers 5.17 and 5.24. The recurrent memories have a fixed size; only attention layers grow.
 """
@@ -15,12 +15,13 @@ from transformers.cache_utils import Cache
 from memmix.layers.attention import AttentionState
 
 
-class MoMCache(Cache):
-    """Per-layer states of a MoM / hybrid model.
+class LayerStateCache(Cache):
+    """Per-layer states of any memmix model (MoM, hybrid, B'MOJO, B'MOJO-F).
 
     layer_states[i] is None (layer not run yet), a MoMState (memory (B, M + S, H, K, V), conv tails) for MoM
-    layers, or an AttentionState (keys / values (B, H_kv, T, K)) for attention layers. Every state object must
-    provide `select(batch_idx)` (and may provide `reorder(beam_idx)`), returning the new state.
+    layers, a BMojoState / BMojoFState for B'MOJO layers, or an AttentionState (keys / values (B, H_kv, T, K))
+    for attention layers. Every state object must provide `select(batch_idx)` (and may provide
+    `reorder(beam_idx)`), returning the new state.
     """
 
     is_compileable = False
@@ -39,7 +40,7 @@ class MoMCache(Cache):
 
     def __repr__(self) -> str:
         kinds = [type(state).__name__ if state is not None else "None" for state in self.layer_states]
-        return f"MoMCache(seen_tokens={self.seen_tokens}, layers={kinds})"
+        return f"LayerStateCache(seen_tokens={self.seen_tokens}, layers={kinds})"
 
     # ---- state access used by the model -------------------------------------------------------------------
     def get_layer_state(self, layer_idx: int) -> Any:
@@ -69,7 +70,7 @@ class MoMCache(Cache):
         return self.layer_states[layer_idx] is not None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        raise NotImplementedError("MoMCache stores whole layer states; use set_layer_state / get_layer_state")
+        raise NotImplementedError("LayerStateCache stores whole layer states; use set_layer_state / get_layer_state")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep (or repeat) batch rows `indices` (int64 (B',)) in every layer state."""
@@ -95,7 +96,7 @@ class MoMCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
-            raise ValueError("MoMCache cannot be cropped: recurrent memories cannot forget tokens they have seen")
+            raise ValueError("LayerStateCache cannot be cropped: a recurrent memory cannot forget tokens")
 
     def activate_past_recording(self) -> None:
         """Rollback is impossible for recurrent states; nothing to record."""

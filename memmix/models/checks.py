@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from memmix.checks import is_int
 from memmix.ops.common import IMPLS
 
 Rule = Callable[[str, object], None]
-
-
-def is_int(value) -> bool:
-    """An int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def integer(minimum: int | None = None) -> Rule:

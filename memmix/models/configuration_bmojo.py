@@ -9,7 +9,8 @@ from transformers import PretrainedConfig
 from memmix.layers.bmojo import check_bmojo_args
 from memmix.layers.bmojo_f import check_bmojo_f_args
 from memmix.layers.mlp import default_intermediate_size
-from memmix.models.checks import LM_FIELD_RULES, check_fields, choice, is_int
+from memmix.checks import is_int
+from memmix.models.checks import LM_FIELD_RULES, check_fields, choice
 
 VARIANTS = ("store", "f")
 _FIELD_RULES = {**LM_FIELD_RULES, "variant": choice(VARIANTS)}

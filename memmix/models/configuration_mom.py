@@ -1,19 +1,20 @@
 """Hugging Face configuration of the Mixture-of-Memories causal language model (and its hybrids)."""
 from __future__ import annotations
 
+from dataclasses import fields as dataclass_fields
+
 from transformers import PretrainedConfig
 
+from memmix.checks import is_int
 from memmix.layers.mlp import default_intermediate_size
 from memmix.layers.moe import FFN_ROUTINGS
-from memmix.layers.mom import ROUTER_INPUTS
-from memmix.layers.mom import check_memory_groups, check_mom_args
+from memmix.layers.mom import ROUTER_INPUTS, MoMOptions, check_mom_args
 from memmix.models.checks import (
     LM_FIELD_RULES,
     boolean,
     check_fields,
     choice,
     integer,
-    is_int,
     number,
     optional,
 )
@@ -21,7 +22,7 @@ from memmix.ops.mom import CONV_SCOPES
 from memmix.routing import AUX_LOSS_MODES
 
 # Each stored field's type (and range where it stands alone), in two tables: the MoM layer's arguments, whose
-# values its own check (imported from memmix.layers.mom) then checks together, and the rest. The helpers at the
+# values its own check (memmix.layers.mom.MoMOptions.check) then checks together, and the rest. The helpers at the
 # end of this file check the attention and the modality fields together.
 _LAYER_FIELD_RULES = {
     **LM_FIELD_RULES,
@@ -77,7 +78,7 @@ class MoMConfig(PretrainedConfig):
     `low_memory=True` makes the MoM layers hold less memory in training on the Triton path, for more time (see
     MixtureOfMemories).
 
-    Ablations of the router and the convolution (issue 17; the defaults are the paper's MoM, which official
+    Ablations of the router and the convolution (the defaults are the paper's MoM, which official
     checkpoints need):
     - `router_z_loss` (>= 0, default 0): weight of the router z-loss, the mean over real tokens of
       logsumexp(router logits)^2, pooled over the MoM layers as the load-balancing loss
@@ -153,6 +154,10 @@ class MoMConfig(PretrainedConfig):
         check_fields(fields, _OTHER_FIELD_RULES)
         fields["attn_layers"] = _checked_attention_fields(attn_layers, fields)
         fields.update(_checked_modality_fields(modalities, memory_groups, ffn_experts, fields))
+        groups = None if fields["memory_groups"] is None else list(fields["memory_groups"].values())
+        # the layer's whole check (its sizes first, above, so that they are named before the fields derived from them)
+        MoMOptions(**{f.name: fields[f.name] for f in dataclass_fields(MoMOptions) if f.name != "memory_groups"},
+                   memory_groups=groups).check(hidden_size)
         del fields["tie_word_embeddings"]  # stored by PretrainedConfig
         for name, value in fields.items():
             setattr(self, name, value)
@@ -204,11 +209,9 @@ def _checked_attention_fields(attn_layers, fields: dict) -> list[int]:
 
 def _checked_modality_fields(modalities, memory_groups, ffn_experts, fields: dict) -> dict:
     """The stored modality fields: modalities, memory_groups and ffn_experts in one group order, checked against
-    topk (the layer's group check), ffn_topk and generation_modality."""
+    ffn_topk and generation_modality (memory_groups against topk: the layer's MoMOptions.check)."""
     modalities = _checked_modalities(modalities, memory_groups, ffn_experts)
     memory_groups = _checked_groups("memory_groups", memory_groups, modalities)
-    if memory_groups is not None:
-        check_memory_groups(list(memory_groups.values()), fields["num_memories"], fields["topk"])
     ffn_experts = _checked_groups("ffn_experts", ffn_experts, modalities)
     smallest_expert_group = min(ffn_experts.values()) if ffn_experts is not None else 1
     if fields["ffn_topk"] > smallest_expert_group:

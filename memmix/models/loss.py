@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from memmix.labels import IGNORE_INDEX
+from memmix.ops.common import compute_dtype
 
 
 def next_token_targets(
@@ -60,7 +61,7 @@ def causal_lm_loss(
             raise ValueError(f"logits must have shape (B, Q, V) with (B, Q) = loss_positions.shape "
                              f"{tuple(loss_positions.shape)}, got {tuple(logits.shape)}")
         targets = next_token_targets(labels, attention_mask, cu_seqlens).gather(1, loss_positions)  # (B, Q)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32, float64 stays
+    logits = logits.to(compute_dtype(logits.dtype))  # half -> float32, float64 stays
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 

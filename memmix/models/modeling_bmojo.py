@@ -1,7 +1,7 @@
 """B'MOJO causal language model on the shared skeleton (memmix.models.base): its block, config and state size.
 
 Block (pre-norm): h = h + mixer(attn_norm(h)); h = h + mlp(mlp_norm(h)), the mixer a BMojo (config.variant
-"store") or a BMojoF ("f"). The MoMCache holds one BMojoState / BMojoFState per layer. Module names follow the
+"store") or a BMojoF ("f"). The LayerStateCache holds one BMojoState / BMojoFState per layer. Module names follow the
 MoM model (embeddings, layers.i.attn_norm / attn / mlp_norm / mlp, norm, lm_head).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ MIXERS = {"store": BMojo, "f": BMojoF}  # config.variant -> the block's token mi
 
 @dataclass
 class BMojoModelOutput(MemmixModelOutput):
-    """last_hidden_state (B, T, D); cache (MoMCache of BMojoState / BMojoFState); hidden_states: tuple of
+    """last_hidden_state (B, T, D); cache (LayerStateCache of BMojoState / BMojoFState); hidden_states: tuple of
     (B, T, D)."""
 
 

@@ -29,10 +29,9 @@ from memmix.models.base import (
     cache_kwargs,
     one_cache,
 )
-from memmix.models.cache import MoMCache
+from memmix.models.cache import LayerStateCache
 from memmix.models.configuration_mom import MoMConfig
 from memmix.models.cuda_graph import CudaGraphDecoder, can_graph_decode
-from memmix.models.loss import causal_lm_loss  # noqa: F401  (its old home: memmix.models.modeling_mom)
 from memmix.routing import load_balancing_loss, router_z_loss
 
 # Stacked (P, out, D) projections of the MoM layer, initialised like Linear weights.
@@ -41,7 +40,7 @@ _STACKED_PROJECTIONS = ("k_proj", "v_proj", "b_proj", "a_proj")
 
 @dataclass
 class MoMModelOutput(MemmixModelOutput):
-    """last_hidden_state (B, T, D); cache (MoMCache); hidden_states: tuple of (B, T, D), embeddings first;
+    """last_hidden_state (B, T, D); cache (LayerStateCache); hidden_states: tuple of (B, T, D), embeddings first;
     router_logits: tuple over MoM layers of (B, T, M) float32; with `ffn_experts`: ffn_router_logits, tuple over
     layers of (B, T, E) float32, and ffn_aux_router_loss (0-d, expert choice in training: the auxiliary routers'
     BCE, mean over layers)."""
@@ -84,27 +83,7 @@ class MoMBlock(nn.Module):
                 layer_idx=layer_idx,
             )
         else:
-            self.attn = MixtureOfMemories(
-                config.hidden_size,
-                num_heads=config.num_heads,
-                head_dim=config.head_dim,
-                expand_v=config.expand_v,
-                num_memories=config.num_memories,
-                topk=config.topk,
-                shared_mem=config.shared_mem,
-                single_kv_proj=config.single_kv_proj,
-                memory_rule=config.memory_rule,
-                use_output_gate=config.use_output_gate,
-                conv_size=config.conv_size,
-                norm_eps=config.norm_eps,
-                impl=config.impl,
-                layer_idx=layer_idx,
-                memory_groups=config.memory_group_sizes,
-                low_memory=config.low_memory,
-                router_temperature=config.router_temperature,
-                router_input=config.router_input,
-                conv_scope=config.conv_scope,
-            )
+            self.attn = MixtureOfMemories.from_config(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         if config.ffn_experts is None:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
@@ -210,20 +189,20 @@ class MoMModel(MoMPreTrainedModel, MemmixModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        past_key_values: MoMCache | None = None,
+        past_key_values: LayerStateCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
-        cache: MoMCache | None = None,
+        cache: LayerStateCache | None = None,
         modality_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoMModelOutput | tuple:
         """input_ids (B, T) int64 or inputs_embeds (B, T, D); attention_mask (B, T_total) 0/1 with the last T
         columns for these tokens; cu_seqlens int64 (N+1,) for a packed batch (B == 1, no cache);
-        past_key_values / cache: MoMCache from a previous call; position_ids (B, T) override the attention
+        past_key_values / cache: LayerStateCache from a previous call; position_ids (B, T) override the attention
         layers' RoPE positions (by default they count real tokens, continuing after the cache);
         modality_ids (B, T_total) int64 in [0, num_modalities), the last T columns for these tokens (needs
         memory_groups or ffn_experts; default: every token is modality 0)."""
@@ -265,7 +244,7 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        past_key_values: MoMCache | None = None,
+        past_key_values: LayerStateCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -274,7 +253,7 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        cache: MoMCache | None = None,
+        cache: LayerStateCache | None = None,
         modality_ids: torch.LongTensor | None = None,
         loss_positions: torch.LongTensor | None = None,
         **kwargs,
@@ -389,7 +368,7 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         return aux_loss, z_loss, ffn_aux_loss
 
 
-    def _graph_decoder(self, cache: MoMCache, batch_size: int) -> CudaGraphDecoder:
+    def _graph_decoder(self, cache: LayerStateCache, batch_size: int) -> CudaGraphDecoder:
         """The captured decode step for this batch size (captured on first use)."""
         key = (batch_size, self.lm_head.weight.device, self.lm_head.weight.dtype)
         if key not in self._graph_decoders:

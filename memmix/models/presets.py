@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from memmix.models.checks import is_int
+from memmix.checks import is_int
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.configuration_mom import MoMConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM

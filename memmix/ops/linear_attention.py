@@ -1,5 +1,5 @@
 """Linear attention rules: gated (GLA with a scalar decay per head and token) and plain, as a step loop
-and in chunkwise-parallel form.
+and in chunkwise-parallel form (PyTorch only: no chunked Triton kernel).
 
 Per head, with state S in R^{K x V} and q already scaled:
     S = exp(g_t) S + k_t v_t^T;  o_t = S^T q_t.
@@ -68,10 +68,10 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     scale: defaults to K ** -0.5; initial_state: (N, H, K, V) or None (zeros);
     cu_seqlens: int (N + 1,) boundaries of N sequences packed along T (then B == 1), else N = B;
     use_qk_l2norm: L2-normalise q and k over K first (inside the op, differentiable);
-    low_memory: the Triton kernel runs one head at a time, forward and backward (least memory, more time); the
-    PyTorch forms ignore it;
-    impl: "recurrent" (step loop), "chunk" (chunkwise-parallel), "triton" (the CUDA kernel memmix.ops.triton
-    registers) or "auto" (CUDA: triton when registered else chunk; CPU: recurrent for T <= 8 else chunk).
+    low_memory: taken for the rules' common signature and ignored (these rules have no chunked Triton kernel);
+    impl: "recurrent" (step loop), "chunk" (chunkwise-parallel) or "auto" (CUDA: chunk; CPU: recurrent for T <= 8
+    else chunk); "triton" raises, there is no chunked kernel for these rules (decoding steps have one:
+    memmix.ops.memory_step).
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) (float32, float64 for float64
     inputs) when output_final_state, else None.
     """

@@ -15,9 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memmix.labels import IGNORE_INDEX
+from memmix.ops.common import compute_dtype
+
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = -100, chunk_size: int = 4096) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk_size: int = 4096) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight^T against labels, over the rows whose label is not
     ignore_index (0 when there are none). No host synchronisation.
 
@@ -48,7 +51,7 @@ def _check(hidden, weight, labels, chunk_size) -> None:
 def _chunked(hidden, weight, labels, ignore_index: int, chunk_size: int, want_grads: bool):
     """(mean loss, d loss_sum / d hidden or None, d loss_sum / d weight or None, number of rows counted)."""
     valid = labels != ignore_index  # (N,)
-    count = valid.sum().clamp(min=1).to(torch.promote_types(hidden.dtype, torch.float32))
+    count = valid.sum().clamp(min=1).to(compute_dtype(hidden.dtype))
     total = count.new_zeros(())
     grad_hidden = torch.empty_like(hidden) if want_grads else None
     grad_weight = torch.zeros_like(weight, dtype=count.dtype) if want_grads else None

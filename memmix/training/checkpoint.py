@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.files import atomic_write, atomic_write_text  # noqa: F401  (atomic_write_text: re-exported)
 
 FORMAT = "memmix-train-checkpoint"

@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.sources import ENCODING_ERRORS
 from memmix.devices import parse_device
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.devices import resolve_device
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from memmix.data.corpus import load_corpus
-from memmix.data.errors import InputError
+from memmix.data.sources import TextSource
+from memmix.errors import InputError
 from memmix.data.packing import BatchSource, PackedRows, pad_bounds
 from memmix.data.tokenizer import load_tokenizer
 from memmix.files import atomic_replace_dir, atomic_write_text, check_writable
@@ -305,26 +306,12 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
                     "tokens": checkpoint["tokens_seen"], "already_finished": True}
         changed = changed_settings(checkpoint.get("train_config", {}), config, resume_path)
 
-    # data
-    corpus = load_corpus(config.data, tokenizer, config.tokenizer, config.data_format, config.text_field,
-                         config.split, config.doc_separator or None, config.verify_shards, config.encoding_errors)
-    source = BatchSource(PackedRows(corpus, config.seq_len), config.micro_batch_size, config.seed, config.shuffle)
-    val_source = None
-    if config.val_data and config.eval_every:
-        val_corpus = load_corpus(config.val_data, tokenizer, config.tokenizer, config.data_format, config.text_field,
-                                 config.split, config.doc_separator or None, config.verify_shards,
-                                 config.encoding_errors)
-        val_source = BatchSource(PackedRows(val_corpus, config.seq_len), config.micro_batch_size, shuffle=False)
+    corpus, source, val_source = _data_sources(config, tokenizer)
 
     # model, optimiser, schedule
     raw_model = build_model(config.model, vocab_size, config.model_overrides, tokenizer.eos_token_id)
     if config.gradient_checkpointing:
-        # newer transformers name it activation_checkpointing_enable (the old name warns that it is deprecated)
-        enable = (getattr(raw_model, "activation_checkpointing_enable", None)
-                  or getattr(raw_model, "gradient_checkpointing_enable", None))
-        if enable is None:
-            raise InputError(f"model '{config.model}' does not support it", "gradient_checkpointing")
-        enable()
+        _enable_gradient_checkpointing(raw_model, config)
     if info.is_main:
         for warning in run_warnings(config, changed, checkpoint["step"] if checkpoint is not None else 0):
             print(f"memmix train: warning: {warning}", file=sys.stderr)
@@ -341,33 +328,13 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
 
     step, rows_consumed, tokens_seen = 0, 0, 0
     if checkpoint is not None:
-        # --weight-decay, --beta1/2 of this command, and how this run steps (fused, capturable), not the checkpoint's
-        hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "fused", "capturable")}
-                 for g in optimizer.param_groups]
-        load_training_state(model, optimizer, checkpoint)
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)  # the checkpoint's would win silently
-        for group, settings, base_lr in zip(optimizer.param_groups, hyper, scheduler.base_lrs):
-            group.update(settings)
-            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # --max-steps may have changed
-        step, rows_consumed, tokens_seen = checkpoint["step"], checkpoint["rows_consumed"], checkpoint["tokens_seen"]
-        set_rng_state(checkpoint["rng"])
+        step, rows_consumed, tokens_seen = _restore(checkpoint, model, optimizer, scheduler, config)
         del checkpoint
 
     ckpts = CheckpointDir(config.out_dir, config.keep_checkpoints)
     log = MetricsLog(config.out_dir, config.tensorboard, resume_step=step if resume_path else None) if info.is_main else None
     if info.is_main:
-        atomic_write_text(os.path.join(config.out_dir, "train_config.json"), json.dumps(config.to_dict(), indent=2))
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        log.log({"kind": "start", "step": step, "params": n_params, "world_size": info.world_size,
-                 "parallel": parallel, "train_tokens": corpus.num_tokens, "resumed_from": resume_path,
-                 **({"changed_settings": changed} if changed else {})})
-        if config.progress:
-            rows = info.world_size * config.grad_accum * config.micro_batch_size
-            print(f"memmix train: {config.model} ({n_params / 1e6:.1f}M parameters) on {info.world_size} x "
-                  f"{info.device.type} ({parallel}); {corpus.num_tokens:,} tokens in {source.rows.num_rows:,} rows "
-                  f"of {config.seq_len}; {rows * config.seq_len:,} tokens per step"
-                  + (f"; resuming at step {step}" if resume_path else ""), file=sys.stderr)
+        _announce_start(log, config, info, raw_model, corpus, source, step, resume_path, changed, parallel)
     autocast = autocast_context(config, info.device)
     train_step = TrainStep(model, optimizer, scheduler, lambda m, batch: lm_loss(m, *batch), grad_clip=config.grad_clip,
                            autocast=autocast, cuda_graph=config.cuda_graph,
@@ -378,13 +345,7 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
     loss_value, window_tokens, window_start = float("nan"), 0, time.perf_counter()
 
     while step < config.max_steps:
-        # one optimiser step over grad_accum micro-batches
-        micro_batches = [source.micro_batch(rows_consumed, micro, info.rank, info.world_size)
-                         for micro in range(config.grad_accum)]  # each (input_ids (1, B*L), cu_seqlens (N+1,))
-        if config.cuda_graph:  # one number of bounds for every micro-batch of the step: few shapes, few graphs
-            length = max(cu.numel() for _, cu in micro_batches)
-            micro_batches = [(ids, pad_bounds(cu, length)) for ids, cu in micro_batches]
-        micro_batches = [tuple(t.to(info.device, non_blocking=True) for t in batch) for batch in micro_batches]
+        micro_batches = _step_batches(source, config, info, rows_consumed)
         logged = (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
         lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)  # this step's rate, on the host
         try:
@@ -404,22 +365,12 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
                                  "last checkpoint is kept)", "lr")
         if info.is_main:
             if logged:
-                elapsed = time.perf_counter() - window_start
-                tok_s = window_tokens / max(elapsed, 1e-9)
-                record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr,
-                          "grad_norm": float(result.grad_norm), "tokens": tokens_seen, "tokens_per_s": tok_s}
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                log.log(record)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+                tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                _log_train_step(log, bar, step, loss_value, lr, result.grad_norm, tokens_seen, tok_s)
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
         if val_source is not None and step % config.eval_every == 0:
-            val = validation_loss(model, val_source, config, info, autocast)
-            if info.is_main:
-                ppl = math.exp(min(val, 50.0))
-                log.log({"kind": "val", "step": step, "loss": val, "ppl": ppl})
-                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {ppl:.2f}", file=sys.stderr)
+            _validate(model, val_source, config, info, autocast, log, bar, step)
         if saving:
             state = {"step": step, "rows_consumed": rows_consumed, "tokens_seen": tokens_seen, "model_spec": spec,
                      "train_config": config.to_dict()}
@@ -437,3 +388,85 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
         if config.plot:
             write_loss_plot(config.out_dir)
     return {"step": step, "loss": loss_value, "out_dir": config.out_dir, "tokens": tokens_seen}
+
+
+def _data_sources(config: TrainConfig, tokenizer):
+    """The training corpus, its BatchSource, and the validation BatchSource (None without val_data / eval_every)."""
+    corpus = load_corpus(config.data, tokenizer, config.tokenizer, TextSource.of(config), config.verify_shards)
+    source = BatchSource(PackedRows(corpus, config.seq_len), config.micro_batch_size, config.seed, config.shuffle)
+    val_source = None
+    if config.val_data and config.eval_every:
+        val_corpus = load_corpus(config.val_data, tokenizer, config.tokenizer, TextSource.of(config),
+                                 config.verify_shards)
+        val_source = BatchSource(PackedRows(val_corpus, config.seq_len), config.micro_batch_size, shuffle=False)
+    return corpus, source, val_source
+
+
+def _enable_gradient_checkpointing(raw_model: nn.Module, config: TrainConfig) -> None:
+    # newer transformers name it activation_checkpointing_enable (the old name warns that it is deprecated)
+    enable = (getattr(raw_model, "activation_checkpointing_enable", None)
+              or getattr(raw_model, "gradient_checkpointing_enable", None))
+    if enable is None:
+        raise InputError(f"model '{config.model}' does not support it", "gradient_checkpointing")
+    enable()
+
+
+def _restore(checkpoint: dict, model, optimizer, scheduler, config: TrainConfig) -> tuple[int, int, int]:
+    """Load a checkpoint's training state, keeping this command's optimiser settings and learning rate; returns
+    (step, rows_consumed, tokens_seen)."""
+    # --weight-decay, --beta1/2 of this command, and how this run steps (fused, capturable), not the checkpoint's
+    hyper = [{k: v for k, v in g.items() if k in ("weight_decay", "betas", "fused", "capturable")}
+             for g in optimizer.param_groups]
+    load_training_state(model, optimizer, checkpoint)
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)  # the checkpoint's would win silently
+    for group, settings, base_lr in zip(optimizer.param_groups, hyper, scheduler.base_lrs):
+        group.update(settings)
+        group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # --max-steps may have changed
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["step"], checkpoint["rows_consumed"], checkpoint["tokens_seen"]
+
+
+def _announce_start(log, config: TrainConfig, info: DistInfo, raw_model, corpus, source, step: int, resume_path,
+                    changed: dict, parallel: str) -> None:
+    """The run's config file, its "start" record, and (with progress) one line on stderr."""
+    atomic_write_text(os.path.join(config.out_dir, "train_config.json"), json.dumps(config.to_dict(), indent=2))
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log.log({"kind": "start", "step": step, "params": n_params, "world_size": info.world_size,
+             "parallel": parallel, "train_tokens": corpus.num_tokens, "resumed_from": resume_path,
+             **({"changed_settings": changed} if changed else {})})
+    if config.progress:
+        rows = info.world_size * config.grad_accum * config.micro_batch_size
+        print(f"memmix train: {config.model} ({n_params / 1e6:.1f}M parameters) on {info.world_size} x "
+              f"{info.device.type} ({parallel}); {corpus.num_tokens:,} tokens in {source.rows.num_rows:,} rows "
+              f"of {config.seq_len}; {rows * config.seq_len:,} tokens per step"
+              + (f"; resuming at step {step}" if resume_path else ""), file=sys.stderr)
+
+
+def _step_batches(source: BatchSource, config: TrainConfig, info: DistInfo, rows_consumed: int) -> list[tuple]:
+    """One optimiser step's grad_accum micro-batches on the device, each (input_ids (1, B*L), cu_seqlens (N+1,))."""
+    micro_batches = [source.micro_batch(rows_consumed, micro, info.rank, info.world_size)
+                     for micro in range(config.grad_accum)]
+    if config.cuda_graph:  # one number of bounds for every micro-batch of the step: few shapes, few graphs
+        length = max(cu.numel() for _, cu in micro_batches)
+        micro_batches = [(ids, pad_bounds(cu, length)) for ids, cu in micro_batches]
+    return [tuple(t.to(info.device, non_blocking=True) for t in batch) for batch in micro_batches]
+
+
+def _log_train_step(log, bar, step: int, loss_value: float, lr: float, grad_norm, tokens_seen: int,
+                    tok_s: float) -> None:
+    record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr,
+              "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": tok_s}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    log.log(record)
+    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", refresh=False)
+
+
+def _validate(model, val_source: BatchSource, config: TrainConfig, info: DistInfo, autocast, log, bar,
+              step: int) -> None:
+    val = validation_loss(model, val_source, config, info, autocast)
+    if info.is_main:
+        ppl = math.exp(min(val, 50.0))
+        log.log({"kind": "val", "step": step, "loss": val, "ppl": ppl})
+        bar.write(f"step {step}: validation loss {val:.4f}, perplexity {ppl:.2f}", file=sys.stderr)

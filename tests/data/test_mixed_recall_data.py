@@ -10,7 +10,8 @@ from memmix.data.mixed_recall import (
     modality_vocab,
     validate_mixed_recall,
 )
-from memmix.data.mqar import IGNORE_INDEX, generate_mqar
+from memmix.data.mqar import generate_mqar
+from memmix.labels import IGNORE_INDEX
 
 CASES = [dict(seq_len=32, num_kv_pairs=2, vocab_size=16, num_segments=3),
          dict(seq_len=64, num_kv_pairs=8, vocab_size=64, num_segments=1),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.packing import BatchSource, PackedRows, RowOrder, TokenCorpus, pack_rows
 
 
@@ -75,10 +75,10 @@ def test_too_little_data_is_an_input_error():
 
 
 def test_a_token_outside_the_vocabulary_is_an_input_error_naming_the_shard():
-    """Issue 21, item 5: damaged shards read with --no-verify-shards gave an IndexError in the embedding."""
+    """Damaged shards read with --no-verify-shards stop with an input error, not an IndexError in the embedding."""
     import pytest
 
-    from memmix.data.errors import InputError
+    from memmix.errors import InputError
     from memmix.data.packing import PackedRows, TokenCorpus
 
     good = (np.arange(8, dtype=np.uint16), np.array([0, 8]))

@@ -5,7 +5,7 @@ import pytest
 
 from memmix.cli import main
 from memmix.data.corpus import load_corpus
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.prepare import prepare_shards
 from memmix.data.shards import HEADER_BYTES, ShardWriter, TokenShard, open_shards
 from memmix.data.tokenizer import ByteTokenizer

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from memmix.data.corpus import load_corpus
-from memmix.data.errors import InputError
-from memmix.data.sources import detect_format, iter_documents
+from memmix.errors import InputError
+from memmix.data.sources import TextSource, detect_format, iter_documents
 from memmix.data.tokenizer import ByteTokenizer
 
 
@@ -15,7 +15,7 @@ def test_folder_mixes_text_and_jsonl_in_sorted_order(tmp_path):
     (tmp_path / "a.txt").write_text("first file")
     (tmp_path / "b" / "c.jsonl").write_text(json.dumps({"body": "row one"}) + "\n\n" + json.dumps({"body": "row two"}) + "\n")
     (tmp_path / "b" / "d.md").write_text("part1<SEP>part2")
-    docs = list(iter_documents(str(tmp_path), text_field="body", doc_separator="<SEP>"))
+    docs = list(iter_documents(str(tmp_path), TextSource(text_field="body", doc_separator="<SEP>")))
     assert docs == ["first file", "row one", "row two", "part1", "part2"]
 
 
@@ -63,10 +63,10 @@ def test_saved_hf_dataset_loads_with_its_split_and_field(tmp_path):
 
     dd = datasets.DatasetDict({"train": table(["one", "", "two"]), "validation": table(["three"])})
     dd.save_to_disk(str(tmp_path / "ds"))
-    assert list(iter_documents(str(tmp_path / "ds"), text_field="body")) == ["one", "two"]
-    assert list(iter_documents(str(tmp_path / "ds"), text_field="body", split="validation")) == ["three"]
+    assert list(iter_documents(str(tmp_path / "ds"), TextSource(text_field="body"))) == ["one", "two"]
+    assert list(iter_documents(str(tmp_path / "ds"), TextSource(text_field="body", split="validation"))) == ["three"]
     with pytest.raises(InputError, match="no split 'test'"):
-        list(iter_documents(str(tmp_path / "ds"), text_field="body", split="test"))
+        list(iter_documents(str(tmp_path / "ds"), TextSource(text_field="body", split="test")))
     with pytest.raises(InputError, match="no column 'text'"):
         list(iter_documents(str(tmp_path / "ds")))
 
@@ -75,14 +75,14 @@ def test_saved_hf_dataset_loads_with_its_split_and_field(tmp_path):
     ("a.txt", b"caf\xc3\xa9 ok\n\xff", "'{path}'", 9), ("a.md", b"\xc3", "'{path}'", 0),
     ("a.jsonl", b'{"text": "fine"}\n{"text": "b\xe9"}\n', "'{path}' (line 2)", 28)])
 def test_bytes_that_are_not_utf8_stop_with_the_file_and_byte_offset(tmp_path, name, content, where, offset):
-    """Issue 21, item 4: one policy for every format (before, .txt turned them into U+FFFD and JSONL raised)."""
+    """One policy for every format: bytes that are not UTF-8 stop with the file and the byte offset."""
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(InputError) as err:
         list(iter_documents(str(path)))
     assert err.value.argument == "encoding_errors"
     assert err.value.detail.startswith(f"{where.format(path=path)} is not valid UTF-8 at byte {offset} (")
-    assert any("\ufffd" in doc for doc in iter_documents(str(path), encoding_errors="replace"))
+    assert any("\ufffd" in doc for doc in iter_documents(str(path), TextSource(encoding_errors="replace")))
 
 
 def test_unpaired_surrogates_from_json_escapes_follow_the_same_policy(tmp_path):
@@ -90,6 +90,6 @@ def test_unpaired_surrogates_from_json_escapes_follow_the_same_policy(tmp_path):
     path.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "lone \\udc80 here"}\n')
     with pytest.raises(InputError, match=r"s.jsonl' \(line 2\) holds an unpaired surrogate '\\udc80' at character 5"):
         list(iter_documents(str(path)))
-    assert list(iter_documents(str(path), encoding_errors="replace")) == ["ok \U0001F600", "lone \ufffd here"]
+    assert list(iter_documents(str(path), TextSource(encoding_errors="replace"))) == ["ok \U0001F600", "lone \ufffd here"]
     with pytest.raises(InputError, match="must be one of strict, replace"):
-        list(iter_documents(str(path), encoding_errors="ignore"))
+        list(iter_documents(str(path), TextSource(encoding_errors="ignore")))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.tokenizer import ByteTokenizer, load_tokenizer
 
 

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 
-from train_helpers import train_tiny_mom  # noqa: E402
+from training_helpers import train_tiny_mom  # noqa: E402
 
 
 @pytest.fixture(scope="session")

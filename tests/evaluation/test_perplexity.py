@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from standin_model import StandInLM
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.evaluation.perplexity import perplexity, windows
 
 
@@ -67,7 +67,7 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size():
                                               ({"mode": "sliding", "stride": 0}, "stride"),
                                               ({"stride": 4}, "stride"), ({"tokens_per_batch": 0}, "tokens_per_batch")])
 def test_bad_arguments_name_the_argument(kwargs, argument):
-    """Item 9 of issue 21: a stride of 0, a stride in chunked mode and 0 tokens per batch were silently ignored."""
+    """A stride of 0, a stride in chunked mode and 0 tokens per batch are input errors, not silently ignored."""
     args = dict(window=8, stride=None, mode="chunked") | kwargs
     with pytest.raises(InputError) as err:
         perplexity(_Uniform(), [np.arange(10)], **args)

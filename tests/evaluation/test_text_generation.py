@@ -1,8 +1,8 @@
 import pytest
 import torch
-from train_helpers import TINY_MOM
+from training_helpers import TINY_MOM
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.tokenizer import ByteTokenizer
 from memmix.evaluation.generate import TextStreamer, check_generate_args, generate_text
 from memmix.models.presets import build_model

@@ -149,7 +149,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from memmix.layers import attention as attention_module  # noqa: E402
 from memmix.layers.attention import document_block_mask, varlen_document_attention  # noqa: E402
-from memmix.training.step import find_host_syncs  # noqa: E402
+from memmix.host_syncs import find_host_syncs  # noqa: E402
 
 
 def document_causal_mask(cu_seqlens: torch.Tensor, T: int, window=None) -> torch.Tensor:

@@ -88,7 +88,8 @@ def test_captured_training_step_of_an_attention_model_follows_the_eager_one():
     (EmulatedGraph: the same capturable Adam)."""
     from memmix.training.optim import build_optimizer, cosine_schedule
     from memmix.models.presets import build_model
-    from memmix.training.step import EmulatedGraph, TrainStep
+    from helpers import EmulatedGraph
+    from memmix.training.step import TrainStep
 
     gen = torch.Generator().manual_seed(0)
     batches = []

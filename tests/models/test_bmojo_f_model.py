@@ -13,13 +13,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import memmix  # noqa: F401  (registers the Auto classes)
 from memmix.layers import BMojoF, BMojoFState
-from memmix.models.cache import MoMCache
+from memmix.models.cache import LayerStateCache
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
 from memmix.models.presets import BMOJO_PRESETS, bmojo_f_recall_config, build_model
-from memmix.training.step import find_host_syncs
+from memmix.host_syncs import find_host_syncs
 
-from _model_utils import VOCAB, random_ids
+from models_helpers import VOCAB, random_ids
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -182,7 +182,7 @@ def test_cached_decoding_reproduces_the_full_forward(name, prefill):
             out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits)
             cache = out.cache
-    assert isinstance(cache, MoMCache) and cache.get_seq_length() == 17
+    assert isinstance(cache, LayerStateCache) and cache.get_seq_length() == 17
     assert all(isinstance(state, BMojoFState) for state in cache.layer_states)
     torch.testing.assert_close(torch.cat(logits, 1), full, **TOL)
 

@@ -7,54 +7,31 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import memmix
 from memmix.layers import BMojoState
-from memmix.models.cache import MoMCache
 from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
 from memmix.models.presets import BMOJO_PRESETS, bmojo_recall_config, build_model
 
-from _model_utils import tiny_bmojo
+from models_helpers import random_ids, step_by_step, tiny_bmojo
 
-VOCAB = 37
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def tiny_model(seed: int = 0, **overrides) -> BMojoForCausalLM:
-    return tiny_bmojo(seed, vocab_size=VOCAB, **overrides)
-
-
-def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def step_by_step(model, ids: torch.Tensor, prefill: int = 0) -> torch.Tensor:
-    """Logits (B, T, V) from a prefill of `prefill` tokens, then one token per call through the cache."""
-    logits, cache = [], None
-    if prefill:
-        out = model(ids[:, :prefill], use_cache=True)
-        logits.append(out.logits)
-        cache = out.cache
-    for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        cache = out.cache
-        logits.append(out.logits)
-    assert isinstance(cache, MoMCache) and cache.get_seq_length() == ids.shape[1]
-    assert all(isinstance(s, BMojoState) for s in cache.layer_states)
-    return torch.cat(logits, dim=1)
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(fading_rule="gla", eviction="fifo"),
                                        dict(eidetic_size=0, eidetic_per_chunk=0)])
 def test_cached_decoding_reproduces_full_forward(overrides):
-    model = tiny_model(seed=1, **overrides)
+    model = tiny_bmojo(seed=1, **overrides)
     ids = random_ids(2, 17, seed=2)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         torch.testing.assert_close(step_by_step(model, ids), full, **TOL)
         torch.testing.assert_close(step_by_step(model, ids, prefill=7), full, **TOL)
+        assert all(isinstance(s, BMojoState) for s in model(ids, use_cache=True).cache.layer_states)
 
 
 def test_greedy_generate_with_and_without_cache_agree():
-    model = tiny_model(seed=3)
+    model = tiny_bmojo(seed=3)
     prompt = random_ids(2, 6, seed=4)
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
     uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
@@ -63,7 +40,7 @@ def test_greedy_generate_with_and_without_cache_agree():
 
 
 def test_beam_search_with_and_without_cache_agree():
-    model = tiny_model(seed=5)
+    model = tiny_bmojo(seed=5)
     prompt = random_ids(2, 5, seed=6)
     kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
     cached = model.generate(prompt, use_cache=True, **kwargs)
@@ -72,7 +49,7 @@ def test_beam_search_with_and_without_cache_agree():
 
 
 def test_left_padded_prefill_then_decode_equals_each_sequence_alone():
-    model = tiny_model(seed=7)
+    model = tiny_bmojo(seed=7)
     seqs = [random_ids(1, 11, seed=8)[0], random_ids(1, 5, seed=9)[0]]
     ids = torch.zeros(2, 11, dtype=torch.long)
     mask = torch.zeros(2, 11, dtype=torch.long)
@@ -94,7 +71,7 @@ def test_left_padded_prefill_then_decode_equals_each_sequence_alone():
 
 
 def test_packed_forward_and_loss_equal_separate_documents():
-    model = tiny_model(seed=11)
+    model = tiny_bmojo(seed=11)
     docs = [random_ids(1, n, seed=12 + n)[0] for n in (4, 9, 6)]
     ids = torch.cat(docs)[None]
     cu = torch.tensor([0, 4, 13, 19])
@@ -112,7 +89,7 @@ def test_packed_forward_and_loss_equal_separate_documents():
 
 
 def test_gradients_reach_every_parameter():
-    model = tiny_model(seed=13).train()
+    model = tiny_bmojo(seed=13).train()
     ids = random_ids(2, 14, seed=14)
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
@@ -120,7 +97,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    model = tiny_model(seed=15).train()
+    model = tiny_bmojo(seed=15).train()
     ids = random_ids(2, 10, seed=16)
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -132,14 +109,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_cache_is_bounded_and_matches_the_size_helper():
-    model = tiny_model(seed=17)
+    model = tiny_bmojo(seed=17)
     with torch.no_grad():
         sizes = [model(random_ids(1, n), use_cache=True).cache.num_floats() for n in (5, 30)]
     assert sizes[0] == sizes[1] == model.recurrent_state_size()
 
 
 def test_cache_select_follows_the_batch():
-    model = tiny_model(seed=18)
+    model = tiny_bmojo(seed=18)
     ids = random_ids(3, 8, seed=19)
     with torch.no_grad():
         cache = model(ids, use_cache=True).cache
@@ -152,7 +129,7 @@ def test_cache_select_follows_the_batch():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_save_load_round_trip_and_auto_classes(tmp_path, tie):
-    model = tiny_model(seed=21, tie_word_embeddings=tie, eviction="fifo")
+    model = tiny_bmojo(seed=21, tie_word_embeddings=tie, eviction="fifo")
     ids = random_ids(2, 9, seed=22)
     model.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from memmix.convert import config_from_fla, convert_checkpoint, convert_fla_mom_state_dict, main
 from memmix.models import MoMForCausalLM
 
-from _model_utils import random_ids
+from models_helpers import random_ids
 
 
 def fla_config(**overrides) -> dict:

@@ -6,7 +6,7 @@ import torch
 
 from memmix.models.loss import next_token_targets
 
-from _model_utils import random_ids, tiny_bmojo, tiny_model
+from models_helpers import random_ids, tiny_bmojo, tiny_model
 
 MODELS = {"mom": tiny_model, "bmojo": tiny_bmojo}
 

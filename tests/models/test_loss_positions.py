@@ -6,7 +6,7 @@ import torch
 
 from memmix.models import causal_lm_loss
 
-from _model_utils import VOCAB, random_ids, tiny_bmojo, tiny_model
+from models_helpers import VOCAB, random_ids, tiny_bmojo, tiny_model
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 

@@ -9,7 +9,7 @@ import torch
 from memmix.models import MoMConfig, MoMForCausalLM
 from memmix.routing import load_balancing_loss
 
-from _model_utils import output_cache, random_ids, tiny_config, tiny_model
+from models_helpers import output_cache, random_ids, tiny_mom_config, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 GROUPS = dict(num_memories=4, topk=1, memory_groups={"text": 3, "image": 1})
@@ -37,7 +37,7 @@ def change_tokens(ids: torch.Tensor, where: torch.Tensor, seed: int = 1) -> torc
 
 
 def test_groups_keep_their_order_through_json_and_map_to_layer_sizes():
-    config = tiny_config(**GROUPS, **EXPERT_CHOICE | {"ffn_experts": {"text": 2, "image": 1}})
+    config = tiny_mom_config(**GROUPS, **EXPERT_CHOICE | {"ffn_experts": {"text": 2, "image": 1}})
     assert config.memory_group_sizes == [3, 1] and config.ffn_expert_groups == [2, 1]
     again = MoMConfig.from_dict(json.loads(config.to_json_string()))  # JSON sorts keys: image before text
     assert list(again.memory_groups) == ["text", "image"] and again.memory_group_sizes == [3, 1]

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from memmix.models import MoMCache, MoMForCausalLM, MoMModel, causal_lm_loss
+from memmix.models import MoMForCausalLM, MoMModel, causal_lm_loss
 from memmix.routing import load_balancing_loss
 
-from _model_utils import output_cache, random_ids, tiny_config, tiny_model
+from models_helpers import output_cache, random_ids, step_by_step, tiny_model, tiny_mom_config
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -26,28 +26,13 @@ DECODE_CASES = {
 HYBRID = dict(num_hidden_layers=3, attn_layers=[1], attn_window_size=5, attn_num_kv_heads=1)
 
 
-def _step_by_step(model, ids: torch.Tensor, prefill: int = 0) -> torch.Tensor:
-    """Logits (B, T, V) from a prefill of `prefill` tokens, then one token per call through the cache."""
-    logits, cache = [], None
-    if prefill:
-        out = model(ids[:, :prefill], use_cache=True)
-        logits.append(out.logits)
-        cache = output_cache(out)
-    for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = output_cache(out)
-        logits.append(out.logits)
-    assert isinstance(cache, MoMCache) and cache.get_seq_length() == ids.shape[1]
-    return torch.cat(logits, dim=1)
-
-
 @pytest.mark.parametrize("overrides", DECODE_CASES.values(), ids=DECODE_CASES.keys())
 def test_cached_decoding_reproduces_full_forward(overrides):
     model = tiny_model(seed=1, **overrides)
     ids = random_ids(2, 17, seed=2)  # 17 > the layer's dense-layout limit: full pass and steps take different paths
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        torch.testing.assert_close(_step_by_step(model, ids, prefill=5), full, **TOL)
+        torch.testing.assert_close(step_by_step(model, ids, prefill=5), full, **TOL)
 
 
 def test_greedy_generate_with_and_without_cache_agree():
@@ -330,7 +315,7 @@ def test_save_load_round_trip_and_auto_classes(tmp_path, tie):
 
 
 def test_auto_classes_from_config():
-    config = tiny_config()
+    config = tiny_mom_config()
     settings = {k: v for k, v in config.to_diff_dict().items() if k not in ("model_type", "transformers_version")}
     assert AutoConfig.for_model("memmix_mom", **settings).to_dict() == config.to_dict()
     assert type(AutoModelForCausalLM.from_config(config)) is MoMForCausalLM

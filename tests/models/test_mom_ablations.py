@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from memmix.models import MoMConfig, MoMForCausalLM, causal_lm_loss
 
-from _model_utils import output_cache, random_ids, tiny_model
+from models_helpers import output_cache, random_ids, step_by_step, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 HYBRID = dict(num_hidden_layers=3, attn_layers=[1], attn_window_size=5, attn_num_kv_heads=1)
@@ -27,24 +27,13 @@ MIXING = {
 FIELDS = {"router_z_loss": 0.0, "router_temperature": 1.0, "router_input": "token", "conv_scope": "segment"}
 
 
-def _step_by_step(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
-    """Logits (B, T, V) of a prefill, then one token per call through the cache."""
-    out = model(ids[:, :prefill], use_cache=True)
-    logits, cache = [out.logits], output_cache(out)
-    for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
-        cache = output_cache(out)
-    return torch.cat(logits, dim=1)
-
-
 @pytest.mark.parametrize("overrides", MIXING.values(), ids=MIXING.keys())
 def test_prefill_and_decoding_steps_reproduce_the_full_forward(overrides):
     model = tiny_model(seed=1, **overrides)
     ids = random_ids(2, 21, seed=2)  # 21 > the dense-layout limit: the full pass and the steps take different paths
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        torch.testing.assert_close(_step_by_step(model, ids, prefill=6), full, **TOL)
+        torch.testing.assert_close(step_by_step(model, ids, prefill=6), full, **TOL)
 
 
 @pytest.mark.parametrize("overrides", MIXING.values(), ids=MIXING.keys())

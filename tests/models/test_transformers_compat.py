@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from memmix.models import MoMCache
+from memmix.models import LayerStateCache
 
-from _model_utils import random_ids, tiny_bmojo, tiny_model
+from models_helpers import random_ids, tiny_bmojo, tiny_model
 
 MODELS = {"mom": lambda: tiny_model(seed=0, num_hidden_layers=3, attn_layers=[1]), "bmojo": lambda: tiny_bmojo(0)}
 
@@ -51,7 +51,7 @@ def test_forward_decoding_and_generate_log_no_warning(name, transformers_warning
         step = model(ids[:, :1], past_key_values=out.cache, use_cache=True)
         step = model(ids[:, :1], cache=step.cache, use_cache=True, return_dict=False)
         generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert isinstance(step[1], MoMCache) and generated.shape == (2, 9)
+    assert isinstance(step[1], LayerStateCache) and generated.shape == (2, 9)
     assert transformers_warnings == []
 
 
@@ -62,7 +62,7 @@ def test_outputs_name_the_cache_like_the_transformers_outputs(name):
         out = model(random_ids(1, 4, seed=2), use_cache=True)
     ours = {"cache", "past_key_values"} & set(type(out).__dataclass_fields__)
     theirs = {"cache", "past_key_values"} & set(CausalLMOutputWithPast.__dataclass_fields__)
-    assert ours == theirs and isinstance(out.cache, MoMCache)
+    assert ours == theirs and isinstance(out.cache, LayerStateCache)
     assert out[next(iter(ours))] is out.cache
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _ops_utils import RULES, make_step_inputs, rel_err
+from ops_helpers import RULES, make_step_inputs, rel_err
 from memmix.ops import memory_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

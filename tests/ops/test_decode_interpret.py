@@ -28,7 +28,7 @@ TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
 
 def run_case(name: str, seed: int) -> dict:
     """Relative errors of the kernel vs the PyTorch path and vs the float64 loop; untouched rows identical?"""
-    from _ops_utils import make_step_inputs, naive_memory_step
+    from ops_helpers import make_step_inputs, naive_memory_step
     from memmix.ops import memory_step
 
     case = CASES[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _ops_utils import RULES, call, grad_inputs, make_inputs, rel_err
+from ops_helpers import RULES, call, grad_inputs, make_inputs, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _ops_utils import RULES, call, make_inputs, rel_err
+from ops_helpers import RULES, call, make_inputs, rel_err
 from memmix.ops import gated_delta_rule, l2norm
 from memmix.ops.common import resolve_impl
 

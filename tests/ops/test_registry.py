@@ -55,7 +55,7 @@ def test_the_backend_registers_its_kernels():
     assert registry.find_kernel("mom_segment_conv") is not None
     assert registry.find_kernel("mom_segment_combine") is not None
     assert registry.find_kernel("no_such_kernel") is None
-    # each kernel's limits, as Kernel.fits reads them (resolve_impl itself on CUDA: tests/ops/test_triton_gpu.py)
+    # each kernel's limits, as Kernel.fits reads them (resolve_impl itself on CUDA: tests/ops/triton/test_gated_delta_rule_gpu.py)
     assert get_rule("gated_delta_rule").chunk_kernel.max_head_dim == backend.MAX_HEAD_DIM
     assert not get_rule("gated_delta_rule").step_kernel.differentiable
     assert registry.find_kernel("gated_rms_norm").max_head_dim == backend.NORM_MAX_DIM

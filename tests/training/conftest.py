@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import standin_model  # noqa: E402
 
-from train_helpers import write_corpus  # noqa: E402
+from training_helpers import write_corpus  # noqa: E402
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.training import checkpoint as ckpt_mod
 from memmix.training.checkpoint import CheckpointDir, load_checkpoint
 

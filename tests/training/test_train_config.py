@@ -3,7 +3,7 @@ import json
 import pytest
 
 from memmix.cli import build_parser
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.training.config import TrainConfig, config_from_args, read_config_file
 from memmix.models.presets import MOM_PRESETS as PRESETS
 from memmix.training.trainer import check_preset

@@ -1,9 +1,9 @@
 """memmix train's fast path: the fused LM loss, padded document bounds, and the CUDA-graph option's checks."""
 import pytest
 import torch
-from train_helpers import tiny_config
+from training_helpers import tiny_train_config
 
-from memmix.data.errors import InputError
+from memmix.errors import InputError
 from memmix.data.packing import pad_bounds
 from memmix.models.loss import next_token_targets
 from memmix.training.metrics import read_metrics
@@ -26,7 +26,7 @@ def test_pad_bounds_adds_empty_documents_to_a_power_of_two():
 def test_fused_loss_trains_as_the_plain_loss(tmp_path, corpus_path):
     runs = {}
     for mode in ("off", "on"):
-        train(tiny_config(corpus_path, tmp_path / mode, model="mom-tiny", max_steps=4, fused_loss=mode))
+        train(tiny_train_config(corpus_path, tmp_path / mode, model="mom-tiny", max_steps=4, fused_loss=mode))
         runs[mode] = _losses(tmp_path / mode)
     assert len(runs["on"]) == 4
     assert runs["on"] == pytest.approx(runs["off"], rel=1e-5)
@@ -34,11 +34,11 @@ def test_fused_loss_trains_as_the_plain_loss(tmp_path, corpus_path):
 
 def test_cuda_graph_needs_one_cuda_device(tmp_path, corpus_path):
     with pytest.raises(InputError, match="cuda_graph: needs one CUDA device"):
-        train(tiny_config(corpus_path, tmp_path / "a", cuda_graph=True))
+        train(tiny_train_config(corpus_path, tmp_path / "a", cuda_graph=True))
     with pytest.raises(InputError, match="cuda_graph: captures one process's step"):
-        train(tiny_config(corpus_path, tmp_path / "b", cuda_graph=True, parallel="ddp"))
+        train(tiny_train_config(corpus_path, tmp_path / "b", cuda_graph=True, parallel="ddp"))
     with pytest.raises(InputError, match="fused_loss: must be one of auto, on, off"):
-        tiny_config(corpus_path, tmp_path / "c", fused_loss="yes")
+        tiny_train_config(corpus_path, tmp_path / "c", fused_loss="yes")
 
 
 @pytest.mark.gpu
@@ -49,7 +49,7 @@ def test_fast_path_loss_curve_matches_the_plain_one_on_the_gpu(tmp_path, corpus_
     runs = {}
     for name, options in {"plain": dict(fused_loss="off"), "fused": dict(fused_loss="on"),
                           "graph": dict(fused_loss="on", cuda_graph=True)}.items():
-        train(tiny_config(corpus_path, tmp_path / name, model="mom-tiny", max_steps=100, device="cuda",
+        train(tiny_train_config(corpus_path, tmp_path / name, model="mom-tiny", max_steps=100, device="cuda",
                           save_every=1000, **options))
         runs[name] = _losses(tmp_path / name)
     for name in ("fused", "graph"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from test_train_distributed import run_torchrun
-from train_helpers import TINY_MOM, tiny_config
+from training_helpers import TINY_MOM, tiny_train_config
 
 from memmix.data.packing import pack_rows
 from memmix.training.metrics import read_metrics
@@ -32,17 +32,17 @@ def test_packed_loss_equals_per_document_losses():
 
 def test_mom_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, corpus_path):
     cfg = dict(model="tiny", model_overrides=TINY_MOM, max_steps=4, grad_accum=1, save_every=2)
-    train(tiny_config(corpus_path, tmp_path / "full", **cfg))
+    train(tiny_train_config(corpus_path, tmp_path / "full", **cfg))
 
     def die_at_3(step, loss):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(corpus_path, tmp_path / "cut", **cfg), step_callback=die_at_3)
+        train(tiny_train_config(corpus_path, tmp_path / "cut", **cfg), step_callback=die_at_3)
     # a resume may change how the model runs (impl, low_memory), not what it is
     runtime = dict(cfg, model_overrides=dict(TINY_MOM, impl="chunk", low_memory=True))
-    train(tiny_config(corpus_path, tmp_path / "cut", **runtime, resume=True))
+    train(tiny_train_config(corpus_path, tmp_path / "cut", **runtime, resume=True))
     curve = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(str(d))]  # noqa: E731
     assert curve(tmp_path / "cut") == curve(tmp_path / "full") and len(curve(tmp_path / "full")) == 4
 
@@ -63,7 +63,7 @@ def test_gradient_checkpointing_run_matches_a_plain_run(tmp_path, corpus_path, m
     curves = {}
     for checkpointing in (False, True):
         out = tmp_path / str(checkpointing)
-        train(tiny_config(corpus_path, out, gradient_checkpointing=checkpointing, **cfg))
+        train(tiny_train_config(corpus_path, out, gradient_checkpointing=checkpointing, **cfg))
         assert bool(calls) == checkpointing  # blocks ran under activation checkpointing only when asked
         curves[checkpointing] = [v for r in read_metrics(str(out)) for v in (r["loss"], r["grad_norm"])]
     assert len(curves[True]) == 2 * 3

@@ -2,9 +2,12 @@
 import pytest
 import torch
 
+from helpers import EmulatedGraph
+
 from memmix import MoMConfig, MoMForCausalLM
+from memmix.host_syncs import find_host_syncs
 from memmix.training.optim import build_optimizer, cosine_schedule
-from memmix.training.step import EmulatedGraph, TrainStep, find_host_syncs
+from memmix.training.step import TrainStep
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, attn_num_heads=2,
             intermediate_size=64)

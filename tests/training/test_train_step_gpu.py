@@ -46,7 +46,7 @@ def _weights(step: TrainStep) -> list[float]:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_graph_steps_equal_eager_steps(name):
-    """Bitwise where the kernels allow; the issue's bound is 1e-5 relative in float32."""
+    """Bitwise where the kernels allow; the bound is 1e-5 relative in float32."""
     graph, eager = _losses(name, graph=True), _losses(name, graph=False)
     assert graph == pytest.approx(eager, rel=1e-5, abs=0)
     assert graph[-1] < graph[0]

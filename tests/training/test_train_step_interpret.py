@@ -35,7 +35,8 @@ def run_case(name: str, seed: int) -> dict:
     from memmix.models import BMojoForCausalLM, MoMConfig, MoMForCausalLM
     from memmix.models.presets import bmojo_recall_config
     from memmix.ops.mom import triton_path
-    from memmix.training.step import clip_grad_norm, find_host_syncs
+    from memmix.host_syncs import find_host_syncs
+    from memmix.training.step import clip_grad_norm
 
     torch.manual_seed(seed)
     if name == "bmojo":

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from train_helpers import tiny_config
+from training_helpers import tiny_train_config
 
 from memmix.cli import main
 from memmix.training.checkpoint import CheckpointDir, load_checkpoint
@@ -28,7 +28,7 @@ def _curve(out_dir):
 
 
 def test_training_reduces_the_loss(tmp_path, corpus_path):
-    result = train(tiny_config(corpus_path, tmp_path / "run", max_steps=12, lr=1e-2, grad_accum=1))
+    result = train(tiny_train_config(corpus_path, tmp_path / "run", max_steps=12, lr=1e-2, grad_accum=1))
     losses = [loss for _, loss, _, _ in _curve(tmp_path / "run")]
     assert len(losses) == 12 and result["step"] == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
@@ -36,11 +36,11 @@ def test_training_reduces_the_loss(tmp_path, corpus_path):
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run_exactly(tmp_path, corpus_path):
-    train(tiny_config(corpus_path, tmp_path / "full"))
+    train(tiny_train_config(corpus_path, tmp_path / "full"))
     with pytest.raises(_Killed):  # dies after step 5; the last checkpoint is step 4
-        train(tiny_config(corpus_path, tmp_path / "killed"), step_callback=_interrupt_at(5))
+        train(tiny_train_config(corpus_path, tmp_path / "killed"), step_callback=_interrupt_at(5))
     assert CheckpointDir(str(tmp_path / "killed")).steps() == [2, 4]
-    train(tiny_config(corpus_path, tmp_path / "killed", resume=True))
+    train(tiny_train_config(corpus_path, tmp_path / "killed", resume=True))
     assert _curve(tmp_path / "killed") == _curve(tmp_path / "full")  # bitwise: same floats, each step once
     full = load_checkpoint(CheckpointDir(str(tmp_path / "full")).latest())
     resumed = load_checkpoint(CheckpointDir(str(tmp_path / "killed")).latest())
@@ -53,7 +53,7 @@ def test_validation_loss_is_logged_and_repeatable(tmp_path, corpus_path):
     held_out = tmp_path / "val.txt"
     held_out.write_text("the birds sang songs of memory in the park " * 8)
     for name in ("a", "b"):
-        train(tiny_config(corpus_path, tmp_path / name, val_data=str(held_out), eval_every=3, eval_batches=2))
+        train(tiny_train_config(corpus_path, tmp_path / name, val_data=str(held_out), eval_every=3, eval_batches=2))
     val = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "a"), kind="val")]
     assert [s for s, _ in val] == [3, 6] and val == [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "b"), kind="val")]
     assert val[1][1] < val[0][1]
@@ -61,8 +61,8 @@ def test_validation_loss_is_logged_and_repeatable(tmp_path, corpus_path):
 
 def test_resume_on_another_batch_layout_continues_the_data_stream(tmp_path, corpus_path):
     """A checkpoint from grad_accum=2 resumes with micro_batch 4 x accum 1: same rows per step, same data."""
-    train(tiny_config(corpus_path, tmp_path / "a", max_steps=4))
-    train(tiny_config(corpus_path, tmp_path / "a", max_steps=6, resume=True, micro_batch_size=4, grad_accum=1))
+    train(tiny_train_config(corpus_path, tmp_path / "a", max_steps=4))
+    train(tiny_train_config(corpus_path, tmp_path / "a", max_steps=6, resume=True, micro_batch_size=4, grad_accum=1))
     assert load_checkpoint(CheckpointDir(str(tmp_path / "a")).latest())["rows_consumed"] == 24
 
 
@@ -95,7 +95,7 @@ def test_cli_input_errors_are_one_line_and_keep_existing_runs(tmp_path, corpus_p
 
 
 def test_damaged_checkpoint_on_resume(tmp_path, corpus_path, capsys, standin):
-    train(tiny_config(corpus_path, tmp_path / "run", max_steps=2))
+    train(tiny_train_config(corpus_path, tmp_path / "run", max_steps=2))
     latest = CheckpointDir(str(tmp_path / "run")).latest()
     with open(latest, "r+b") as f:
         f.truncate(64)

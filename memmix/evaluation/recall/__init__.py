@@ -6,7 +6,8 @@
 
 Modules: settings (RecallSettings, presets, validation, grids), tasks (MQAR and mixed-modal recall data behind one
 interface), models (the registry: adding a model is one ``register_model`` call), training (the loop over
-memmix.training.step.TrainStep), runner (the plan of runs, worker pool, resume, budget), results (a run's numbers
+memmix.training.step.TrainStep), plan (the runs), run (one run), pool (in this process or worker processes),
+progress (the bars), runner (the benchmark: resume, budget), results (a run's numbers
 and the results file), report (table, summary, JSON, plots), estimate (wall time before starting), mixed (the
 mixed-modal routing benchmark).
 """
@@ -36,8 +37,9 @@ from memmix.evaluation.recall.report import (
     plot_state_accuracy,
     summary_line,
 )
-from memmix.evaluation.recall.results import RunResult, RunSpec, select_best
-from memmix.evaluation.recall.runner import run_recall, worker_count
+from memmix.evaluation.recall.results import RunResult, RunSpec, check_resumable, select_best
+from memmix.evaluation.recall.pool import worker_count
+from memmix.evaluation.recall.runner import run_recall
 from memmix.evaluation.recall.settings import (
     PRESETS,
     RecallSettingError,
@@ -45,7 +47,7 @@ from memmix.evaluation.recall.settings import (
     settings_grid,
     validate_settings,
 )
-from memmix.evaluation.recall.tasks import MixedTask, MQARTask, recall_accuracy
+from memmix.evaluation.recall.tasks import MQARTask, recall_accuracy
 from memmix.evaluation.recall.training import Recipe, endless_batches, train_steps
 
 __all__ = [
@@ -55,7 +57,6 @@ __all__ = [
     "RECALL_MODELS",
     "Estimate",
     "MQARTask",
-    "MixedTask",
     "ModelResult",
     "ModelSize",
     "RecallModel",
@@ -66,6 +67,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "StateSize",
+    "check_resumable",
     "count_parameters",
     "endless_batches",
     "estimate_seconds",

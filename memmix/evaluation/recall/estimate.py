@@ -59,7 +59,7 @@ CPU_HEAD_FLOPS = 1.0e11  # flop/s of one thread on the LM head's matmuls (calibr
 # logits): gdn at d_model 16 / 64, 1024 tokens, vocabulary 64 against 8192, scaled as above.
 CPU_SECONDS_PER_LOGIT = 1.3e-8
 
-# CUDA (H200) guess, not measured here: issue 16 measured eager steps with 4 runs sharing one H200 (d_model 128,
+# CUDA (H200) guess, not measured on this machine: eager steps of 4 runs sharing one H200 (d_model 128,
 # batch 64 x 256, vocab 8192): MoM 93 ms, GDN and linear 63 ms, attention 25 ms a step. Launch-bound, so nearly
 # independent of tokens and width; B'MOJO and gdn-wide are guessed from their kernel counts. Up to
 # CUDA_CONCURRENT_RUNS runs overlap fully (each process has its own CPU core for the launches).
@@ -71,9 +71,9 @@ CUDA_COSTS: dict[str, StepCost] = {
     "linear": StepCost(0.063, 0.0, 0.0),
     "bmojo": StepCost(0.100, 0.0, 0.0),
 }
-# Issue 16's targets for the captured (CUDA-graph) step, one run: MoM >= 150, GDN and linear >= 200, attention >= 250
+# Targets for the captured (CUDA-graph) training step, one run: MoM >= 150, GDN and linear >= 200, attention >= 250
 # steps/s (B'MOJO and gdn-wide guessed); with them 8 runs on one GPU give >= 4x one run. Pass as ``costs=``.
-ISSUE16_TARGET_COSTS: dict[str, StepCost] = {
+CAPTURED_STEP_TARGET_COSTS: dict[str, StepCost] = {
     "attention": StepCost(0.004, 0.0, 0.0),
     "mom": StepCost(0.0067, 0.0, 0.0),
     "gdn": StepCost(0.005, 0.0, 0.0),
@@ -151,8 +151,9 @@ def estimate_seconds(s: RecallSettings, device: str | None = None, finished: lis
     finished: RunResults already done (a results file's runs): they are not counted, and their measured seconds
     per step replace the model for their (model, d_model). stop_fraction: the share of the step cap a run is
     assumed to train (1.0: no early stop, an upper bound). costs: step costs replacing the device's table (e.g.
-    ISSUE16_TARGET_COSTS). Runs are packed onto the workers in plan order."""
-    from memmix.evaluation.recall.runner import Plan, worker_count
+    CAPTURED_STEP_TARGET_COSTS). Runs are packed onto the workers in plan order."""
+    from memmix.evaluation.recall.plan import Plan
+    from memmix.evaluation.recall.pool import worker_count
 
     device_type = torch.device(device or s.device).type
     done = {r.spec.key: r for r in finished or []}
@@ -178,7 +179,7 @@ def estimate_seconds(s: RecallSettings, device: str | None = None, finished: lis
     start = (data_tokens * DATA_SECONDS_PER_TOKEN[kind] + WORKER_START_SECONDS[kind] * (len(lanes) > 1)
              if run_seconds else 0.0)
     basis = "CPU cost model measured on a 2-core CPU" if device_type == "cpu" else \
-        "CUDA guess from issue 16's eager H200 steps, not calibrated"
+        "CUDA guess from eager H200 steps, not calibrated"
     if costs is not None:
         basis = "the given step costs"
     if measured:

@@ -25,17 +25,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from memmix.data.mixed_recall import MODALITIES, MixedRecallData, max_mixed_kv_pairs
-from memmix.data.mqar import IGNORE_INDEX
+from memmix.data.mixed_recall import MODALITIES, MixedRecallData, make_mixed_recall_splits, max_mixed_kv_pairs
 from memmix.evaluation.recall.models import (
     StateSize,
     count_parameters,
     mom_family_state_size,
 )
-from memmix.evaluation.recall.settings import RecallSettingError
-from memmix.evaluation.recall.tasks import MixedTask
+from memmix.evaluation.recall.pool import torch_threads
+from memmix.evaluation.recall.report import fmt_seconds
+from memmix.evaluation.recall.run import thin
+from memmix.evaluation.recall.settings import RecallSettingError, hardest
+from memmix.evaluation.recall.tasks import Splits, cached_splits
 from memmix.evaluation.recall.training import Recipe, train_steps
-from memmix.routing import allowed_memories, route
+from memmix.labels import IGNORE_INDEX
+from memmix.routing import allowed_memories, one_hot, route
 
 GROUPS = {"text": 2, "image": 2}
 
@@ -143,11 +146,44 @@ def build_mixed_model(variant: MixedVariant, topk: int, d_model: int, s: MixedRe
 # ----------------------------------------------------------------------------------------------- train / evaluate
 
 
-def _model_inputs(batch: MixedRecallData, uses_modality: bool, device) -> dict[str, torch.Tensor]:
-    inputs = {"input_ids": batch.input_ids.to(device)}
+def model_inputs(batch: MixedRecallData, uses_modality: bool) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for a batch: input_ids, and modality_ids when the model routes by modality."""
+    inputs = {"input_ids": batch.input_ids}
     if uses_modality:
-        inputs["modality_ids"] = batch.modality_ids.to(device)
+        inputs["modality_ids"] = batch.modality_ids
     return inputs
+
+
+class MixedTask:
+    """Mixed-modal recall at a MixedRecallSettings' grid; ``uses_modality`` passes modality_ids to the model."""
+
+    def __init__(self, settings, uses_modality: bool):
+        self.s, self.uses_modality = settings, uses_modality
+
+    def make_splits(self) -> Splits:
+        s, train, test = self.s, {}, {}
+        for seq_len in s.seq_lens:
+            train[seq_len], per_count = make_mixed_recall_splits(seq_len, s.num_kv_pairs, s.vocab_size, s.num_train,
+                                                                 s.num_test, s.seed, s.num_segments)
+            test.update({(seq_len, n): data for n, data in per_count.items()})
+        return Splits(train, test)
+
+    def splits(self, device: str | torch.device) -> Splits:
+        s = self.s
+        key = ("mixed", tuple(s.seq_lens), tuple(s.num_kv_pairs), s.vocab_size, s.num_train, s.num_test, s.seed,
+               s.num_segments)
+        return cached_splits(key, device, self.make_splits)
+
+    def inputs(self, batch: MixedRecallData) -> dict[str, torch.Tensor]:
+        return model_inputs(batch, self.uses_modality)
+
+    def accuracy(self, model: nn.Module, data) -> float:
+        return self.scores(model, data)["all"]
+
+    def scores(self, model: nn.Module, data) -> dict[str, float]:
+        """Accuracy over all queries and per modality ({"all", "text", "image"}) plus the memory purity."""
+        device = next(model.parameters()).device
+        return mixed_recall_accuracy(model, data, self.s.eval_batch_size, device, self.uses_modality)
 
 
 def train_mixed(model: nn.Module, train: dict[int, MixedRecallData], s: MixedRecallSettings, uses_modality: bool,
@@ -170,7 +206,8 @@ def mixed_recall_accuracy(model: nn.Module, data: MixedRecallData, batch_size: i
     usage = None  # (layers, M, 2) routed slots per memory and token modality
     for start in range(0, len(data), batch_size):
         batch = data.subset(slice(start, start + batch_size))
-        out = model(**_model_inputs(batch, uses_modality, device), output_router_logits=True, use_cache=False)
+        inputs = {name: t.to(device) for name, t in model_inputs(batch, uses_modality).items()}
+        out = model(**inputs, output_router_logits=True, use_cache=False)
         predicted = out.logits[:, :-1].argmax(-1).cpu()  # (B, T - 1)
         target, modality = batch.labels[:, 1:].cpu(), batch.modality_ids[:, 1:].cpu()
         for m in range(2):
@@ -191,7 +228,7 @@ def _memory_usage(router_logits, modality_ids: torch.Tensor, config) -> torch.Te
     allowed = None if config.memory_groups is None else allowed_memories(modality_ids, config.memory_group_sizes)
     per_layer = []
     for logits in router_logits:
-        picks = torch.nn.functional.one_hot(route(logits, config.topk, allowed).indices, config.num_memories).sum(2)
+        picks = one_hot(route(logits, config.topk, allowed).indices, config.num_memories).sum(2)
         per_layer.append(torch.stack([(picks * (modality_ids == m).unsqueeze(-1)).sum((0, 1)) for m in range(2)], -1))
     return torch.stack(per_layer).float().cpu()
 
@@ -243,13 +280,8 @@ def mixed_grid(s: MixedRecallSettings) -> list[tuple[int, int]]:
 def run_mixed_recall(s: MixedRecallSettings, progress: bool = True) -> MixedRecallReport:
     """Train every (variant, topk, d_model) under the same budget; test every (seq_len, num_kv_pairs)."""
     validate_mixed_settings(s)
-    threads_before = torch.get_num_threads()
-    if s.num_threads > 0:
-        torch.set_num_threads(s.num_threads)
-    try:
+    with torch_threads(s.num_threads):
         return _run(s, progress)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(s: MixedRecallSettings, progress: bool) -> MixedRecallReport:
@@ -275,11 +307,10 @@ def _train_and_test(variant: MixedVariant, topk: int, d_model: int, s: MixedReca
     seconds = time.perf_counter() - started
     accuracy = {key: task.scores(model, data) for key, data in splits.test.items()}
     tail = losses[-max(1, len(losses) // 20):]
-    stride = max(1, math.ceil(len(losses) / 200))
     return MixedResult(model=variant.name, summary=variant.summary, topk=topk, d_model=d_model,
                        params=count_parameters(model), state=mom_family_state_size(model), accuracy=accuracy,
                        final_loss=sum(tail) / len(tail), train_seconds=seconds,
-                       loss_curve=[round(v, 5) for v in losses[::stride]])
+                       loss_curve=thin(losses, 200))
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -307,13 +338,13 @@ def format_mixed_table(report: MixedRecallReport) -> str:
 
 def mixed_summary_line(report: MixedRecallReport) -> str:
     """Aware against blind at each topk (and d_model), at the hardest setting (most pairs, longest sequence)."""
-    hardest = max(mixed_grid(report.settings), key=lambda g: (g[1], g[0]))
-    by_key = {(r.model, r.topk, r.d_model): r.accuracy[hardest]["all"] for r in report.results}
+    setting = hardest(mixed_grid(report.settings))
+    by_key = {(r.model, r.topk, r.d_model): r.accuracy[setting]["all"] for r in report.results}
     parts = []
     for (model, topk, d_model), acc in by_key.items():
         if model == "aware" and ("blind", topk, d_model) in by_key:
             blind = by_key[("blind", topk, d_model)]
             parts.append(f"top-{topk}: aware {acc:.3f} vs blind {blind:.3f} ({acc - blind:+.3f})")
     comparison = "; ".join(parts) if parts else ", ".join(f"{m} top-{k} {a:.3f}" for (m, k, _), a in by_key.items())
-    return (f"mixed-modal recall at T={hardest[0]} N={hardest[1]} per modality: {comparison}; "
-            f"{len(report.results)} runs in {report.wall_seconds:.0f}s")
+    return (f"mixed-modal recall at T={setting[0]} N={setting[1]} per modality: {comparison}; "
+            f"{len(report.results)} runs in {fmt_seconds(report.wall_seconds)}")

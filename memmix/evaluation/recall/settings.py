@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from memmix.checks import is_int
 from memmix.data.mqar import MQAR_STYLES, max_kv_pairs
 from memmix.files import check_writable
 
@@ -70,7 +71,7 @@ class RecallSettings:
     json_path: str | None = None  # results, written as each run finishes; an existing file is resumed
     plot_path: str | None = None  # accuracy against num_kv_pairs per seq_len (PNG)
     state_plot_path: str | None = None  # Zoology's plot: accuracy at the hardest trained setting vs state size
-    # the fast path (issue 16), "auto" = on for CUDA: each training step one captured CUDA graph, and the LM head and
+    # the fast path: "auto" = on for CUDA: each training step one captured CUDA graph, and the LM head and
     # loss at the query positions only (also in evaluation). How runs run, not what they compute: not a result field
     cuda_graph: str = "auto"
     query_head: str = "auto"
@@ -168,8 +169,12 @@ def hardest_setting(s: RecallSettings) -> tuple[int, int]:
     """The tested setting with the most pairs (then the longest sequence) among those the models trained on; with
     none trained on, among all tested."""
     trained = set(trained_settings(s))
-    candidates = [g for g in settings_grid(s) if g in trained] or settings_grid(s)
-    return max(candidates, key=lambda g: (g[1], g[0]))
+    return hardest([g for g in settings_grid(s) if g in trained] or settings_grid(s))
+
+
+def hardest(grid: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (seq_len, num_kv_pairs) setting of ``grid`` with the most pairs, then the longest sequence."""
+    return max(grid, key=lambda g: (g[1], g[0]))
 
 
 def result_fingerprint(s: RecallSettings) -> dict[str, Any]:
@@ -196,8 +201,8 @@ def _parses_as_device(device: str) -> bool:
 def validate_settings(s: RecallSettings) -> None:
     """Raise RecallSettingError naming the field and the allowed values on the first bad setting.
 
-    Also checks, before any work, that the output paths can be written and that an existing results file at
-    json_path was made with the same result-changing settings (so that it can be continued)."""
+    Also checks, before any work, that the output paths can be written. Whether an existing results file at
+    json_path can be continued is checked where it is read (memmix.evaluation.recall.results.check_resumable)."""
     from memmix.evaluation.recall.models import RECALL_MODELS
 
     unknown = [m for m in s.models if m not in RECALL_MODELS]
@@ -209,7 +214,7 @@ def validate_settings(s: RecallSettings) -> None:
     _check_positive_ints(s, ["d_models"])
     for name in ["num_layers", "head_dim", "steps", "batch_size", "num_train", "num_test", "eval_batch_size",
                  "seeds", "eval_every", "log_every"]:
-        if not _is_int(getattr(s, name)) or getattr(s, name) < 1:
+        if not is_int(getattr(s, name)) or getattr(s, name) < 1:
             raise RecallSettingError(name, f"must be an integer >= 1, got {getattr(s, name)!r}")
     if s.vocab_size < 4:
         raise RecallSettingError("vocab_size", f"must be >= 4, got {s.vocab_size}")
@@ -242,14 +247,10 @@ def validate_settings(s: RecallSettings) -> None:
     _check_outputs(s)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_positive_ints(s: RecallSettings, names: Sequence[str], allow_empty: bool = False) -> None:
     for name in names:
         values = getattr(s, name)
-        if (not values and not allow_empty) or any(not _is_int(v) or v < 1 for v in values):
+        if (not values and not allow_empty) or any(not is_int(v) or v < 1 for v in values):
             raise RecallSettingError(name, f"give one or more integers >= 1, got {values}")
         if len(set(values)) != len(values):
             raise RecallSettingError(name, f"each value at most once, got {values}")
@@ -261,7 +262,7 @@ def _check_grids(s: RecallSettings) -> None:
         if grid is None:
             continue
         pairs = [tuple(g) if isinstance(g, (list, tuple)) else (g,) for g in grid]
-        if not pairs or any(len(g) != 2 or not all(_is_int(v) and v >= 1 for v in g) for g in pairs):
+        if not pairs or any(len(g) != 2 or not all(is_int(v) and v >= 1 for v in g) for g in pairs):
             raise RecallSettingError(name, f"give one or more (seq_len, num_kv_pairs) pairs of integers >= 1, "
                                            f"got {grid}")
         if len(set(pairs)) != len(pairs):
@@ -308,7 +309,7 @@ def _check_protocol(s: RecallSettings) -> None:
         raise RecallSettingError("lr", f"give one or more finite numbers > 0, got {s.lr}")
     if len(set(rates)) != len(rates):
         raise RecallSettingError("lr", f"each learning rate at most once, got {s.lr}")
-    if not _is_int(s.num_valid) or s.num_valid < 0:
+    if not is_int(s.num_valid) or s.num_valid < 0:
         raise RecallSettingError("num_valid", f"must be an integer >= 0 (0 = no validation split), got {s.num_valid}")
     if s.stop_accuracy is not None and not 0.0 < s.stop_accuracy <= 1.0:
         raise RecallSettingError("stop_accuracy",
@@ -332,9 +333,7 @@ def _check_device(device: str) -> None:
 
 
 def _check_outputs(s: RecallSettings) -> None:
-    """Every output path writable, distinct, and an existing json_path continuable by these settings."""
-    from memmix.evaluation.recall.results import check_resumable
-
+    """Every output path writable and distinct."""
     paths = {name: getattr(s, name) for name in ("json_path", "plot_path", "state_plot_path") if getattr(s, name)}
     for name, path in paths.items():
         reason = check_writable(path)
@@ -343,5 +342,3 @@ def _check_outputs(s: RecallSettings) -> None:
     if len({os.path.abspath(p) for p in paths.values()}) != len(paths):
         raise RecallSettingError("state_plot_path" if "state_plot_path" in paths else "plot_path",
                                  f"each output needs its own path, got {paths}")
-    if s.json_path:
-        check_resumable(s)

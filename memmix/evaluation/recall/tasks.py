@@ -1,4 +1,5 @@
-"""The recall tasks behind one interface: MQAR (memmix.data.mqar) and mixed-modal recall (memmix.data.mixed_recall).
+"""The recall tasks behind one interface (RecallTask): MQAR (memmix.data.mqar) here, mixed-modal recall (MixedTask) in
+memmix.evaluation.recall.mixed.
 
 A task makes its splits (train: training sets by key, each batch of one shape; valid and test: data per
 (seq_len, num_kv_pairs)), turns a batch into model inputs, and scores a model on a data set:
@@ -16,7 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memmix.data.mqar import IGNORE_INDEX, MQARData, make_mqar_grid_splits, query_positions
+from memmix.data.mqar import MQARData, make_mqar_grid_splits, query_positions
+from memmix.labels import IGNORE_INDEX
 
 
 @dataclass
@@ -46,7 +48,7 @@ class RecallTask(Protocol):
 _SPLITS_CACHE: dict[tuple, Splits] = {}  # one entry per process: (task data key, device) -> splits
 
 
-def _cached(key: tuple, device: str | torch.device, make) -> Splits:
+def cached_splits(key: tuple, device: str | torch.device, make) -> Splits:
     """The splits for ``key`` on ``device``, made once per process (a worker trains many runs on the same data)."""
     full_key = (key, str(device))
     if full_key not in _SPLITS_CACHE:
@@ -118,7 +120,7 @@ class MQARTask:
         return Splits(made.train, made.test, made.valid)
 
     def splits(self, device: str | torch.device) -> Splits:
-        return _cached(self.data_key(), device, self.make_splits)
+        return cached_splits(self.data_key(), device, self.make_splits)
 
     def inputs(self, batch: MQARData) -> dict[str, torch.Tensor]:
         return {"input_ids": batch.input_ids}
@@ -138,42 +140,3 @@ class MQARTask:
         """Fraction of all queries of several data sets answered right (the validation accuracy)."""
         counts = [self._counts(model, data) for data in sets.values()]
         return sum(c for c, _ in counts) / sum(t for _, t in counts)
-
-
-class MixedTask:
-    """Mixed-modal recall at a MixedRecallSettings' grid; ``uses_modality`` passes modality_ids to the model."""
-
-    def __init__(self, settings, uses_modality: bool):
-        self.s, self.uses_modality = settings, uses_modality
-
-    def make_splits(self) -> Splits:
-        from memmix.data.mixed_recall import make_mixed_recall_splits
-
-        s, train, test = self.s, {}, {}
-        for seq_len in s.seq_lens:
-            train[seq_len], per_count = make_mixed_recall_splits(seq_len, s.num_kv_pairs, s.vocab_size, s.num_train,
-                                                                 s.num_test, s.seed, s.num_segments)
-            test.update({(seq_len, n): data for n, data in per_count.items()})
-        return Splits(train, test)
-
-    def splits(self, device: str | torch.device) -> Splits:
-        s = self.s
-        key = ("mixed", tuple(s.seq_lens), tuple(s.num_kv_pairs), s.vocab_size, s.num_train, s.num_test, s.seed,
-               s.num_segments)
-        return _cached(key, device, self.make_splits)
-
-    def inputs(self, batch) -> dict[str, torch.Tensor]:
-        inputs = {"input_ids": batch.input_ids}
-        if self.uses_modality:
-            inputs["modality_ids"] = batch.modality_ids
-        return inputs
-
-    def accuracy(self, model: nn.Module, data) -> float:
-        return self.scores(model, data)["all"]
-
-    def scores(self, model: nn.Module, data) -> dict[str, float]:
-        """Accuracy over all queries and per modality ({"all", "text", "image"}) plus the memory purity."""
-        from memmix.evaluation.recall.mixed import mixed_recall_accuracy
-
-        device = next(model.parameters()).device
-        return mixed_recall_accuracy(model, data, self.s.eval_batch_size, device, self.uses_modality)

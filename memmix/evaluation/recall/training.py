@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from memmix.labels import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -117,7 +119,7 @@ def _model_batches(train: dict, inputs: Callable[[Any], dict], recipe: Recipe) -
         from memmix.data.mqar import query_positions
 
         for key, data in train.items():
-            most = int((data.labels[:, 1:] != -100).sum(1).max())  # once per training set, before training
+            most = int((data.labels[:, 1:] != IGNORE_INDEX).sum(1).max())  # once per training set, before training
             positions[key] = query_positions(data.labels, max(most, 1))
     for key, index in batch_indices(train, recipe.batch_size, recipe.seed):
         batch = train[key].subset(index)

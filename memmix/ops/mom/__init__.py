@@ -4,8 +4,9 @@
     naive.py       naive_mom: the paper's per-token loop, the reference the paths are tested against
     plan.py        slots, segments and the dispatch plan (both buffer layouts), computed on the device
     core.py        what both paths share: weights and sizes, slot projections, gates, the recurrence call
-    torch_path.py  the PyTorch path: dispatch copies, conv1d over the segments, recurrence, combine; sequence_conv
-                   (a short convolution along each sequence's real tokens: conv_scope "sequence", the router's)
+    torch_path.py  the PyTorch path: dispatch copies, short convolution over the segments (memmix.ops.short_conv),
+                   recurrence, combine; sequence_conv (the short convolution along each sequence's real tokens:
+                   conv_scope "sequence", the router's)
     triton_path.py the Triton path: gathered segment convolution and combine on memmix.ops.triton's kernels
     decode.py      one decoding step: only the picked memories' states and conv tails, optionally in place
 

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.mom.plan import DispatchPlan
-from memmix.ops.common import log_decay
 from memmix.ops.registry import MemoryRule
 
 
@@ -147,7 +147,7 @@ def run_recurrence(plan: DispatchPlan, q, k, v, g, beta, initial, sizes: MixerSi
 
 def with_trash_state(initial, R: int, H: int, K: int, V: int, like: torch.Tensor) -> torch.Tensor:
     """Append a zero state for the packed layout's trash segment: (R, H, K, V) -> (R + 1, H, K, V)."""
-    dtype = torch.promote_types(like.dtype, torch.float32)
+    dtype = compute_dtype(like.dtype)
     if initial is None:
         return torch.zeros(R + 1, H, K, V, dtype=dtype, device=like.device)
     return torch.cat([initial, initial.new_zeros(1, H, K, V)])

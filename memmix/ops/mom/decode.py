@@ -13,11 +13,12 @@ projections (each memory's own), and the picked slots take their memory's convol
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from memmix.ops.decode import memory_step
+from memmix.ops.common import compute_dtype
 from memmix.ops.mom.core import MixerSizes, MoMWeights, memory_gates, slot_projections
 from memmix.ops.mom.torch_path import sequence_scope_conv
+from memmix.ops.short_conv import short_conv_step
 
 
 def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: MixerSizes, memory, conv, *,
@@ -31,7 +32,7 @@ def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: 
     P, W, H = sizes.num_slot_memories, sizes.conv_size, sizes.num_heads
     Kd, Vd = sizes.key_dim, sizes.value_dim
     if memory is None:
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = compute_dtype(x.dtype)
         memory = torch.zeros(B, P, H, sizes.head_k_dim, sizes.head_v_dim, device=x.device, dtype=dtype)
         conv = torch.zeros(B, P, W - 1, 2 * Kd + Vd, device=x.device, dtype=dtype)
     picked = (torch.arange(B, device=x.device).unsqueeze(1) * P + memory_ids[:, 0]).reshape(-1)  # (B*S,)
@@ -42,8 +43,7 @@ def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: 
     else:
         conv_in, gates_in = slot_projections(x, memory_ids, weights, sizes)
         tails = conv.reshape(B * P, W - 1, -1).index_select(0, picked)  # (B*S, W-1, C)
-        window = torch.cat([tails.to(conv_in.dtype), conv_in.reshape(B * S, 1, -1)], dim=1)  # (B*S, W, C)
-        conv_out = F.silu((window * weights.conv.t().to(window.dtype)).sum(1))  # (B*S, C)
+        conv_out, stepped = short_conv_step(conv_in.reshape(B * S, -1), weights.conv, tails)  # (B*S, C)
     q, k, v = (t.reshape(B * S, H, -1) for t in conv_out.split([Kd, Kd, Vd], -1))
     beta, g = memory_gates(gates_in.reshape(B * S, -1), weights, sizes)
     keep = valid.reshape(B, 1).expand(B, S).reshape(-1)
@@ -55,7 +55,7 @@ def decode_step(x, memory_ids, slot_weights, valid, weights: MoMWeights, sizes: 
     if conv_scope == "sequence":  # every memory's tail moved (padding rows keep theirs: sequence_conv)
         all_tails = all_tails.view_as(conv).to(conv.dtype)
         return o.sum(2), new_memory, conv.copy_(all_tails) if inplace else all_tails
-    new_tails = torch.where(keep.view(-1, 1, 1), window[:, 1:].to(conv.dtype), tails)
+    new_tails = torch.where(keep.view(-1, 1, 1), stepped.to(conv.dtype), tails)
     flat = conv.reshape(B * P, W - 1, -1)
     if inplace:
         flat.index_copy_(0, picked, new_tails)

@@ -15,9 +15,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from memmix.ops.common import compute_dtype
 from memmix.ops.mom.core import MoMWeights
 from memmix.ops.normalize import l2norm
 from memmix.ops.registry import get_rule
+from memmix.ops.short_conv import short_conv_step
 
 
 def naive_mom(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.Tensor, weights: MoMWeights, *,
@@ -41,7 +43,7 @@ def naive_mom(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
     Kd = weights.q_proj.shape[0]
     Vd = weights.conv.shape[0] - 2 * Kd
     K, V, W = Kd // H, Vd // H, weights.conv.shape[-1]
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = compute_dtype(x.dtype)
     valid = torch.ones(B, T, dtype=torch.bool) if valid is None else valid.cpu()
     bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else [
         (0, int(start), int(end)) for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
@@ -61,12 +63,14 @@ def naive_mom(x: torch.Tensor, memory_ids: torch.Tensor, routing_weights: torch.
                     continue
                 xt = x[b, t].to(dtype)
                 proj = weights.kv_proj[0 if weights.kv_proj.shape[0] == 1 else p].to(dtype) @ xt  # k | v | gates
-                history.append(torch.cat([weights.q_proj.to(dtype) @ xt, proj[: Kd + Vd]]))
+                conv_in = torch.cat([weights.q_proj.to(dtype) @ xt, proj[: Kd + Vd]])  # (C,)
+                tail = torch.stack(history[-(W - 1):])  # (W - 1, C)
+                history.append(conv_in)
                 if not picked:  # conv_scope "sequence": the token moved the convolution only
                     continue
                 weight = 1.0 if p == M else routing_weights[b, t, picks.index(p)].to(dtype)
-                window = torch.stack(history[-W:])  # (W, C)
-                q, k, v = F.silu((window.t() * weights.conv.to(dtype)).sum(-1)).split([Kd, Kd, Vd])
+                conv_out, _ = short_conv_step(conv_in[None], weights.conv, tail[None])
+                q, k, v = conv_out[0].split([Kd, Kd, Vd])
                 q = l2norm(q.view(H, K)) * K**-0.5
                 k = l2norm(k.view(H, K))
                 v = v.view(H, V)

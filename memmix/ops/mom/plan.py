@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memmix.routing import one_hot
+
 LAYOUTS = ("packed", "dense")
 
 
@@ -149,8 +151,7 @@ def plan_dispatch(
     B, T, S = memory_ids.shape
     P = num_memories
     slot_valid = valid.unsqueeze(-1).expand(B, T, S)
-    hits = torch.zeros(B, T, S, P, dtype=torch.long, device=memory_ids.device).scatter_(
-        -1, memory_ids.unsqueeze(-1), 1).sum(dim=2) * valid.unsqueeze(-1).long()  # (B, T, P); F.one_hot syncs on CPU
+    hits = one_hot(memory_ids, P).sum(dim=2) * valid.unsqueeze(-1).long()  # (B, T, P)
     # scan along the innermost axis: torch's outer-axis scan runs T steps in sequence (0.36 ms at 8 x 2048 x 5)
     before = hits.transpose(1, 2).contiguous().cumsum(dim=2).transpose(1, 2) - hits  # same memory, earlier in row
     if cu_seqlens is None:

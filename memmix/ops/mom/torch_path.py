@@ -1,16 +1,14 @@
 """The MoM mixer's PyTorch path (any device; impl "chunk" / "recurrent", and "auto" without Triton; every impl but
 "naive" for conv_scope "sequence").
 
-Dispatch copies every slot's projections into the segment-grouped buffer, one conv1d convolves all segments at
-once, the memory rule runs every segment in one call, and a weighted gather mixes the memories' outputs back.
+Dispatch copies every slot's projections into the segment-grouped buffer, one short convolution
+(memmix.ops.short_conv) runs over all segments at once, the memory rule runs every segment in one call, and a weighted gather mixes the memories' outputs back.
 With conv_scope "sequence" every memory's projections are convolved along the whole sequence first (one conv1d with
 a memory's channels side by side) and each slot's convolved features are dispatched instead.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
 from memmix.ops.mom.core import (
     MixerSizes,
     MoMWeights,
@@ -20,6 +18,7 @@ from memmix.ops.mom.core import (
     slot_projections,
 )
 from memmix.ops.mom.plan import DispatchPlan, plan_dispatch
+from memmix.ops.short_conv import short_conv_segments, short_conv_step
 
 
 def torch_memories(x, memory_ids, slot_weights, valid, cu_seqlens, plan: DispatchPlan, weights: MoMWeights,
@@ -33,7 +32,7 @@ def torch_memories(x, memory_ids, slot_weights, valid, cu_seqlens, plan: Dispatc
     Kd, Vd = sizes.key_dim, sizes.value_dim
     if conv_scope == "segment":
         conv_in, gates_in = slot_projections(x, memory_ids, weights, sizes)
-        conv_out, new_tails = segment_conv(plan, plan.dispatch(conv_in), weights.conv, tails)
+        conv_out, new_tails = short_conv_segments(plan.dispatch(conv_in), weights.conv, plan.starts, plan.counts, tails)
     else:
         slot_conv, gates_in, new_tails = sequence_scope_conv(x, memory_ids, valid, cu_seqlens, weights, sizes, tails)
         conv_out = plan.dispatch(slot_conv)
@@ -49,39 +48,10 @@ def torch_memories(x, memory_ids, slot_weights, valid, cu_seqlens, plan: Dispatc
     return plan.combine(o.reshape(plan.buffer_len, -1), slot_weights), final, new_tails
 
 
-def segment_conv(plan: DispatchPlan, x: torch.Tensor, weight: torch.Tensor,
-                 tails: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise conv + SiLU over every segment, continuing from its tail.
-
-    x (buffer_len, C) grouped by segment; weight (C, W); tails (R, W-1, C) or None.
-    Returns the outputs (buffer_len, C) and the new tails (R, W-1, C).
-    Each segment gets W-1 rows in front of it holding its tail, so one convolution over the whole
-    buffer never mixes segments.
-    """
-    W = weight.shape[-1]
-    R = plan.num_segments
-    C = x.shape[-1]
-    row = torch.arange(plan.buffer_len, device=x.device)
-    seg_of_row = torch.bucketize(row, plan.starts[1:], right=True)  # (buffer_len,) in [0, R]
-    shifted = row + (seg_of_row + 1) * (W - 1)
-    ext_len = plan.buffer_len + (R + 1) * (W - 1)
-    ext = x.new_zeros(ext_len, C).index_copy(0, shifted, x)
-    tail_rows = (plan.starts[:R] + torch.arange(R, device=x.device) * (W - 1)).unsqueeze(1) + torch.arange(
-        W - 1, device=x.device
-    )  # (R, W-1)
-    if tails is not None:
-        ext = ext.index_copy(0, tail_rows.reshape(-1), tails.reshape(-1, C).to(ext.dtype))
-    weight = weight.unsqueeze(1).to(ext.dtype)  # (C, 1, W)
-    y = F.conv1d(ext.t().unsqueeze(0), weight, padding=W - 1, groups=C)[0, :, :ext_len].t()
-    out = F.silu(y.index_select(0, shifted))
-    new_tails = ext.index_select(0, (tail_rows + plan.counts.unsqueeze(1)).reshape(-1)).view(R, W - 1, C)
-    return out, new_tails
-
-
 def sequence_conv(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                   tails: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv + SiLU along the real tokens of each sequence (of each packed document), continuing
-    from its tail: segment_conv with one segment per sequence. Padding is skipped, as the memories skip it.
+    from its tail: short_conv_segments with one segment per sequence. Padding is skipped, as the memories skip it.
 
     x (B, T, C); weight (C, W); valid (B, T) bool; cu_seqlens (N + 1,) int or None (then N = B); tails (N, W-1, C):
     the last W-1 inputs before x, oldest first, or None for zeros.
@@ -91,11 +61,11 @@ def sequence_conv(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor, cu
     if T == 1 and cu_seqlens is None:  # a decoding step: one window per sequence
         if tails is None:
             tails = x.new_zeros(B, weight.shape[-1] - 1, C)
-        window = torch.cat([tails.to(x.dtype), x], dim=1)  # (B, W, C)
-        y = F.silu((window * weight.t().to(x.dtype)).sum(1, keepdim=True)) * valid.unsqueeze(-1).to(x.dtype)
-        return y, torch.where(valid.view(B, 1, 1), window[:, 1:], tails.to(x.dtype))
+        y, new_tails = short_conv_step(x[:, 0], weight, tails)
+        return y[:, None] * valid.unsqueeze(-1).to(x.dtype), torch.where(valid.view(B, 1, 1), new_tails,
+                                                                          tails.to(x.dtype))
     plan = plan_dispatch(torch.zeros(B, T, 1, dtype=torch.long, device=x.device), valid, 1, cu_seqlens, "packed")
-    out, new_tails = segment_conv(plan, plan.dispatch(x.unsqueeze(2)), weight, tails)
+    out, new_tails = short_conv_segments(plan.dispatch(x.unsqueeze(2)), weight, plan.starts, plan.counts, tails)
     return plan.collect(out).squeeze(2), new_tails
 
 

@@ -26,7 +26,7 @@ TOLERANCE = 1e-5
 
 def _inputs(case: dict, seed: int) -> dict:
     """float32 weights, a random state for B sequences, STEPS tokens, and masks (row 1 padded at step 1)."""
-    from _mom_utils import make_routing, make_state, make_weights
+    from mom_helpers import make_routing, make_state, make_weights
 
     options = {**SIZES, **{key: value for key, value in case.items() if key not in ("rule", "k")}}
     weights = make_weights(case["rule"], **options, dtype=torch.float32, seed=seed)

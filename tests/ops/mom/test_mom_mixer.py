@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _mom_utils import WEIGHT_NAMES, make_routing, make_state, make_weights, padding_mask
+from mom_helpers import WEIGHT_NAMES, make_routing, make_state, make_weights, padding_mask
 from helpers import rel_err
 from memmix.ops import gated_delta_rule, l2norm
 from memmix.ops.mom import MoMWeights, mom_mixer, naive_mom, sequence_conv

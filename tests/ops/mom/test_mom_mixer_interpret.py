@@ -52,7 +52,7 @@ GRAD_NAMES = ("x", "routing_weights", "q_proj", "kv_proj", "conv", "A_log", "dt_
 
 
 def _inputs(case: dict, seed: int) -> dict:
-    from _mom_utils import make_routing, make_weights
+    from mom_helpers import make_routing, make_weights
 
     options = {**SIZES, **case.get("weights", {})}
     rule, shared = options.pop("rule", "gated_delta"), options.get("shared", True)

@@ -1,7 +1,7 @@
 """Every delta-rule Triton kernel over head sizes, dtypes and (sequence, head) counts, against the float64 PyTorch
 chunk form: outputs, final states and every gradient, with empty and one-token segments in every varlen batch.
 
-Run it under `compute-sanitizer --tool memcheck python -m pytest -m gpu tests/ops/test_triton_sweep_gpu.py` after
+Run it under `compute-sanitizer --tool memcheck python -m pytest -m gpu tests/ops/triton/test_gated_delta_rule_sweep_gpu.py` after
 every kernel change: an out-of-bounds access there is a defect even when the numbers come out right.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from memmix.data.mixed_recall import generate_mixed_recall
-from memmix.evaluation.mixed_recall import (
+from memmix.evaluation.recall.mixed import (
     MIXED_VARIANTS,
     MixedRecallSettings,
     build_mixed_model,

@@ -23,7 +23,7 @@ def write_corpus(path, num_docs: int = 40, seed: int = 0) -> str:
     return str(path)
 
 
-def tiny_config(data: str, out_dir, **overrides) -> TrainConfig:
+def tiny_train_config(data: str, out_dir, **overrides) -> TrainConfig:
     """A 6-step stand-in run on CPU (no progress bar, TensorBoard, loss plot or HF export); `overrides` replace
     fields."""
     values = dict(model=standin_model.register(), data=data, seq_len=16, micro_batch_size=2, grad_accum=2,

@@ -16,6 +16,7 @@ from memmix.evaluation.recall import (
     RecallSettingError,
     RecallSettings,
     format_table,
+    pool,
     run_recall,
     runner,
 )
@@ -39,13 +40,13 @@ def _without_timing(value):
 def trained_runs(monkeypatch):
     """The keys of the runs train_and_test trains, in order."""
     keys = []
-    real = runner.train_and_test
+    real = pool.train_and_test
 
     def spy(spec, *args, **kwargs):
         keys.append(spec.key)
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_and_test", spy)
+    monkeypatch.setattr(pool, "train_and_test", spy)
     return keys
 
 

@@ -25,7 +25,8 @@ from memmix.evaluation.recall import (
     summary_line,
     validate_settings,
 )
-from memmix.evaluation.recall import runner as recall_runner
+from memmix.evaluation.recall import pool as recall_pool
+from memmix.evaluation.recall import progress as recall_progress
 
 TINY = ["--seq-len", "16", "--num-kv-pairs", "2,3", "--d-model", "16", "--head-dim", "8", "--layers", "1",
         "--steps", "3", "--batch-size", "4", "--num-train", "24", "--num-test", "8", "--vocab-size", "16",
@@ -223,7 +224,7 @@ def test_parallel_workers_give_the_same_numbers_as_one_process():
     ],
 )
 def test_worker_count(monkeypatch, fields, runs, expected):
-    monkeypatch.setattr(recall_runner.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(recall_pool.os, "cpu_count", lambda: 4)
     assert recall.worker_count(RecallSettings(**fields), runs) == expected
 
 
@@ -238,8 +239,8 @@ def test_models_registered_at_run_time_train_in_this_process(monkeypatch):
 
 def test_progress_eta_counts_running_and_waiting_runs(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(recall_runner.time, "perf_counter", lambda: clock[0])
-    progress = recall_runner._Progress(3, steps_per_run=100, workers=2, enabled=False)
+    monkeypatch.setattr(recall_progress.time, "perf_counter", lambda: clock[0])
+    progress = recall_progress.RunProgress(3, steps_per_run=100, workers=2, enabled=False)
     spec = recall.RunSpec("gdn", 16, 1e-3, 0)
     first, second = progress.start(spec), progress.start(spec)  # both start at t = 0
     clock[0] = 10.0

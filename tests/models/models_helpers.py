@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from memmix.models import BMojoConfig, BMojoForCausalLM, MoMConfig, MoMForCausalLM
+from memmix.models import BMojoConfig, BMojoForCausalLM, LayerStateCache, MoMConfig, MoMForCausalLM
 
 VOCAB = 41
 
 
-def tiny_config(**overrides) -> MoMConfig:
+def tiny_mom_config(**overrides) -> MoMConfig:
     """A 2-layer config small enough for fast CPU tests; keyword arguments override any field."""
     kwargs = dict(
         vocab_size=VOCAB,
@@ -32,7 +32,7 @@ def tiny_config(**overrides) -> MoMConfig:
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> MoMForCausalLM:
     """Random tiny MoMForCausalLM in eval mode; weights are perturbed so every parameter matters."""
     torch.manual_seed(seed)
-    model = MoMForCausalLM(tiny_config(**overrides)).to(dtype).eval()
+    model = MoMForCausalLM(tiny_mom_config(**overrides)).to(dtype).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):  # norms start at 1: make them non-trivial
@@ -66,3 +66,18 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def output_cache(output):
     """The cache of a model output, whatever transformers calls the field."""
     return output.cache
+
+
+def step_by_step(model, ids: torch.Tensor, prefill: int = 0) -> torch.Tensor:
+    """Logits (B, T, V) from a prefill of `prefill` tokens, then one token per call through the cache."""
+    logits, cache = [], None
+    if prefill:
+        out = model(ids[:, :prefill], use_cache=True)
+        logits.append(out.logits)
+        cache = output_cache(out)
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = output_cache(out)
+        logits.append(out.logits)
+    assert isinstance(cache, LayerStateCache) and cache.get_seq_length() == ids.shape[1]
+    return torch.cat(logits, dim=1)

@@ -1,4 +1,4 @@
-"""The recall benchmark's fast path (issue 16): the query-only LM head gives the same numbers; every training
+"""The recall benchmark's fast path: the query-only LM head gives the same numbers; every training
 batch has one shape per training set (what a CUDA graph needs); cuda_graph='on' needs CUDA."""
 from __future__ import annotations
 

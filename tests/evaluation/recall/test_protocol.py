@@ -103,7 +103,7 @@ def test_each_ablation_changes_one_field_of_mom():
         changed = {k for k in base if k not in ("_name_or_path", "transformers_version") and base[k] != config[k]}
         assert len(changed) == 1 and changed <= {"topk", "num_memories", "shared_mem", "aux_loss_scale", "conv_scope",
                                                  "router_input", "router_z_loss", "router_temperature"}, name
-    # issue 17's router and convolution ablations, each on its MoMConfig option
+    # the router and convolution ablations, each on its MoMConfig option
     options = {"mom-conv-whole": ("conv_scope", "sequence"), "mom-route-conv": ("router_input", "conv"),
                "mom-zloss": ("router_z_loss", 1e-3), "mom-temp": ("router_temperature", 2.0)}
     for name, (field, value) in options.items():
