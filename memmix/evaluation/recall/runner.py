@@ -143,7 +143,7 @@ def train_and_test(spec: RunSpec, s: RecallSettings, task: MQARTask,
     splits = task.splits(s.device)
     recipe = Recipe(steps=s.steps, lr=spec.lr, weight_decay=s.weight_decay, warmup_fraction=s.warmup_fraction,
                     batch_size=s.batch_size, seed=spec.seed, log_every=s.log_every, eval_every=s.eval_every,
-                    stop_accuracy=s.stop_accuracy, cuda_graph=fast_path(s, "cuda_graph"),
+                    stop_accuracy=s.stop_accuracy, cuda_graph=fast_path(s, "cuda_graph") and entry.graphable,
                     query_head=fast_path(s, "query_head"))
     validate = (lambda: task.pooled_accuracy(model, splits.valid)) if splits.valid else None
     started = time.perf_counter()
@@ -185,6 +185,12 @@ def run_recall(s: RecallSettings, progress: bool = True,
     workers = worker_count(s, max(1, left))
     tracker = _Progress(left, s.steps, workers, progress)
     budget = s.budget_minutes * 60 if s.budget_minutes > 0 else math.inf
+    if left:
+        from memmix.evaluation.recall.estimate import budget_warning
+
+        warning = budget_warning(s, finished=list(plan.finished.values()))
+        if warning is not None:
+            note(out.messages, warning)
 
     def finished(result: RunResult) -> None:
         plan.add(result)
