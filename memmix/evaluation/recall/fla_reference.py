@@ -16,6 +16,7 @@ graph: fla-mom's dispatch reads token counts back to the host).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -59,11 +60,30 @@ class FlaMixer(nn.Module):
             raise ValueError("the fla reference rows keep no inference cache: call with use_cache=False")
         B, T, _ = hidden_states.shape
         extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-        out = self.layer(hidden_states, attention_mask=attention_mask, use_cache=False, **extra)
+        with _stable_argsort() if self.num_memories is not None else contextlib.nullcontext():
+            out = self.layer(hidden_states, attention_mask=attention_mask, use_cache=False, **extra)
         router_logits = None
         if self.num_memories is not None:
             router_logits = out[3].float().reshape(B, T, self.num_memories)  # (B * T, M) -> (B, T, M)
         return FlaMixerOutput(out[0], None, router_logits)
+
+
+@contextlib.contextmanager
+def _stable_argsort():
+    """Within the block Tensor.argsort is stable. fla 0.6.0's MomAttention groups each memory's tokens with
+    `(batch * (M + 1) + memory).argsort()`, which keeps them in time order only if the sort is stable; PyTorch does
+    not promise that (on the CPU it is not: with our weights copied in, fla's layer differed from our mixer by 0.85
+    relative, and by 4e-7 with a stable sort). CUDA's radix sort of the study's sizes is stable already."""
+    argsort = torch.Tensor.argsort
+
+    def stable(self, dim=-1, descending=False, stable=True):
+        return argsort(self, dim=dim, descending=descending, stable=True)
+
+    torch.Tensor.argsort = stable
+    try:
+        yield
+    finally:
+        torch.Tensor.argsort = argsort
 
 
 # ----------------------------------------------------------------------------------------------- availability
