@@ -154,7 +154,7 @@ _CPU_VOCAB: dict[str, Any] = {
     "lr": 3e-3,
     "warmup_fraction": 0.05,
     "batch_size": 64,
-    "vocab_size": 1024,
+    "vocab_size": 256,
     "num_train": 20_000,
     "num_valid": 200,
     "num_test": 500,
