@@ -1,11 +1,15 @@
-"""GPU speed of the chunked gated delta rule: memmix Triton kernels vs memmix.ops chunk (PyTorch) and, when
-importable, flash-linear-attention's chunk_gated_delta_rule.
+"""GPU speed of the gated delta rule: memmix's Triton kernels (the default choice, and each form forced: fused
+recurrent, chunked) vs memmix.ops chunk (PyTorch) and, when importable, flash-linear-attention's
+chunk_gated_delta_rule.
 
-Forward and forward+backward medians from triton.testing.do_bench on a dense bf16 batch (B=8, T=2048, H=4,
-K=V=256) and a packed varlen batch (32 uneven segments, 32768 tokens), plus each output's relative error vs
-the float32 PyTorch chunk form on the same bf16 inputs. Prints a table and writes JSON (atomically).
+Forward and forward+backward medians from triton.testing.do_bench, plus each output's relative error vs the
+float32 PyTorch chunk form on the same inputs. Case sets (--cases): "lm" (dense B=8, T=2048, H=4, K=V=256 and a
+packed varlen batch of 32 uneven segments), "recall" (the recall models' shapes: B=64, T=256 with heads of 16 and
+of 64), "crossover" (B=8, T=2048, H=1024/K heads of K = 16 ... 256: where the recurrent form stops winning).
+Prints a table and writes JSON (atomically).
 
-    python benchmarks/ops_gpu.py [--json benchmarks/results/ops_gpu.json] [--skip-pytorch] [--forward-only]
+    python benchmarks/ops_gpu.py [--cases lm,recall] [--dtypes bf16,fp32] [--impls ...] [--json PATH]
+                                 [--skip-pytorch] [--forward-only]
 
 --forward-only skips every backward (fla's backward kernels take minutes to compile and autotune).
 """
@@ -51,6 +55,18 @@ def memmix_triton(inputs: dict) -> torch.Tensor:
                                   cu_seqlens=inputs["cu_seqlens"])[0]
 
 
+def memmix_recurrent(inputs: dict) -> torch.Tensor:
+    from memmix.ops.triton.recurrent_delta_rule import recurrent_gated_delta_rule
+    return recurrent_gated_delta_rule(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+                                      cu_seqlens=inputs["cu_seqlens"])[0]
+
+
+def memmix_chunked(inputs: dict) -> torch.Tensor:
+    from memmix.ops.triton.gated_delta_rule import chunk_gated_delta_rule
+    return chunk_gated_delta_rule(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+                                  cu_seqlens=inputs["cu_seqlens"])[0]
+
+
 def memmix_chunk(inputs: dict) -> torch.Tensor:
     from memmix.ops import gated_delta_rule
     return gated_delta_rule(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
@@ -63,11 +79,27 @@ def fla_chunk(inputs: dict) -> torch.Tensor:
                                   cu_seqlens=inputs["cu_seqlens"])[0]
 
 
-def available_impls(skip_pytorch: bool) -> dict:
+IMPLS = {"memmix-triton": memmix_triton, "memmix-recurrent": memmix_recurrent, "memmix-chunked": memmix_chunked,
+         "memmix-chunk (PyTorch)": memmix_chunk}
+CASES = {
+    "lm": {"dense B=8 T=2048 H=4 K=V=256": dict(B=8, T=2048, H=4, K=256, V=256, lengths=None),
+           "varlen 32 segs, 32768 tok, H=4 K=V=256": dict(B=1, T=32768, H=4, K=256, V=256,
+                                                         lengths=uneven_lengths(32, 32768))},
+    "recall": {"dense B=64 T=256 H=8 K=V=16": dict(B=64, T=256, H=8, K=16, V=16, lengths=None),
+               "dense B=64 T=256 H=2 K=V=64": dict(B=64, T=256, H=2, K=64, V=64, lengths=None)},
+    "crossover": {f"dense B=8 T=2048 H={1024 // K} K=V={K}": dict(B=8, T=2048, H=1024 // K, K=K, V=K, lengths=None)
+                  for K in (256, 128, 64, 32, 16)},
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def available_impls(names: list[str], skip_pytorch: bool) -> dict:
     """name -> function(inputs) -> o; fla only when it imports (its backward unlocked if it refuses)."""
-    impls = {"memmix-triton": memmix_triton}
-    if not skip_pytorch:
-        impls["memmix-chunk (PyTorch)"] = memmix_chunk
+    impls = {name: IMPLS[name] for name in names if name in IMPLS}
+    if skip_pytorch:
+        impls.pop("memmix-chunk (PyTorch)", None)
+    if "fla chunk" not in names:
+        return impls
     try:
         import fla.ops.gated_delta_rule  # noqa: F401
         impls["fla chunk"] = fla_chunk
@@ -122,20 +154,26 @@ def main() -> None:
     parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
     parser.add_argument("--skip-pytorch", action="store_true", help="leave out the PyTorch chunk form")
     parser.add_argument("--forward-only", action="store_true", help="time the forward alone (no backward compiled)")
+    parser.add_argument("--cases", default="lm", help=f"comma-separated case sets of {tuple(CASES)}")
+    parser.add_argument("--dtypes", default="bf16", help=f"comma-separated dtypes of {tuple(DTYPES)}")
+    parser.add_argument("--impls", default="memmix-triton,memmix-chunk (PyTorch),fla chunk",
+                        help=f"comma-separated implementations of {tuple(IMPLS) + ('fla chunk',)}")
     args = parser.parse_args()
+    case_sets, dtypes, names = (x.split(",") for x in (args.cases, args.dtypes, args.impls))
+    for flag, values, allowed in (("--cases", case_sets, CASES), ("--dtypes", dtypes, DTYPES),
+                                  ("--impls", names, tuple(IMPLS) + ("fla chunk",))):
+        if any(value not in allowed for value in values):
+            parser.error(f"argument {flag}: choose from {tuple(allowed)}, got {values}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/ops_gpu.py needs a CUDA GPU")
     import triton
 
-    cases = {
-        "dense B=8 T=2048 H=4 K=V=256": dict(B=8, T=2048, H=4, K=256, V=256, lengths=None),
-        "varlen 32 segs, 32768 tok, H=4 K=V=256": dict(B=1, T=32768, H=4, K=256, V=256,
-                                                      lengths=uneven_lengths(32, 32768)),
-    }
-    impls = available_impls(args.skip_pytorch)
+    cases = [(f"{name} {dtype}", dict(shape, dtype=DTYPES[dtype])) for case_set in case_sets
+             for name, shape in CASES[case_set].items() for dtype in dtypes]
+    impls = available_impls(names, args.skip_pytorch)
     fla_unlocked = False
     rows = []
-    for case_name, shape in cases.items():
+    for case_name, shape in cases:
         inputs = make_inputs(**shape)
         if "fla chunk" in impls and not fla_unlocked and not args.forward_only:
             try:
@@ -146,25 +184,30 @@ def main() -> None:
         with torch.no_grad():
             reference = memmix_chunk(inputs)  # float32 math on the same bf16 inputs
         for impl_name, fn in impls.items():
-            with torch.no_grad():
-                error = rel_diff(fn(inputs), reference)
+            try:
+                with torch.no_grad():
+                    error = rel_diff(fn(inputs), reference)
+            except ValueError as exc:  # a form forced beyond its limits (the recurrent kernels at K = 256)
+                print(f"{case_name:42s} {impl_name:24s} skipped: {exc}", flush=True)
+                continue
             fwd, fwd_bwd = time_impl(fn, inputs, args.forward_only)
             rows.append(dict(case=case_name, impl=impl_name, forward_ms=fwd, forward_backward_ms=fwd_bwd,
                              rel_err_vs_fp32_chunk=error))
             print(f"{case_name:42s} {impl_name:24s} fwd {fwd:8.3f} ms  fwd+bwd {_ms(fwd_bwd, 8)} ms  "
                   f"|o - o_fp32|/|o_fp32| {error:.1e}", flush=True)
+            atomic_write_json(args.json, dict(device=torch.cuda.get_device_name(), partial=True, results=rows))
         del inputs
         torch.cuda.empty_cache()
 
     device = torch.cuda.get_device_name()
-    print(f"\n{device}, torch {torch.__version__}, triton {triton.__version__}, bf16, do_bench medians")
-    print(f"| {'case':42s} | {'impl':24s} | {'fwd ms':>8s} | {'fwd+bwd ms':>10s} | {'o rel err':>9s} |")
-    print(f"|{'-' * 44}|{'-' * 26}|{'-' * 10}|{'-' * 12}|{'-' * 11}|")
+    print(f"\n{device}, torch {torch.__version__}, triton {triton.__version__}, do_bench medians")
+    print(f"| {'case':47s} | {'impl':24s} | {'fwd ms':>8s} | {'fwd+bwd ms':>10s} | {'o rel err':>9s} |")
+    print(f"|{'-' * 49}|{'-' * 26}|{'-' * 10}|{'-' * 12}|{'-' * 11}|")
     for row in rows:
-        print(f"| {row['case']:42s} | {row['impl']:24s} | {row['forward_ms']:8.3f} | "
+        print(f"| {row['case']:47s} | {row['impl']:24s} | {row['forward_ms']:8.3f} | "
               f"{_ms(row['forward_backward_ms'], 10)} | {row['rel_err_vs_fp32_chunk']:9.1e} |")
     atomic_write_json(args.json, dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                                      dtype="bfloat16", fla_backward_unlocked=fla_unlocked, results=rows))
+                                      dtypes=dtypes, fla_backward_unlocked=fla_unlocked, results=rows))
     print(f"wrote {args.json}")
 
 

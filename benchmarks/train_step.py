@@ -59,7 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=8, help="concurrent runs of streams/processes/mps")
     p.add_argument("--steps", type=int, default=100, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16: autocast around the forward (the recall runner's default on CUDA); fp32: none")
     p.add_argument("--check", action="store_true", help="also compare graph and eager losses over 50 steps")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS eager graph-query steps per model (torch.profiler): top kernels by GPU time")
     p.add_argument("--json", default="benchmarks/results/train_step.json")
     p.add_argument("--out", default=None, help="also copy the JSON here after every row (e.g. $OUT)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # processes/mps child: its seed
@@ -101,9 +105,11 @@ class Run:
             ids, labels = batch
         else:
             ids, labels = self.ids.index_select(0, batch[0]), self.labels.index_select(0, batch[0])
-        if self.query:
-            return model(input_ids=ids, labels=labels, loss_positions=self.positions.index_select(0, batch[0])).loss
-        return model(input_ids=ids, labels=labels).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.args.precision == "bf16"):
+            if self.query:
+                positions = self.positions.index_select(0, batch[0])
+                return model(input_ids=ids, labels=labels, loss_positions=positions).loss
+            return model(input_ids=ids, labels=labels).loss
 
     def next_index(self) -> torch.Tensor:
         """The next batch's rows: random, drawn on the host 1024 steps at a time and moved in one copy."""
@@ -224,7 +230,7 @@ def time_processes(args, name: str, mps: bool) -> dict:
 def _shape_flags(args) -> list[str]:
     return ["--d-model", str(args.d_model), "--layers", str(args.layers), "--head-dim", str(args.head_dim),
             "--vocab-size", str(args.vocab_size), "--batch-size", str(args.batch_size), "--seq-len",
-            str(args.seq_len), "--pairs", args.pairs, "--pool", str(args.pool)]
+            str(args.seq_len), "--pairs", args.pairs, "--pool", str(args.pool), "--precision", args.precision]
 
 
 def worker(args) -> None:
@@ -283,6 +289,28 @@ def check_exact(args, name: str) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def profile_steps(args, name: str, steps: int, top: int = 12) -> dict:
+    """GPU time of `steps` eager steps (the query-only head where the model takes it) by kernel, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = Run(args, name, seed=0, mode="graph-query")
+    run.step.cuda_graph = False  # eager: the profiler sees every kernel
+    run.train(5)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run.train(steps)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / 1e3 / steps
+    kernels = [dict(name=e.key[:90], ms_per_step=e.device_time_total / 1e3 / steps, calls_per_step=e.count / steps)
+               for e in events[:top]]
+    print(f"profile {name}: {total:.2f} GPU ms/step over {len(events)} kernels")
+    for k in kernels:
+        print(f"  {k['ms_per_step']:7.3f} ms  {k['calls_per_step']:5.1f}x  {k['name']}")
+    return dict(model=name, steps=steps, gpu_ms_per_step=total, top=kernels)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
@@ -321,6 +349,9 @@ def main(argv=None) -> None:
                   f"{row.get('step_ms') or float('nan'):>8.2f} {row.get('gpu_ms') or float('nan'):>7.2f}  "
                   f"{row.get('note', '')}", flush=True)
             torch.cuda.empty_cache()
+        if args.profile:
+            result.setdefault("profiles", []).append(profile_steps(args, name, args.profile))
+            save()
         if args.check:
             check = check_exact(args, name)
             result["checks"].append(check)

@@ -206,6 +206,8 @@ _RECALL_OPTIONS = {
     "budget_minutes": ("--budget-minutes", float, "start no new run after this many minutes (0: no limit); a "
                                                   "second call with the same --json continues"),
     "cuda_graph": ("--cuda-graph", str, "auto | on | off: each training step one captured CUDA graph (auto: on CUDA)"),
+    "bf16": ("--bf16", str, "auto | on | off: bf16 autocast in training and evaluation, float32 weights and states "
+                            "(auto: on CUDA)"),
     "query_head": ("--query-head", str, "auto | on | off: the LM head and loss at the query positions only "
                                         "(auto: on CUDA)"),
     "num_threads": ("--threads", int, "CPU threads per run (these tiny models gain little from more; "

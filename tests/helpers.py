@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -19,6 +19,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) ->
 def print_case_results(run_case: Callable[[str, int], dict], cases: dict) -> None:
     """An interpreter test script's output: one JSON object {case name: run_case(name, seed)}, seeds 0, 1, ..."""
     print(json.dumps({name: run_case(name, seed) for seed, name in enumerate(cases)}))
+
+
+@contextlib.contextmanager
+def forced_sequence_form(form: Optional[str]) -> Iterator[None]:
+    """Inside the block memmix.ops.triton runs the delta rules on one form of its kernels: "chunked" or "recurrent"
+    (None: its own choice by head size). Needs Triton."""
+    import memmix.ops.triton as backend
+
+    default = backend.RECURRENT_MAX_K
+    backend.RECURRENT_MAX_K = {None: default, "chunked": 0, "recurrent": backend.RECURRENT_KERNEL_MAX_K}[form]
+    try:
+        yield
+    finally:
+        backend.RECURRENT_MAX_K = default
 
 
 @contextlib.contextmanager

@@ -5,9 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memmix.ops import triton as triton_ops
-
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from memmix.ops.registry import find_kernel
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,14 +35,14 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(RMSNorm):
     """RMSNorm followed by an output gate: y = rmsnorm(x) * weight * silu(gate); x, gate: (..., D).
 
-    On CUDA with Triton (16/32-bit floats) one fused kernel each way (memmix.ops.triton.gated_rms_norm)."""
+    On CUDA, where the fused kernel fits (Triton, 16/32-bit floats, rows up to its width), one kernel each way
+    (memmix.ops.triton.gated_rms_norm)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and x.dtype in _FUSED_DTYPES and x.shape == gate.shape and x.shape[-1] <= triton_ops.NORM_MAX_DIM
-                and triton_ops.is_available(x)):
-            from memmix.ops.triton.gated_rms_norm import gated_rms_norm
-
-            return gated_rms_norm(x, gate, self.weight, self.eps)
+        kernel = find_kernel("gated_rms_norm")
+        if (x.is_cuda and x.shape == gate.shape and kernel is not None
+                and kernel.fits(x, gate, self.weight, head_dim=x.shape[-1])):
+            return kernel.fn(x, gate, self.weight, self.eps)
         y = rms_norm(x, self.weight, self.eps)
         gf = gate.to(_compute_dtype(gate.dtype))
         return (y.to(gf.dtype) * F.silu(gf)).to(x.dtype)

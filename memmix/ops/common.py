@@ -129,17 +129,21 @@ def validate_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, impl,
 
 # --------------------------------------------------------------------------- impl dispatch
 
-def resolve_impl(impl: str, rule: str, device: torch.device, seq_len: int) -> str:
-    """Turn "auto" into a concrete implementation.
+def resolve_impl(impl: str, rule: str, q: torch.Tensor, v: Optional[torch.Tensor] = None) -> str:
+    """Turn "auto" into a concrete implementation for inputs q (B, T, H, K) and v (B, T, H, V) (default: q).
 
-    auto: CUDA -> "triton" when a backend registered a chunk kernel for the rule, else "chunk";
+    auto: CUDA -> "triton" where a backend registered a chunk kernel for the rule and the kernel fits the inputs
+          (Kernel.fits: dtype, head widths), else "chunk";
           other devices -> "recurrent" for T <= RECURRENT_MAX_LEN (decode steps), else "chunk".
     """
     if impl != "auto":
         return impl
-    if device.type == "cuda":
-        return "triton" if get_rule(rule).chunk_kernel is not None else "chunk"
-    return "recurrent" if seq_len <= RECURRENT_MAX_LEN else "chunk"
+    if q.device.type == "cuda":
+        kernel = get_rule(rule).chunk_kernel
+        v = q if v is None else v
+        fits = kernel is not None and kernel.fits(q, v, head_dim=max(q.shape[-1], v.shape[-1]))
+        return "triton" if fits else "chunk"
+    return "recurrent" if q.shape[1] <= RECURRENT_MAX_LEN else "chunk"
 
 
 # --------------------------------------------------------------------------- varlen padding
@@ -239,7 +243,7 @@ def run_rule(name: str, q, k, v, g, beta, *, scale, initial_state, output_final_
     validate_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, impl=impl,
                     needs_g=rule.uses_gate, needs_beta=rule.uses_beta, low_memory=low_memory)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = resolve_impl(impl, name, q.device, q.shape[1])
+    impl = resolve_impl(impl, name, q, v)
     if impl == "triton":
         return _run_triton(rule, q, k, v, g, beta, scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens,

@@ -57,9 +57,9 @@ def _triton_fits(rule: MemoryRule, inputs: list[torch.Tensor], bank: torch.Tenso
     wanted (the kernel is not differentiable)."""
     kernel = rule.step_kernel
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs + [bank])
-    fits_k = kernel is not None and (kernel.max_head_dim is None or bank.shape[2] <= kernel.max_head_dim)
-    return (fits_k and kernel.runs_on(bank, *inputs) and bank.dtype == torch.float32
-            and inputs[0].dtype != torch.float64 and not wants_grad)
+    # the gates (g, beta) are read as float32 whatever their dtype: the limits are q's, k's, v's and the bank's
+    return (kernel is not None and bank.dtype == torch.float32
+            and kernel.fits(bank, *inputs[:3], head_dim=bank.shape[2], needs_grad=wants_grad))
 
 
 def _triton_step(rule: MemoryRule, q, k, v, g, beta, bank, index, keep, scale: float) -> torch.Tensor:

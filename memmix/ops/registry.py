@@ -21,6 +21,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 KERNEL_BACKENDS = ("memmix.ops.triton",)
 
 # A rule's PyTorch core: core(q, k, v, g, beta, state) -> (o, final_state) on dense (N, L, H, ...) tensors,
@@ -28,15 +30,31 @@ KERNEL_BACKENDS = ("memmix.ops.triton",)
 CoreFn = Callable[..., "tuple"]
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 @dataclass(frozen=True)
 class Kernel:
-    """A backend's kernel: `fn` (its calling contract is the registry entry's, see register_kernels),
-    `runs_on(*tensors)`: True when it can run on those tensors (their device), and the largest q/k head dim it
-    takes (None: any)."""
+    """A backend's kernel and its limits: `fn` (its calling contract is the registry entry's, see register_kernels),
+    `runs_on(*tensors)`: True when it can run on those tensors (their device); the input dtypes it takes; the largest
+    head (or row) width it takes (None: any); whether it has a backward.
+
+    `fits` is the one test every impl="auto" asks before it picks a kernel: where it says no, the caller takes the
+    PyTorch path (docs/design.md, "Which implementation runs")."""
 
     fn: Callable
     runs_on: Callable[..., bool]
     max_head_dim: Optional[int] = None
+    dtypes: tuple = FLOAT_DTYPES
+    differentiable: bool = True
+
+    def fits(self, *tensors, head_dim: Optional[int] = None, needs_grad: bool = False) -> bool:
+        """True when the kernel takes these tensors: their device, every floating-point dtype, the head width, and a
+        gradient if one is wanted."""
+        return (self.runs_on(*tensors)
+                and all(t.dtype in self.dtypes for t in tensors if t.is_floating_point())
+                and (self.max_head_dim is None or head_dim is None or head_dim <= self.max_head_dim)
+                and (self.differentiable or not needs_grad))
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,17 @@ def test_cuda_graph_on_needs_cuda():
         validate_settings(RecallSettings(query_head="yes"))
 
 
+def test_bf16_is_on_for_cuda_only_and_on_needs_cuda():
+    from memmix.evaluation.recall.settings import fast_path
+
+    assert not fast_path(RecallSettings(device="cpu"), "bf16")  # the CPU (the demo) trains in float32
+    assert fast_path(RecallSettings(device="cuda"), "bf16")
+    with pytest.raises(RecallSettingError, match="bf16"):
+        validate_settings(RecallSettings(bf16="on", device="cpu"))
+    with pytest.raises(RecallSettingError, match="bf16"):
+        validate_settings(RecallSettings(bf16="fp16"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_graphed_recall_run_equals_the_eager_one():
@@ -65,3 +76,13 @@ def test_the_graphed_recall_run_equals_the_eager_one():
                                                                    progress=False)
     for (name, acc_a, loss_a), (_, acc_b, loss_b) in zip(_accuracies(eager), _accuracies(graphed)):
         assert loss_b == pytest.approx(loss_a, rel=1e-4), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_recall_run_tracks_the_float32_one():
+    base = RecallSettings(models=["mom", "gdn"], steps=60, num_train=500, num_test=60, workers=1, device="cuda",
+                          bf16="off")
+    fp32, bf16 = run_recall(base, progress=False), run_recall(dataclasses.replace(base, bf16="on"), progress=False)
+    for (name, _, loss_a), (_, _, loss_b) in zip(_accuracies(fp32), _accuracies(bf16)):
+        assert loss_b == pytest.approx(loss_a, rel=5e-2), name

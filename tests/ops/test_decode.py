@@ -85,8 +85,9 @@ def test_auto_on_cpu_is_the_recurrent_path():
 ])
 def test_auto_takes_triton_only_for_float32_states_up_to_K256_without_grad(monkeypatch, case, expected):
     taken = []
-    # a step kernel that runs anywhere, limited to K <= 256 as the Triton one
-    kernel = Kernel(lambda *args: taken.append("triton"), runs_on=lambda *tensors: True, max_head_dim=256)
+    # a step kernel that runs anywhere, limited to K <= 256 and forward only, as the Triton one
+    kernel = Kernel(lambda *args: taken.append("triton"), runs_on=lambda *tensors: True, max_head_dim=256,
+                    differentiable=False)
     monkeypatch.setitem(registry._RULES, "delta_rule", replace(registry.get_rule("delta_rule"), step_kernel=kernel))
     monkeypatch.setattr(decode, "recurrent_memory_step", lambda *args: taken.append("recurrent"))
     dtype = {"bfloat16_inputs": torch.bfloat16, "float64_inputs": torch.float64}.get(case, torch.float32)

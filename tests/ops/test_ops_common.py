@@ -36,10 +36,12 @@ def test_default_scale_is_inverse_sqrt_k():
 
 
 def test_auto_dispatch_on_cpu():
-    cpu = torch.device("cpu")
-    assert resolve_impl("auto", "gated_delta_rule", cpu, 8) == "recurrent"
-    assert resolve_impl("auto", "gated_delta_rule", cpu, 9) == "chunk"
-    assert resolve_impl("chunk", "gated_delta_rule", cpu, 1) == "chunk"
+    def q(T):
+        return torch.zeros(1, T, 2, 4)
+
+    assert resolve_impl("auto", "gated_delta_rule", q(8)) == "recurrent"
+    assert resolve_impl("auto", "gated_delta_rule", q(9)) == "chunk"
+    assert resolve_impl("chunk", "gated_delta_rule", q(1)) == "chunk"
     inputs = make_inputs("gated_delta_rule", T=20, seed=3)
     auto = call("gated_delta_rule", inputs)[0]
     assert torch.allclose(auto, call("gated_delta_rule", inputs, impl="chunk")[0], rtol=0, atol=0)

@@ -11,7 +11,6 @@ import torch
 
 import memmix.ops
 from memmix.ops import registry
-from memmix.ops.common import resolve_impl
 from memmix.ops.registry import Kernel, get_rule, rules
 
 OPS_DIR = Path(memmix.ops.__file__).parent
@@ -56,10 +55,31 @@ def test_the_backend_registers_its_kernels():
     assert registry.find_kernel("mom_segment_conv") is not None
     assert registry.find_kernel("mom_segment_combine") is not None
     assert registry.find_kernel("no_such_kernel") is None
-    # auto on CUDA takes a rule's registered kernel, else its chunked PyTorch form (no CUDA needed to decide)
-    cuda = torch.device("cuda")
-    assert resolve_impl("auto", "gated_delta_rule", cuda, 100) == "triton"
-    assert resolve_impl("auto", "gated_linear_attention", cuda, 100) == "chunk"
+    # each kernel's limits, as Kernel.fits reads them (resolve_impl itself on CUDA: tests/ops/test_triton_gpu.py)
+    assert get_rule("gated_delta_rule").chunk_kernel.max_head_dim == backend.MAX_HEAD_DIM
+    assert not get_rule("gated_delta_rule").step_kernel.differentiable
+    assert registry.find_kernel("gated_rms_norm").max_head_dim == backend.NORM_MAX_DIM
+
+
+def _anywhere(*tensors):
+    return True
+
+
+@pytest.mark.parametrize("case, fits", [
+    ("float32", True), ("bfloat16", True), ("float16", True), ("float64", False), ("int_index_ignored", True),
+    ("head_at_limit", True), ("head_above_limit", False), ("grad_on_differentiable", True),
+    ("grad_on_forward_only", False), ("other_device", False),
+])
+def test_kernel_fits_reads_dtype_head_width_gradient_and_device(case, fits):
+    """The one test every impl="auto" asks (resolve_impl, the decoding step, the MoM mixer, GatedRMSNorm)."""
+    dtype = getattr(torch, case) if case in ("float32", "bfloat16", "float16", "float64") else torch.float32
+    x = torch.zeros(2, 3, dtype=dtype)
+    tensors = (x, torch.zeros(2, dtype=torch.long)) if case == "int_index_ignored" else (x,)
+    kernel = Kernel(lambda *a: None, runs_on=(lambda *t: False) if case == "other_device" else _anywhere,
+                    max_head_dim=64, differentiable=case != "grad_on_forward_only")
+    head_dim = {"head_at_limit": 64, "head_above_limit": 65}.get(case, 16)
+    needs_grad = case.startswith("grad_")
+    assert kernel.fits(*tensors, head_dim=head_dim, needs_grad=needs_grad) is fits
 
 
 def test_a_registered_kernel_is_what_impl_triton_runs(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import rel_err
+from helpers import forced_sequence_form, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -78,12 +78,18 @@ def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_f
     return out
 
 
+FORMS = ("chunked", "recurrent")  # the sequence form, forced
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_matches_float64_reference(name, dtype, monkeypatch):
-    from memmix.ops.triton import gated_delta_rule as kernels
+def test_triton_matches_float64_reference(name, dtype, form, monkeypatch):
+    from memmix.ops.triton import RECURRENT_KERNEL_MAX_K, gated_delta_rule as kernels
 
     case = CASES[name]
+    if form == "recurrent" and case["K"] > RECURRENT_KERNEL_MAX_K:
+        pytest.skip("the recurrent kernels take q/k heads of at most 128")
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", case.get("min_backward_programs"))
     if case.get("sm_count"):
         monkeypatch.setattr(kernels, "_sm_count", lambda device: case["sm_count"])
@@ -95,8 +101,9 @@ def test_triton_matches_float64_reference(name, dtype, monkeypatch):
     upstream = {"o": torch.randn(v.shape, generator=gen, device="cuda", dtype=torch.float64),
                 "final_state": torch.randn(h0_shape, generator=gen, device="cuda", dtype=torch.float64)}
     expected = _outputs_and_grads("chunk", inputs, case, upstream, as_float64=True)
-    actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False,
-                                low_memory=case.get("low_memory", False))
+    with forced_sequence_form(form):
+        actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False,
+                                    low_memory=case.get("low_memory", False))
     assert actual["o"].dtype == dtype and actual["final_state"].dtype == torch.float32
     errors = {key: rel_err(actual[key], expected[key]) for key in expected}
     print(name, dtype, " ".join(f"{key}={err:.1e}" for key, err in errors.items()))
@@ -123,7 +130,15 @@ def test_auto_picks_triton_on_cuda_and_no_host_sync():
     from memmix.ops.common import resolve_impl
     from memmix.ops.triton import chunk_gated_delta_rule, is_available
 
-    assert is_available() and resolve_impl("auto", "gated_delta_rule", torch.device("cuda"), 100) == "triton"
+    def q(K, dtype=torch.bfloat16):
+        return torch.zeros(1, 100, 2, K, device="cuda", dtype=dtype)
+
+    assert is_available() and resolve_impl("auto", "gated_delta_rule", q(64)) == "triton"
+    # the kernels' limits send auto to the PyTorch path: heads wider than 256, float64, a rule without a kernel
+    assert resolve_impl("auto", "gated_delta_rule", q(272)) == "chunk"
+    assert resolve_impl("auto", "gated_delta_rule", q(64), q(272)) == "chunk"
+    assert resolve_impl("auto", "gated_delta_rule", q(64, torch.float64)) == "chunk"
+    assert resolve_impl("auto", "gated_linear_attention", q(64)) == "chunk"
     inputs = _inputs(dict(lengths=[5, 0, 70, 1], H=2, K=64, V=64), torch.bfloat16, seed=3)
     for n in ("q", "k", "v", "g", "beta"):
         inputs[n].requires_grad_(True)

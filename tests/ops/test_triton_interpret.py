@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import count_recurrence_passes, print_case_results, rel_err
+from helpers import count_recurrence_passes, forced_sequence_form, print_case_results, rel_err
 
 # name -> shapes and options; lengths: a packed varlen batch (B = 1); "public": call the public op with impl="triton"
 # (through the registry), else the kernel entry itself.
@@ -35,6 +35,12 @@ CASES = {
     "low_memory_one_head_at_a_time": dict(lengths=[5, 130, 0, 64], H=3, K=16, V=16, low_memory=True, public=True),
     "low_memory_kernel_entry": dict(B=2, T=70, H=2, K=16, V=16, low_memory=True, gated=False),
 }
+# the same cases on the fused recurrent kernels (the form memmix.ops.triton picks for narrow heads); the cases above
+# run the chunked form (forced for the public ones)
+RECURRENT_CASES = ("dense_T1", "dense_T63", "dense_T65_no_initial_state", "varlen_empty_and_length1",
+                   "delta_rule_varlen_small_dims", "l2norm_scale_no_final_state", "float16",
+                   "strong_decay_partial_chunks")
+CASES.update({f"recurrent_{name}": dict(CASES[name], form="recurrent") for name in RECURRENT_CASES})
 # bf16 is left to the GPU tests: the interpreter's tl.dot mishandles bfloat16 operands (Triton 3.9).
 TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
 
@@ -88,9 +94,12 @@ def run_case(name: str, seed: int) -> dict:
     """Relative errors of the Triton kernel vs the float64 step loop for CASES[name], and "passes": how many head
     groups its forward and backward took."""
     from memmix.ops import delta_rule, gated_delta_rule
-    from memmix.ops.triton import chunk_gated_delta_rule, gated_delta_rule as kernels
+    from memmix.ops.triton import gated_delta_rule as kernels
+    from memmix.ops.triton.recurrent_delta_rule import recurrent_gated_delta_rule
 
     case = CASES[name]
+    form = case.get("form", "chunked")  # the kernel entry called, and the form the public op takes
+    chunk_gated_delta_rule = recurrent_gated_delta_rule if form == "recurrent" else kernels.chunk_gated_delta_rule
     kernels.MIN_BACKWARD_PROGRAMS = case.get("min_backward_programs")
     gated = case.get("gated", True)
     dtype = getattr(torch, case.get("dtype", "float32"))
@@ -122,7 +131,7 @@ def run_case(name: str, seed: int) -> dict:
                 "final_state": torch.randn(num_seqs, case["H"], case["K"], case["V"], generator=gen,
                                            dtype=torch.float64)}
     expected = _run(reference, reference_inputs, case, upstream)
-    with count_recurrence_passes() as passes:
+    with count_recurrence_passes() as passes, forced_sequence_form(form):
         actual = _run(kernel, kernel_inputs, case, upstream)
     return {"errors": {key: _rel_err(actual[key], expected[key]) for key in expected}, "passes": passes}
 

@@ -74,6 +74,9 @@ class RecallSettings:
     # loss at the query positions only (also in evaluation). How runs run, not what they compute: not a result field
     cuda_graph: str = "auto"
     query_head: str = "auto"
+    # bf16 autocast for training and evaluation (the tensor cores; weights, optimiser and recurrent states stay
+    # float32), "auto" = on for CUDA: the CPU trains in float32
+    bf16: str = "auto"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,7 +91,7 @@ FAST_PATH_CHOICES = ("auto", "on", "off")
 
 
 def fast_path(s: RecallSettings, name: str) -> bool:
-    """Whether the fast-path setting `name` (cuda_graph, query_head) is on: "on", or "auto" on a CUDA device."""
+    """Whether the fast-path setting `name` (cuda_graph, query_head, bf16) is on: "on", or "auto" on a CUDA device."""
     value = getattr(s, name)
     return value == "on" or (value == "auto" and torch.device(s.device).type == "cuda")
 
@@ -275,11 +278,12 @@ def validate_settings(s: RecallSettings) -> None:
     if not (s.budget_minutes >= 0 and math.isfinite(s.budget_minutes)):
         raise RecallSettingError("budget_minutes", f"must be a number >= 0 (0 = no limit), got {s.budget_minutes}")
     _check_device(s.device)
-    for name in ("cuda_graph", "query_head"):
+    for name in ("cuda_graph", "query_head", "bf16"):
         if getattr(s, name) not in FAST_PATH_CHOICES:
             raise RecallSettingError(name, f"must be one of {', '.join(FAST_PATH_CHOICES)}, got {getattr(s, name)!r}")
-    if s.cuda_graph == "on" and torch.device(s.device).type != "cuda":
-        raise RecallSettingError("cuda_graph", f"'on' needs a CUDA device, got device {s.device!r}; use auto or off")
+    for name in ("cuda_graph", "bf16"):
+        if getattr(s, name) == "on" and torch.device(s.device).type != "cuda":
+            raise RecallSettingError(name, f"'on' needs a CUDA device, got device {s.device!r}; use auto or off")
     _check_outputs(s)
 
 

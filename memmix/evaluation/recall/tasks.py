@@ -123,19 +123,20 @@ class MQARTask:
     def inputs(self, batch: MQARData) -> dict[str, torch.Tensor]:
         return {"input_ids": batch.input_ids}
 
-    def _query_head(self) -> bool:
+    def _counts(self, model: nn.Module, data: MQARData) -> tuple:
+        """query_counts under the run's fast-path settings (query-only head, bf16 autocast)."""
         from memmix.evaluation.recall.settings import fast_path
 
-        return fast_path(self.s, "query_head")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast_path(self.s, "bf16")):
+            return query_counts(model, data, self.s.eval_batch_size, self.inputs, fast_path(self.s, "query_head"))
 
     def accuracy(self, model: nn.Module, data: MQARData) -> float:
-        correct, total = query_counts(model, data, self.s.eval_batch_size, self.inputs, self._query_head())
+        correct, total = self._counts(model, data)
         return correct / total
 
     def pooled_accuracy(self, model: nn.Module, sets: dict) -> float:
         """Fraction of all queries of several data sets answered right (the validation accuracy)."""
-        counts = [query_counts(model, data, self.s.eval_batch_size, self.inputs, self._query_head())
-                  for data in sets.values()]
+        counts = [self._counts(model, data) for data in sets.values()]
         return sum(c for c, _ in counts) / sum(t for _, t in counts)
 
 

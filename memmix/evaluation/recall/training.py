@@ -30,6 +30,7 @@ class Recipe:
     stop_accuracy: float | None = None
     cuda_graph: bool = False  # capture each step as a CUDA graph (memmix.training.step.TrainStep; CUDA only)
     query_head: bool = False  # LM head and loss at the query positions only (the model's loss_positions)
+    bf16: bool = False  # bf16 autocast around the forward (CUDA only; weights, optimiser and states stay float32)
 
 
 @dataclass
@@ -78,8 +79,11 @@ def train_steps(model: nn.Module, train: dict, inputs: Callable[[Any], dict], re
     optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = cosine_schedule(optimizer, warmup_steps=int(recipe.warmup_fraction * recipe.steps),
                                total_steps=recipe.steps)
-    step = TrainStep(model, optimizer, schedule, lambda m, batch: m(**batch).loss, grad_clip=1.0,
-                     cuda_graph=recipe.cuda_graph)
+    def loss(m, batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=recipe.bf16):
+            return m(**batch).loss
+
+    step = TrainStep(model, optimizer, schedule, loss, grad_clip=1.0, cuda_graph=recipe.cuda_graph)
     model.train()
     log = TrainingLog()
     pending: list[torch.Tensor] = []  # device losses not read back yet

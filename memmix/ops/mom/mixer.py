@@ -117,7 +117,9 @@ def _no_kernel(impl: str, sizes: MixerSizes, x: torch.Tensor) -> bool:
     would hand its varlen recurrence to the PyTorch path, which reads the segment bounds back to the host; the
     dense layout (a row of T per segment) keeps the step free of host syncs, so a CUDA graph can capture it."""
     kernel = sizes.rule.chunk_kernel
-    return impl in ("auto", "triton") and triton_path.runs_on(x) and (kernel is None or not kernel.runs_on(x))
+    head_dim = max(sizes.head_k_dim, sizes.head_v_dim)
+    return (impl in ("auto", "triton") and triton_path.runs_on(x)
+            and (kernel is None or not kernel.fits(x, head_dim=head_dim)))
 
 
 def _triton_path(impl: str, layout: str, x: torch.Tensor, tails: Optional[torch.Tensor]) -> bool:

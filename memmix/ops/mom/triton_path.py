@@ -37,9 +37,9 @@ class FeatureGroups:
 
 
 def runs_on(x: torch.Tensor) -> bool:
-    """True when the segment kernels are registered and run on x's device."""
+    """True when the segment kernels are registered and take x (its device and dtype: Kernel.fits)."""
     kernel = find_kernel("mom_segment_conv")
-    return kernel is not None and kernel.runs_on(x)
+    return kernel is not None and kernel.fits(x)
 
 
 def triton_memories(x, memory_ids, slot_weights, valid, plan: DispatchPlan, weights: MoMWeights, sizes: MixerSizes,

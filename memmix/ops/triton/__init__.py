@@ -18,6 +18,8 @@ from memmix.ops.registry import Kernel, register_kernel, register_kernels
 KERNEL_RULES = ("gated_delta_rule", "delta_rule")  # the rules with a chunked sequence kernel
 STEP_RULES = ("gated_delta_rule", "delta_rule", "gated_linear_attention", "linear_attention")
 MAX_HEAD_DIM = 256  # the largest q/k and v head dims of the chunked kernels
+RECURRENT_MAX_K = 64  # heads up to this q/k width take the fused recurrent kernels (benchmarks/ops_gpu.py)
+RECURRENT_KERNEL_MAX_K = 128  # the widest q/k head the recurrent kernels take (its whole K sits in registers)
 STEP_MAX_K = 256  # the largest q/k head dim of recurrent_step (it holds the whole K of a state tile)
 NORM_MAX_DIM = 4096  # the widest row of gated_rms_norm (one tile per row)
 
@@ -43,10 +45,20 @@ def is_available(*tensors: torch.Tensor) -> bool:
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None, use_qk_l2norm=False, low_memory=False):
-    """Gated delta rule on the Triton kernels (g None: delta rule); see gated_delta_rule.chunk_gated_delta_rule."""
-    from memmix.ops.triton.gated_delta_rule import chunk_gated_delta_rule as run
+    """Gated delta rule on the Triton kernels (g None: delta rule): the fused recurrent form for heads of at most
+    RECURRENT_MAX_K, else the chunked form (see sequence_form)."""
+    if sequence_form(q.shape[-1]) == "recurrent":
+        from memmix.ops.triton.recurrent_delta_rule import recurrent_gated_delta_rule as run
+    else:
+        from memmix.ops.triton.gated_delta_rule import chunk_gated_delta_rule as run
     return run(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, low_memory=low_memory)
+
+
+def sequence_form(head_k_dim: int) -> str:
+    """"recurrent" (state in registers, O(T K V)) for q/k heads of at most RECURRENT_MAX_K, else "chunked" (WY form
+    on the tensor cores, which pays for its per-chunk (C x C) algebra only at wide heads)."""
+    return "recurrent" if head_k_dim <= RECURRENT_MAX_K else "chunked"
 
 
 def _recurrent_step(q, k, v, g, beta, bank, index, keep, scale):
@@ -67,13 +79,20 @@ def _segment_combine(rows, slot_row, weight):
     return SegmentCombineFunction.apply(rows, slot_row, weight)
 
 
+def _gated_rms_norm(x, gate, weight, eps):
+    """gated_rms_norm.gated_rms_norm, loaded on first use."""
+    from memmix.ops.triton.gated_rms_norm import gated_rms_norm
+    return gated_rms_norm(x, gate, weight, eps)
+
+
 def _register() -> None:
     chunk = Kernel(chunk_gated_delta_rule, runs_on=is_available, max_head_dim=MAX_HEAD_DIM)
-    step = Kernel(_recurrent_step, runs_on=is_available, max_head_dim=STEP_MAX_K)
+    step = Kernel(_recurrent_step, runs_on=is_available, max_head_dim=STEP_MAX_K, differentiable=False)
     for rule in STEP_RULES:
         register_kernels(rule, chunk=chunk if rule in KERNEL_RULES else None, step=step)
     register_kernel("mom_segment_conv", Kernel(_segment_conv, runs_on=is_available))
     register_kernel("mom_segment_combine", Kernel(_segment_combine, runs_on=is_available))
+    register_kernel("gated_rms_norm", Kernel(_gated_rms_norm, runs_on=is_available, max_head_dim=NORM_MAX_DIM))
 
 
 if triton_importable():

@@ -33,6 +33,14 @@ def _tile(dim: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(dim)))
 
 
+def _k_tile(K: int, cap: int) -> int:
+    """The K tile (the inner dim of the chunk kernels' Q K^T and K K^T dots): at least 32. With 16, Triton 3.6 built
+    wy_prepare_kernel for bf16 on an H100 so that it read out-of-range shared memory (compute-sanitizer:
+    "Out-of-range shared or local address" in its stores; an illegal memory access without the sanitizer);
+    at 32 and above the same kernel is clean. The padded columns are masked to zero."""
+    return _tile(max(K, 32), cap)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact float32 products; 16-bit inputs use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -54,7 +62,7 @@ def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = 
         if programs is not None and not INTERPRET and torch.device(device).type == "cuda":
             while bv > 16 and 4 * programs * triton.cdiv(V, bv) < 3 * _sm_count(torch.device(device)):
                 bv //= 2
-    return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
+    return {"BK": _k_tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +73,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _chunk_config(K: int, V: int) -> dict:
     """Tiles and warps for the per-chunk kernels."""
-    return {"BK": _tile(K, 64), "BV": _tile(V, 64), "num_warps": 4 if max(K, V) <= 64 else 8}
+    return {"BK": _k_tile(K, 64), "BV": _tile(V, 64), "num_warps": 4 if max(K, V) <= 64 else 8}
 
 
 def _wy_prepare_config(K: int, V: int) -> dict:
@@ -116,12 +124,14 @@ class ChunkLayout:
 
     cu_seqlens: (N + 1,) int64 sequence bounds; chunk_offsets: (N + 1,) index of each sequence's first chunk;
     chunk_start, chunk_end: (num_chunks,) int32 token bounds per chunk slot (start == end: unused slot).
+    chunk_size: tokens a chunk (CHUNK_SIZE for the chunked kernels; the recurrent ones checkpoint at their own).
     seq_order: (N,) int32 the sequences longest first, the order the sequential kernels take them in.
     max_seq_len: host-side upper bound on the longest sequence (T for a dense batch, all tokens for varlen).
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seq_len: int, num_chunks_bound: int):
-        C = CHUNK_SIZE
+    def __init__(self, cu_seqlens: torch.Tensor, max_seq_len: int, num_chunks_bound: int,
+                 chunk_size: int = CHUNK_SIZE):
+        C = self.chunk_size = chunk_size
         self.cu_seqlens = cu_seqlens
         self.num_seqs = cu_seqlens.numel() - 1
         self.num_chunks = num_chunks_bound
@@ -139,17 +149,19 @@ class ChunkLayout:
         self.seq_order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)  # (N,)
 
     @classmethod
-    def build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
+    def build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device,
+              chunk_size: int = CHUNK_SIZE) -> "ChunkLayout":
         """Dense batch (cu_seqlens None): B sequences of length T; else the packed sequences of cu_seqlens.
 
         The last few layouts are kept, by shape for a dense batch and by cu_seqlens for a packed one (see
         _layout_key): building one takes ~25 small device ops, which cost more host time
         than the kernels of a short batch (and every layer of a model sees the same batch)."""
         key = _layout_key(batch, seq_len, cu_seqlens, device)
+        key = None if key is None else key + (chunk_size,)
         if key is not None and key in _LAYOUT_CACHE:
             _LAYOUT_CACHE.move_to_end(key)
             return _LAYOUT_CACHE[key][1]
-        layout = cls._build(batch, seq_len, cu_seqlens, device)
+        layout = cls._build(batch, seq_len, cu_seqlens, device, chunk_size)
         if key is not None:
             _LAYOUT_CACHE[key] = (cu_seqlens, layout)  # the tensor is held so that its id is not reused
             if len(_LAYOUT_CACHE) > LAYOUT_CACHE_SIZE:
@@ -157,14 +169,15 @@ class ChunkLayout:
         return layout
 
     @classmethod
-    def _build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
-        C = CHUNK_SIZE
+    def _build(cls, batch: int, seq_len: int, cu_seqlens: Optional[torch.Tensor], device,
+               chunk_size: int) -> "ChunkLayout":
+        C = chunk_size
         if cu_seqlens is None:
             cu = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
-            return cls(cu, seq_len, batch * triton.cdiv(seq_len, C))
+            return cls(cu, seq_len, batch * triton.cdiv(seq_len, C), C)
         cu = cu_seqlens.to(device=device, dtype=torch.int64, copy=True)  # a cached layout owns its bounds
         num_seqs = cu.numel() - 1
-        return cls(cu, seq_len, (seq_len + num_seqs * (C - 1)) // C)  # sum ceil(L_i / C) <= this
+        return cls(cu, seq_len, (seq_len + num_seqs * (C - 1)) // C, C)  # sum ceil(L_i / C) <= this
 
 
 LAYOUT_CACHE_SIZE = 8

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import count_recurrence_passes, print_case_results, rel_err
+from helpers import count_recurrence_passes, forced_sequence_form, print_case_results, rel_err
 
 SIZES = dict(D=24, H=2, K=16, V=16, M=4)
 # name -> shape (B, T; "lengths" packs documents, B == 1; "left_pad" pads rows on the left; "cont" runs the first
@@ -31,11 +31,12 @@ CASES = {
     # the recurrence on its Triton kernel too ("auto" takes the PyTorch chunk form on the CPU); then with
     # low_memory: the backward rebuilds the k/v projection of every memory (a feature group at a time), and the
     # recurrence runs one head at a time
-    "triton_recurrence": dict(B=2, T=33, impl="triton"),
+    "triton_recurrence": dict(B=2, T=33, impl="triton", form="chunked"),
+    "triton_recurrence_recurrent_form": dict(B=2, T=33, impl="triton", form="recurrent"),
     # (a loss on the returned conv tails would differentiate the whole projection through them: outputs only here)
-    "low_memory": dict(B=2, T=33, impl="triton", low_memory=True, state_loss=False),
+    "low_memory": dict(B=2, T=33, impl="triton", low_memory=True, state_loss=False, form="chunked"),
     # as in training: no cache, so the projection is made without a graph and only the convolution keeps x
-    "low_memory_training": dict(B=2, T=33, impl="triton", low_memory=True, use_cache=False),
+    "low_memory_training": dict(B=2, T=33, impl="triton", low_memory=True, use_cache=False, form="chunked"),
     # under bf16 autocast (forward only, as in training), low_memory against the default Triton path: the rebuild
     # takes the forward's bf16 inputs, so every output and gradient is the same -- but dx, which adds the three
     # feature groups' bf16 products in float32 where the default path makes one product (bf16 rounding apart)
@@ -146,7 +147,9 @@ def run_case(name: str, seed: int) -> dict:
     else:
         expected = _run(inputs, case, "chunk", low_memory=False)  # the PyTorch path
         low_memory = case.get("low_memory", False)
-    with count_recurrence_passes() as passes:
+    # the recurrence's form: the case's (head groups and passes are the chunked kernels'), else the one
+    # memmix.ops.triton picks for these narrow heads
+    with count_recurrence_passes() as passes, forced_sequence_form(case.get("form")):
         actual = _run(inputs, case, case.get("impl", "auto"), low_memory)  # the Triton path under the interpreter
     saved, made_in_backward = actual.pop("saved_shapes"), actual.pop("backward_shapes")
     for key in ("saved_shapes", "backward_shapes"):
