@@ -178,8 +178,9 @@ def _read_prompt(text: str, errors: str) -> str:
 # RecallSettings / MixedRecallSettings field -> (flag, kind, help); kind: "names" or "ints" (comma lists), int, float.
 # A field that only one --task's settings have is refused for the other task.
 _RECALL_OPTIONS = {
-    "models": ("--models", "names", "comma list of models (mqar: attention, mom, gdn, gdn-wide, linear, bmojo, "
-                                    "bmojo-f, and the mom-* ablations; mixed: aware, blind, aware+moe)"),
+    "models": ("--models", "names", "comma list of models (mqar: attention, mom, gdn, gdn-wide, gdn-h64, mom-h64, "
+                                    "linear, bmojo, bmojo-f, the mom-* ablations, and on CUDA with flash-linear-"
+                                    "attention fla-gdn, fla-mom; mixed: aware, blind, aware+moe)"),
     "seq_lens": ("--seq-len", "ints", "sequence lengths, e.g. 64,128 (a grid with --num-kv-pairs)"),
     "num_kv_pairs": ("--num-kv-pairs", "ints", "key-value pair counts, e.g. 4,8,16"),
     "train_grid": ("--train-grid", "grid", "explicit training settings SEQxPAIRS, e.g. 64x4,256x64 (instead of "
@@ -260,9 +261,10 @@ def _add_recall(sub: argparse._SubParsersAction) -> None:
                    help="mqar: compare models on MQAR; mixed: mixed-modal recall, modality-aware against "
                         "modality-blind memory routing (--models aware,blind[,aware+moe], --topk)")
     p.add_argument("--preset", default="default",
-                   help="default: the CPU demo (about 9 min on 2 idle cores); zoology: the Zoology protocol and "
-                        "zoology-ablations: MoM's ablations on it (for a GPU: they refuse to start on the CPU "
-                        "without --force)")
+                   help="default: the CPU demo (about 9 min on 2 idle cores); cpu-vocab: does each recurrent model "
+                        "learn MQAR at a larger vocabulary (CPU, about 15 min); zoology: the Zoology protocol, "
+                        "zoology-d128: its d_model 128 answer with fla's reference rows, and zoology-ablations: "
+                        "MoM's ablations on it (for a GPU: they refuse to start on the CPU without --force)")
     p.add_argument("--force", action="store_true", help="run a GPU-sized preset on the CPU anyway")
     for name, (flag, kind, help_text) in _RECALL_OPTIONS.items():
         if kind in ("names", "ints", "floats", "grid"):

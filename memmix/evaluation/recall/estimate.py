@@ -130,9 +130,14 @@ def step_seconds(s: RecallSettings, model: str, d_model: int, device_type: str,
     replaces the device's table)."""
     table, head_flops, per_logit = _cost_table(device_type)
     costs = costs or table
-    cost = costs.get(model) or costs["mom" if model.startswith("mom") else "gdn"]
+    cost = costs.get(model) or costs[_cost_family(model)]
     tokens = _step_tokens(s)
     return cost.seconds(tokens, d_model) + tokens * s.vocab_size * (6 * d_model / head_flops + per_logit)
+
+
+def _cost_family(model: str) -> str:
+    """The costed model a variant is priced as: the MoM ablations, mom-h64 and fla-mom as mom; the rest as gdn."""
+    return "mom" if model.startswith("mom") or model == "fla-mom" else "gdn"
 
 
 def _eval_seconds(s: RecallSettings, step: float, steps: int) -> float:
@@ -196,6 +201,27 @@ def preflight_warning(s: RecallSettings, limit_minutes: float = 30.0, finished: 
         return None
     hint = " (a GPU-sized grid: use --device cuda)" if est.device == "cpu" and est.seconds > 3 * 3600 else ""
     return f"this grid takes {est.describe()}{hint}; a budget (budget_minutes) and a json_path let it run in parts"
+
+
+def budget_warning(s: RecallSettings, finished: list | None = None) -> str | None:
+    """One line when some run still to train is estimated to take longer at the step cap than budget_minutes (it
+    could never finish within one call of that length: a run stopped mid-way is trained again from its start), with
+    the largest step cap that would fit; None without a budget or when every run fits. Early stopping may end a run
+    sooner: this is the run that does not learn."""
+    if s.budget_minutes <= 0:
+        return None
+    est = estimate_seconds(s, finished=finished)
+    if not est.run_seconds:
+        return None
+    key, seconds = max(est.run_seconds.items(), key=lambda item: item[1])
+    budget = s.budget_minutes * 60
+    if seconds <= budget:
+        return None
+    fits = int(s.steps * budget / seconds) // 100 * 100
+    cap = f"a step cap of about {fits:,} fits" if fits else "no step cap of 100 or more fits"
+    return (f"a run that trains to the {s.steps:,}-step cap ({key}) takes about {_fmt(seconds)} ({est.device}; "
+            f"{est.basis}), more than the {s.budget_minutes:g}-min budget: it cannot finish within one call and is "
+            f"trained again from its start by the next; {cap} (steps, --steps)")
 
 
 # ----------------------------------------------------------------------------------------------- calibration

@@ -41,15 +41,23 @@ class StateSize:
 
 @dataclass(frozen=True)
 class RecallModel:
-    """A registry entry: how to build the model at a ModelSize and how big its inference state is."""
+    """A registry entry: how to build the model at a ModelSize and how big its inference state is.
+
+    requires(settings) -> None, or one line saying why the row cannot run under those RecallSettings (a missing
+    package, a device, a width); validate_settings raises it. graphable: its training step may be captured as a
+    CUDA graph (settings.cuda_graph); False trains it eagerly."""
 
     name: str
     summary: str
     build: Callable[[ModelSize], nn.Module]
     state_size: Callable[[nn.Module], StateSize]
+    requires: Callable[[Any], str | None] | None = None
+    graphable: bool = True
 
 
 RECALL_MODELS: dict[str, RecallModel] = {}
+# name -> why it is not registered here (a row whose package is missing); the unknown-model error says it
+UNAVAILABLE_MODELS: dict[str, str] = {}
 
 
 def register_model(entry: RecallModel) -> RecallModel:
@@ -67,17 +75,28 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _mom_family(name: str, summary: str, attention_everywhere: bool = False, heads_factor: int = 1,
-                **overrides: Any) -> RecallModel:
-    """A registry entry for a MoMForCausalLM variant; attention_everywhere makes every layer softmax attention."""
+                head_dim: int | None = None, **overrides: Any) -> RecallModel:
+    """A registry entry for a MoMForCausalLM variant; attention_everywhere makes every layer softmax attention;
+    head_dim fixes the memory heads' width (else the benchmark's head_dim)."""
     def build(size: ModelSize) -> nn.Module:
         from memmix.models import MoMForCausalLM
         from memmix.models.presets import mom_recall_config
 
         layers = {"attn_layers": list(range(size.num_layers))} if attention_everywhere else {}
-        return MoMForCausalLM(mom_recall_config(size.vocab_size, size.d_model, size.num_layers, size.head_dim,
+        width = head_dim or size.head_dim
+        return MoMForCausalLM(mom_recall_config(size.vocab_size, size.d_model, size.num_layers, width,
                                                 heads_factor=heads_factor, **overrides, **layers))
 
-    return RecallModel(name=name, summary=summary, build=build, state_size=mom_family_state_size)
+    requires = None if head_dim is None else _width_multiple_of(head_dim)
+    return RecallModel(name=name, summary=summary, build=build, state_size=mom_family_state_size, requires=requires)
+
+
+def _width_multiple_of(head_dim: int) -> Callable[[Any], str | None]:
+    """requires(settings): every d_model a multiple of ``head_dim`` (the row's own head width)."""
+    def requires(s: Any) -> str | None:
+        bad = [d for d in s.d_models if d % head_dim]
+        return f"its heads of {head_dim} need every d_model a multiple of {head_dim}, got {bad[0]}" if bad else None
+    return requires
 
 
 def mom_family_state_size(model: nn.Module) -> StateSize:
@@ -110,6 +129,10 @@ register_model(_mom_family("mom", "MoM: 4 gated-delta memories, top-2 routing, +
 register_model(_mom_family("gdn", "Gated DeltaNet: the same block with one memory", **GDN))
 register_model(_mom_family("gdn-wide", f"Gated DeltaNet with {MOM_STATES}x the heads: one memory, MoM's total state",
                            heads_factor=MOM_STATES, **GDN))
+# Head width as a setting (issue 25): state per head, K x V, bounds what one head can store; at d_model 128 heads of
+# 64 are 2 heads of 64 x 64 against 8 heads of 16 x 16 (4x the memory floats, 2x the conv-tail floats).
+register_model(_mom_family("mom-h64", "MoM with heads of 64 (whatever head_dim says)", head_dim=64, **MOM))
+register_model(_mom_family("gdn-h64", "Gated DeltaNet with heads of 64 (whatever head_dim says)", head_dim=64, **GDN))
 register_model(_mom_family("linear", "linear attention: one memory, additive (no decay, no delta) update",
                            num_memories=1, topk=1, shared_mem=False, memory_rule="linear"))
 register_model(_mom_family("attention", "softmax attention in every layer (the recall upper bound)",
@@ -151,5 +174,48 @@ register_mom_variant("mom-zloss", "MoM with a router z-loss of weight 1e-3", rou
 register_mom_variant("mom-temp", "MoM with router temperature 2 (softmax over logits / 2)", router_temperature=2.0)
 ABLATION_MODELS = ["mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1", "mom-conv-whole",
                    "mom-route-conv", "mom-zloss", "mom-temp"]
+
+# ----------------------------------------------------------------------------------------------- fla reference rows
+
+
+def _fla_family(name: str, summary: str, layer: str, **overrides: Any) -> RecallModel:
+    """``gdn`` or ``mom``'s harness (same config) with every mixer swapped for fla's layer (fla_reference.py)."""
+    twin = _mom_family(name, summary, **overrides)
+
+    def build(size: ModelSize) -> nn.Module:
+        from memmix.evaluation.recall.fla_reference import FLA_LAYERS, swap_mixers
+
+        return swap_mixers(twin.build(size), FLA_LAYERS[layer])
+
+    def requires(s: Any) -> str | None:
+        from memmix.evaluation.recall.fla_reference import fla_unavailable
+
+        return fla_unavailable(s.device)
+
+    return RecallModel(name=name, summary=summary, build=build, state_size=mom_family_state_size, requires=requires,
+                       graphable=False)
+
+
+FLA_MODELS = {
+    "fla-gdn": _fla_family("fla-gdn", "gdn's harness with fla.layers.GatedDeltaNet as the mixer (reference)",
+                           "gated_delta", **GDN),
+    "fla-mom": _fla_family("fla-mom", "mom's harness with fla.layers.MomAttention as the mixer (reference)", "mom",
+                           **MOM),
+}
+
+
+def _register_fla_models() -> None:
+    """The fla rows when the package fla is installed (looked up, not imported: fla loads only when a row is
+    validated or built); else the reason, for the unknown-model error."""
+    from memmix.evaluation.recall.fla_reference import fla_installed, fla_unavailable
+
+    for entry in FLA_MODELS.values():
+        if fla_installed():
+            register_model(entry)
+        else:
+            UNAVAILABLE_MODELS[entry.name] = fla_unavailable()
+
+
+_register_fla_models()
 
 BUILTIN_MODELS = dict(RECALL_MODELS)  # what a fresh interpreter (a worker process) has registered

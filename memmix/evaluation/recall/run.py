@@ -24,7 +24,7 @@ def train_and_test(spec: RunSpec, s: RecallSettings, task: MQARTask,
     splits = task.splits(s.device)
     recipe = Recipe(steps=s.steps, lr=spec.lr, weight_decay=s.weight_decay, warmup_fraction=s.warmup_fraction,
                     batch_size=s.batch_size, seed=spec.seed, log_every=s.log_every, eval_every=s.eval_every,
-                    stop_accuracy=s.stop_accuracy, cuda_graph=fast_path(s, "cuda_graph"),
+                    stop_accuracy=s.stop_accuracy, cuda_graph=fast_path(s, "cuda_graph") and entry.graphable,
                     query_head=fast_path(s, "query_head"), bf16=fast_path(s, "bf16"))
     validate = (lambda: task.pooled_accuracy(model, splits.valid)) if splits.valid else None
     started = time.perf_counter()

@@ -36,6 +36,12 @@ def run_recall(s: RecallSettings, progress: bool = True,
     workers = worker_count(s, max(1, left))
     tracker = RunProgress(left, s.steps, workers, progress)
     budget = s.budget_minutes * 60 if s.budget_minutes > 0 else math.inf
+    if left:
+        from memmix.evaluation.recall.estimate import budget_warning
+
+        warning = budget_warning(s, finished=list(plan.finished.values()))
+        if warning is not None:
+            note(out.messages, warning)
 
     def finished(result: RunResult) -> None:
         plan.add(result)

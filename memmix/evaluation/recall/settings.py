@@ -100,6 +100,11 @@ def fast_path(s: RecallSettings, name: str) -> bool:
 ZOOLOGY_TRAIN_GRID = [(64, 4), (128, 8), (256, 16), (256, 32), (256, 64)]
 ZOOLOGY_TEST_GRID = [(64, 4), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]  # the last two: longer
 
+# Zoology's budget (HazyResearch/zoology's MQAR sweeps): up to 64 epochs of 180,000 sequences (100,000 at (64, 4),
+# 20,000 at each other setting) in batches of 256 = 45,000 steps; early stopping at 0.99 ends easy runs long before.
+ZOOLOGY_STEPS = 64 * 180_000 // 256
+ZOOLOGY_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]  # Zoology sweeps np.logspace(-4, -2, ...): the same range, half-decades
+
 _ZOOLOGY: dict[str, Any] = {  # Zoology / Based MQAR (arXiv 2312.04927), for a GPU; protocol in docs/recall.md
     "models": ["attention", "mom", "gdn", "gdn-wide", "linear", "bmojo", "bmojo-f"],
     "seq_lens": [],
@@ -110,8 +115,9 @@ _ZOOLOGY: dict[str, Any] = {  # Zoology / Based MQAR (arXiv 2312.04927), for a G
     "d_models": [64, 128, 256],
     "num_layers": 2,
     "head_dim": 16,
-    "steps": 6000,
-    "lr": [1e-3, 3.2e-3, 1e-2],
+    "steps": ZOOLOGY_STEPS,
+    "lr": ZOOLOGY_LRS,
+    "warmup_fraction": 0.01,  # 450 steps: the warm-up must end before an easy run stops (attention: ~1,800 steps)
     "batch_size": 256,
     "vocab_size": 8192,
     "num_train": 20_000,
@@ -129,10 +135,46 @@ _ZOOLOGY_ABLATIONS = dict(_ZOOLOGY, d_models=[128], models=[
     "mom", "gdn", "mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1", "mom-conv-whole",
     "mom-route-conv", "mom-zloss", "mom-temp"])
 
+# Issue 25's first answer: d_model 128 only; heads of 16 and of 64 for gdn and mom; gdn-wide (MoM's state, one
+# memory); fla's own layers in the same harness (fla-gdn, fla-mom: CUDA with flash-linear-attention installed).
+# Seed 0 sweeps the learning rates; `--seeds 3` on a later call adds seeds 1 and 2 of each row's best rate only.
+_ZOOLOGY_D128 = dict(_ZOOLOGY, d_models=[128], seeds=1, models=[
+    "attention", "gdn", "gdn-h64", "gdn-wide", "mom", "mom-h64", "fla-gdn", "fla-mom"])
+
+# The CPU counterpart (issue 25, item 5): does each recurrent model learn MQAR at a large vocabulary at all? Short
+# sequences (64 tokens, 4 pairs: Zoology's easiest setting), Zoology's data, the LM head at the queries only; about
+# 15 min on 2 cores (docs/recall.md has the measurement that chose the vocabulary). Apart from the CPU demo.
+_CPU_VOCAB: dict[str, Any] = {
+    "models": ["attention", "gdn", "mom", "linear"],
+    "seq_lens": [],
+    "num_kv_pairs": [],
+    "train_grid": [(64, 4)],
+    "test_grid": [(64, 4), (64, 8)],
+    "data_style": "zoology",
+    "d_models": [64],
+    "num_layers": 2,
+    "head_dim": 16,
+    "steps": 1000,
+    "lr": 3e-3,
+    "warmup_fraction": 0.05,
+    "batch_size": 64,
+    "vocab_size": 256,
+    "num_train": 20_000,
+    "num_valid": 200,
+    "num_test": 500,
+    "eval_batch_size": 100,
+    "stop_accuracy": 0.99,
+    "eval_every": 250,
+    "log_every": 50,
+    "query_head": "on",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},  # RecallSettings' own defaults: the CPU demo
     "zoology": _ZOOLOGY,
     "zoology-ablations": _ZOOLOGY_ABLATIONS,
+    "zoology-d128": _ZOOLOGY_D128,
+    "cpu-vocab": _CPU_VOCAB,
 }
 
 
@@ -203,9 +245,11 @@ def validate_settings(s: RecallSettings) -> None:
 
     Also checks, before any work, that the output paths can be written. Whether an existing results file at
     json_path can be continued is checked where it is read (memmix.evaluation.recall.results.check_resumable)."""
-    from memmix.evaluation.recall.models import RECALL_MODELS
+    from memmix.evaluation.recall.models import RECALL_MODELS, UNAVAILABLE_MODELS
 
     unknown = [m for m in s.models if m not in RECALL_MODELS]
+    if unknown and unknown[0] in UNAVAILABLE_MODELS:
+        raise RecallSettingError("models", f"model {unknown[0]!r} cannot be built here: {UNAVAILABLE_MODELS[unknown[0]]}")
     if not s.models or unknown:
         raise RecallSettingError("models", f"unknown model {unknown[0]!r}; allowed: {', '.join(RECALL_MODELS)}"
                                  if unknown else f"name at least one of: {', '.join(RECALL_MODELS)}")
@@ -225,6 +269,7 @@ def validate_settings(s: RecallSettings) -> None:
     if bad_d:
         raise RecallSettingError("d_models", f"each must be a multiple of head_dim={s.head_dim}, got {bad_d[0]}")
     _check_protocol(s)
+    _check_requirements(s, RECALL_MODELS)
     if s.weight_decay < 0:
         raise RecallSettingError("weight_decay", f"must be >= 0, got {s.weight_decay}")
     if not 0.0 <= s.warmup_fraction < 1.0:
@@ -245,6 +290,17 @@ def validate_settings(s: RecallSettings) -> None:
         if getattr(s, name) == "on" and torch.device(s.device).type != "cuda":
             raise RecallSettingError(name, f"'on' needs a CUDA device, got device {s.device!r}; use auto or off")
     _check_outputs(s)
+
+
+def _check_requirements(s: RecallSettings, registry: dict) -> None:
+    """Each model's own requirements (a package, a CUDA device, a width), after the device and widths are known."""
+    _check_device(s.device)
+    for name in s.models:
+        requires = registry[name].requires
+        reason = requires(s) if requires is not None else None
+        if reason is not None:
+            raise RecallSettingError("models", f"model {name!r} cannot be built here: {reason}")
+
 
 
 def _check_positive_ints(s: RecallSettings, names: Sequence[str], allow_empty: bool = False) -> None:

@@ -49,7 +49,8 @@ def test_zoology_presets_validate_and_follow_the_protocol(preset):
     assert settings_grid(s) == [(64, 4), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
     assert hardest_setting(s) == (256, 64)  # the hardest setting trained on, not the extrapolation
     assert (s.vocab_size, s.data_style, s.num_layers, s.seeds, s.stop_accuracy) == (8192, "zoology", 2, 3, 0.99)
-    assert s.lr == [1e-3, 3.2e-3, 1e-2] and s.num_valid > 0
+    assert s.lr == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2] and s.num_valid > 0  # Zoology's range, half-decades
+    assert s.steps == 64 * 180_000 // 256 and s.warmup_fraction * s.steps < 500  # Zoology's budget, a short warm-up
     if preset == "zoology":
         assert s.d_models == [64, 128, 256]
         assert s.models == ["attention", "mom", "gdn", "gdn-wide", "linear", "bmojo", "bmojo-f"]
@@ -219,11 +220,11 @@ def test_rows_use_the_chosen_rate_and_mark_an_unfinished_sweep():
 def test_estimate_counts_the_runs_left_and_scales_with_steps():
     s = RecallSettings(**PRESETS["zoology"], device="cpu")
     full = estimate_seconds(s, "cuda")
-    assert full.runs == 7 * 3 * (3 + 2) and full.device == "cuda" and "guess" in full.basis  # 7 models, 3 widths
+    assert full.runs == 7 * 3 * (5 + 2) and full.device == "cuda" and "guess" in full.basis  # 7 models, 3 widths
     half = estimate_seconds(dataclasses.replace(s, steps=s.steps // 2), "cuda")
     assert 0.4 * full.seconds < half.seconds < 0.6 * full.seconds
     one = estimate_seconds(dataclasses.replace(s, models=["attention"], d_models=[64]), "cuda")
-    assert one.runs == 5 and one.seconds < full.seconds / 10
+    assert one.runs == 7 and one.seconds < full.seconds / 10
     done = [_run("attention", lr, 0, 0.9, 0.9) for lr in s.lr]
     for r in done:
         r.spec = dataclasses.replace(r.spec, d_model=64)
