@@ -11,7 +11,7 @@ models, so that checkpoints map by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,8 +81,9 @@ class BlockOutput:
     ffn_aux_router_loss: torch.Tensor | None = None
 
 
-_BLOCK_TENSORS = tuple(f.name for f in fields(BlockOutput) if f.name != "state")
-ROUTING_OUTPUTS = _BLOCK_TENSORS[1:]  # what the blocks loop collects, one tuple over layers each
+# what the blocks loop collects from each block, one tuple over layers each (BlockOutput's routing fields)
+ROUTING_OUTPUTS = ("router_logits", "ffn_router_logits", "ffn_aux_router_loss")
+_BLOCK_TENSORS = ("hidden_states",) + ROUTING_OUTPUTS  # what a checkpointed block passes back
 
 
 class MemmixPreTrainedModel(PreTrainedModel):

@@ -231,23 +231,43 @@ def causal_decay(b: torch.Tensor) -> torch.Tensor:
 
 def run_rule(name: str, q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
              low_memory, impl):
-    """Validate, dispatch and run the memory rule `name`; see the module docstring for the core contract.
+    """Validate, dispatch and run the memory rule `name` (the public ops' entry); see run_checked.
+
+    Raises ValueError naming the first bad argument (validate_inputs)."""
+    rule = get_rule(name)
+    validate_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, impl=impl,
+                    needs_g=rule.uses_gate, needs_beta=rule.uses_beta, low_memory=low_memory)
+    return run_checked(rule, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+                       low_memory=low_memory, impl=impl)
+
+
+def run_checked(rule: MemoryRule, q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                cu_seqlens=None, use_qk_l2norm=False, low_memory=False, impl="auto"):
+    """Dispatch and run `rule` on arguments a caller has already checked (the MoM mixer validates its own inputs
+    once); see the module docstring for the core contract.
 
     g / beta are None for rules without decay / without beta. low_memory: the Triton kernel runs one head at a
     time, forward and backward (least memory); the PyTorch paths ignore it.
     Returns (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) float32/float64 or None).
     The Triton path gets the arguments as given and never syncs the host, so there the values of
     cu_seqlens (start 0, end T, non-decreasing) are the caller's promise; the PyTorch paths check them.
+    impl="triton" where the kernel cannot run: RuntimeError naming the alternatives (CPU tensors are let through
+    under TRITON_INTERPRET=1, Triton's interpreter, used by kernel tests).
     """
-    rule = get_rule(name)
-    validate_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, impl=impl,
-                    needs_g=rule.uses_gate, needs_beta=rule.uses_beta, low_memory=low_memory)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = resolve_impl(impl, name, q, v)
+    impl = resolve_impl(impl, rule.name, q, v)
     if impl == "triton":
-        return _run_triton(rule, q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                           use_qk_l2norm=use_qk_l2norm, low_memory=low_memory)
+        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"impl='triton' needs CUDA tensors, got device {q.device}; "
+                               "use impl='chunk' or 'recurrent' (or 'auto')")
+        if rule.chunk_kernel is None:
+            raise RuntimeError(f"impl='triton': no kernel is registered for {rule.name!r} (memmix.ops.triton "
+                               "provides the delta rules when Triton is installed); use impl='chunk' or 'recurrent' "
+                               "(or 'auto')")
+        return rule.chunk_kernel.fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                    use_qk_l2norm=use_qk_l2norm, low_memory=low_memory)
 
     core = rule.recurrent if impl == "recurrent" else rule.chunk
     o, state = _run_pytorch(core, q, k, v, g, beta, scale=scale, initial_state=initial_state,
@@ -280,17 +300,3 @@ def _run_pytorch(core, q, k, v, g, beta, *, scale: float, initial_state, cu_seql
     if bounds is not None:
         o = unpad_packed(o, index)
     return o.to(out_dtype), state
-
-
-def _run_triton(rule: MemoryRule, q, k, v, g, beta, **kwargs):
-    """Call a rule's chunk kernel; RuntimeError when there is none or the inputs are not on CUDA.
-
-    CPU tensors are let through under TRITON_INTERPRET=1 (Triton's interpreter, used by kernel tests).
-    """
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"impl='triton' needs CUDA tensors, got device {q.device}; "
-                           "use impl='chunk' or 'recurrent' (or 'auto')")
-    if rule.chunk_kernel is None:
-        raise RuntimeError(f"impl='triton': no kernel is registered for {rule.name!r} (memmix.ops.triton provides "
-                           "the delta rules when Triton is installed); use impl='chunk' or 'recurrent' (or 'auto')")
-    return rule.chunk_kernel.fn(q, k, v, g, beta, **kwargs)

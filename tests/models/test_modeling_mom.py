@@ -329,3 +329,12 @@ def test_low_memory_reaches_every_mom_layer_and_survives_save_load(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
     assert loaded.config.low_memory and loaded.model.layers[0].attn.low_memory
+
+
+def test_routing_outputs_are_the_block_outputs_routing_fields():
+    """The blocks loop collects ROUTING_OUTPUTS by name: every BlockOutput field but hidden_states and state."""
+    from dataclasses import fields
+
+    from memmix.models.base import ROUTING_OUTPUTS, BlockOutput
+
+    assert ROUTING_OUTPUTS == tuple(f.name for f in fields(BlockOutput) if f.name not in ("hidden_states", "state"))

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from memmix.ops.common import compute_dtype, log_decay
+from memmix.ops.common import compute_dtype, log_decay, run_checked
 from memmix.ops.mom.plan import DispatchPlan
 from memmix.ops.registry import MemoryRule
 
@@ -134,9 +134,10 @@ def run_recurrence(plan: DispatchPlan, q, k, v, g, beta, initial, sizes: MixerSi
             initial = with_trash_state(initial, plan.num_segments, H, K, V, q)
     # a slice only when rows are left out: the backward of even a full-length slice copies the gradient
     args = [(t if t.shape[0] == L else t[:L]).reshape(*shape, H, -1) for t in (q, k, v)]
-    extra = [(t if t.shape[0] == L else t[:L]).reshape(*shape, H) for t in (g, beta) if t is not None]
-    o, final = sizes.rule.op(*args, *extra, initial_state=initial, output_final_state=use_cache, cu_seqlens=cu,
-                             use_qk_l2norm=not normalized, low_memory=low_memory, impl=impl)
+    g, beta = ((t if t.shape[0] == L else t[:L]).reshape(*shape, H) if t is not None else None for t in (g, beta))
+    # the mixer checked its inputs once: the rule runs unchecked (memmix.ops.common.run_checked)
+    o, final = run_checked(sizes.rule, *args, g, beta, initial_state=initial, output_final_state=use_cache,
+                           cu_seqlens=cu, use_qk_l2norm=not normalized, low_memory=low_memory, impl=impl)
     o = o.reshape(L, H, V)
     if plan.layout == "dense":
         o = torch.cat([o, o.new_zeros(plan.buffer_len - L, H, V)])
