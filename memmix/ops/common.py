@@ -252,19 +252,19 @@ def run_checked(rule: MemoryRule, q, k, v, g, beta, *, scale=None, initial_state
     Returns (o (B, T, H, V) in v's dtype, final_state (N, H, K, V) float32/float64 or None).
     The Triton path gets the arguments as given and never syncs the host, so there the values of
     cu_seqlens (start 0, end T, non-decreasing) are the caller's promise; the PyTorch paths check them.
-    impl="triton" where the kernel cannot run: RuntimeError naming the alternatives (CPU tensors are let through
-    under TRITON_INTERPRET=1, Triton's interpreter, used by kernel tests).
+    impl="triton" where the kernel cannot run: RuntimeError naming the alternatives (the kernel's runs_on decides:
+    CUDA tensors, or CPU ones under Triton's interpreter in kernel tests).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = resolve_impl(impl, rule.name, q, v)
     if impl == "triton":
-        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"impl='triton' needs CUDA tensors, got device {q.device}; "
-                               "use impl='chunk' or 'recurrent' (or 'auto')")
         if rule.chunk_kernel is None:
             raise RuntimeError(f"impl='triton': no kernel is registered for {rule.name!r} (memmix.ops.triton "
                                "provides the delta rules when Triton is installed); use impl='chunk' or 'recurrent' "
                                "(or 'auto')")
+        if not rule.chunk_kernel.runs_on(q):
+            raise RuntimeError(f"impl='triton' needs CUDA tensors, got device {q.device}; "
+                               "use impl='chunk' or 'recurrent' (or 'auto')")
         return rule.chunk_kernel.fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                     use_qk_l2norm=use_qk_l2norm, low_memory=low_memory)

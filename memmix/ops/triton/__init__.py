@@ -29,6 +29,12 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: Triton's CPU interpreter (tests) runs the kernels on CPU tensors. The one
+    place that reads the switch (runtime.INTERPRET holds it for the launchers)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def is_available(*tensors: torch.Tensor) -> bool:
     """True when Triton imports and the given tensors (or, with none given, the default device) are on CUDA.
 
@@ -36,7 +42,7 @@ def is_available(*tensors: torch.Tensor) -> bool:
     """
     if not triton_importable():
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return True
     if not tensors:
         return torch.cuda.is_available()

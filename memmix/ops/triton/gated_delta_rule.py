@@ -6,8 +6,6 @@ filled on the device (no host sync).
 """
 from __future__ import annotations
 
-import functools
-import os
 from collections import OrderedDict
 from typing import Optional
 
@@ -16,13 +14,12 @@ import triton
 from torch.autograd.function import once_differentiable
 
 from memmix.ops.normalize import l2norm
-from memmix.ops.triton import MAX_HEAD_DIM
+from memmix.ops.triton import MAX_HEAD_DIM, runtime
 from memmix.ops.triton.gated_delta_bwd import chunk_grads_kernel, state_grad_kernel
 from memmix.ops.triton.gated_delta_fwd import (chunk_output_kernel, state_pass_kernel, wy_prepare_kernel,
                                                wy_recompute_kernel)
 
 CHUNK_SIZE = 64
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MIN_BACKWARD_PROGRAMS = None  # see heads_per_backward_pass: None = two per SM; 0 = one head per pass (least memory)
 
 
@@ -37,7 +34,12 @@ def _tile(dim: int, cap: int) -> int:
     shared memory (compute-sanitizer at K = V = 16: wy_prepare_kernel's stores with a 16-wide K tile, then
     wy_recompute_kernel with a 16-wide V tile; an illegal memory access without the sanitizer). Padded rows and
     columns are masked to zero."""
-    return min(cap, max(MIN_TILE, triton.next_power_of_2(dim)))
+    return runtime.tile(dim, cap, floor=MIN_TILE)
+
+
+def _gpu_sms(x: torch.Tensor) -> Optional[int]:
+    """The SM count of x's GPU, or None under the interpreter or off CUDA (launch sizes then tune nothing)."""
+    return None if runtime.INTERPRET or x.device.type != "cuda" else runtime.sm_count(x.device)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -45,12 +47,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = None, device=None) -> dict:
+def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = None,
+                  sms: Optional[int] = None) -> dict:
     """Tiles and warps for the sequential kernels: the whole K in one tile, V split for parallelism.
 
     16-bit inputs take V tiles of 64 with 4 warps, which measured faster than 32 with 8 at K = V = 256 (dense and
-    packed batches, and the MoM layer; benchmarks/results). programs (sequences x heads of the launch), given on a
-    GPU: 16-bit inputs narrow the V tile (64, 32) while the launch has programs for fewer than 3/4 of the SMs, as
+    packed batches, and the MoM layer; benchmarks/results). programs (sequences x heads of the launch) and sms (the
+    GPU's SM count), given on a GPU: 16-bit inputs narrow the V tile (64, 32) while the launch has programs for fewer than 3/4 of the SMs, as
     a long chain then sets the time (few long segments, and low_memory's one head a pass, gain from narrower tiles;
     many segments keep 64). float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread,
     and at 64 x 4 warps the K = 256 kernels did not finish compiling within minutes."""
@@ -58,16 +61,10 @@ def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = 
         bv, warps = 32, 8
     else:
         bv, warps = 64, 4
-        if programs is not None and not INTERPRET and torch.device(device).type == "cuda":
-            while bv > MIN_TILE and 4 * programs * triton.cdiv(V, bv) < 3 * _sm_count(torch.device(device)):
+        if programs is not None and sms is not None:
+            while bv > MIN_TILE and 4 * programs * triton.cdiv(V, bv) < 3 * sms:
                 bv //= 2
     return {"BK": _tile(K, MAX_HEAD_DIM), "BV": _tile(V, bv), "num_warps": warps, "num_stages": 2}
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: the query costs host time on every launch)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _chunk_config(K: int, V: int) -> dict:
@@ -89,31 +86,9 @@ def _fallbacks(config: dict) -> list[dict]:
     return lighter
 
 
-_CHOSEN: dict = {}  # (kernel, shape/flag key) -> the config that launched
-
-
 def _launch(kernel, grid, args: tuple, constants: dict, config: dict) -> None:
-    """Launch `kernel[grid(config)](*args, **constants, **config)`, stepping down the fallbacks on OutOfResources.
-
-    grid: a function of the config (tiles decide the grid). In interpret mode GPU-only options are dropped.
-    """
-    if INTERPRET:
-        options = {key: value for key, value in config.items() if key not in ("num_warps", "num_stages")}
-        kernel[grid(options)](*args, **constants, **options)
-        return
-    from triton.runtime.errors import OutOfResources
-
-    key = (id(kernel), str(args[1].dtype), tuple(sorted(constants.items())), tuple(sorted(config.items())))
-    candidates = [_CHOSEN[key]] if key in _CHOSEN else _fallbacks(config)
-    for i, candidate in enumerate(candidates):
-        try:
-            kernel[grid(candidate)](*args, **constants, **candidate)
-        except OutOfResources:
-            if i == len(candidates) - 1:
-                raise
-            continue
-        _CHOSEN[key] = candidate
-        return
+    """runtime.launch with this module's lighter configs (_fallbacks) to step down to on OutOfResources."""
+    runtime.launch(kernel, grid, args, constants, config, _fallbacks(config)[1:])
 
 
 # --------------------------------------------------------------------------- chunk layout
@@ -262,7 +237,7 @@ def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, 
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
                  OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, WY_LOCAL=wy_local,
                  PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype, N * heads, k.device))
+            _state_config(K, V, k.dtype, N * heads, _gpu_sms(k)))
     return o, states, u, ht
 
 
@@ -318,7 +293,7 @@ def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_
              layout.cu_seqlens, layout.chunk_offsets, layout.seq_order, scale, head0),
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_DHT=dht is not None,
                  STORE_DH0=dh0 is not None, WY_LOCAL=wy_local, PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype, N * heads, k.device))
+            _state_config(K, V, k.dtype, N * heads, _gpu_sms(k)))
 
 
 def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, *, has_g, head0):
@@ -343,9 +318,9 @@ def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device, dtype
     heads keep the GPU busier (MIN_BACKWARD_PROGRAMS = 0 forces one head a pass, the least memory)."""
     target = MIN_BACKWARD_PROGRAMS
     if target is None:
-        if INTERPRET or device.type != "cuda":
+        if runtime.INTERPRET or device.type != "cuda":
             return H
-        target = 2 * _sm_count(torch.device(device))
+        target = 2 * runtime.sm_count(torch.device(device))
     v_tiles = triton.cdiv(V, _state_config(K, V, dtype)["BV"])
     for heads in range(1, H + 1):
         if H % heads == 0 and num_seqs * heads * v_tiles >= target:

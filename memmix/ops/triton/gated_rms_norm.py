@@ -5,16 +5,14 @@ each row is read once and written once. Rows are the flattened leading dims; D (
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from memmix.ops.triton import NORM_MAX_DIM as MAX_DIM
+from memmix.ops.triton import NORM_MAX_DIM as MAX_DIM, runtime
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _rows_per_program(block_d: int) -> int:
@@ -65,7 +63,7 @@ def gated_rms_norm_bwd_kernel(x_ptr, gate_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, 
 
 
 def _options(D: int) -> dict:
-    return {} if INTERPRET else {"num_warps": 4 if D <= 256 else 8}
+    return {} if runtime.INTERPRET else {"num_warps": 4 if D <= 256 else 8}
 
 
 class GatedRMSNormFunction(torch.autograd.Function):

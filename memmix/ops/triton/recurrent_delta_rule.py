@@ -5,7 +5,6 @@ narrow heads: memmix.ops.triton picks this form or the chunked one by head size.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,12 +12,11 @@ import torch
 import triton
 
 from memmix.ops.normalize import l2norm
-from memmix.ops.triton import RECURRENT_KERNEL_MAX_K as MAX_HEAD_DIM
+from memmix.ops.triton import RECURRENT_KERNEL_MAX_K as MAX_HEAD_DIM, runtime
 from memmix.ops.triton.gated_delta_rule import ChunkLayout
 from memmix.ops.triton.recurrent_delta_kernels import recurrent_bwd_kernel, recurrent_fwd_kernel
 
 CHECKPOINT_EVERY = 16  # tokens between stored states; the backward's scratch holds this many states a program
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -41,11 +39,8 @@ def default_config(K: int, V: int) -> RecurrentConfig:
     return RecurrentConfig(min(config.block_v, max(4, triton.next_power_of_2(V))), config.num_warps)
 
 
-def _launch(kernel, grid, args, constants, num_warps: int) -> None:
-    if INTERPRET:  # the interpreter takes no GPU launch options
-        kernel[grid](*args, **constants)
-    else:
-        kernel[grid](*args, **constants, num_warps=num_warps)
+def _launch(kernel, grid: tuple, args, constants: dict, num_warps: int) -> None:
+    runtime.launch(kernel, lambda config: grid, args, constants, {"num_warps": num_warps})
 
 
 class RecurrentDeltaRuleFunction(torch.autograd.Function):

@@ -8,15 +8,14 @@ unpicked ones zero-filled). One launch per feature group (q, k, v, gates); no ho
 """
 from __future__ import annotations
 
-import os
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from memmix.ops.normalize import L2NORM_EPS
+from memmix.ops.triton import runtime
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------- kernels
@@ -252,8 +251,7 @@ def segment_combine_bwd_kernel(rows_ptr, slot_row_ptr, weight_ptr, dout_ptr, dro
 # --------------------------------------------------------------------------- launch helpers
 
 def _launch(kernel, grid, *args, num_warps: int = 4, **constants) -> None:
-    options = {} if INTERPRET else {"num_warps": num_warps}
-    kernel[grid](*args, **constants, **options)
+    runtime.launch(kernel, lambda config: grid, args, constants, {"num_warps": num_warps})
 
 
 def _pow2(n: int) -> int:

@@ -85,14 +85,14 @@ FORMS = ("chunked", "recurrent")  # the sequence form, forced
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_float64_reference(name, dtype, form, monkeypatch):
-    from memmix.ops.triton import RECURRENT_KERNEL_MAX_K, gated_delta_rule as kernels
+    from memmix.ops.triton import RECURRENT_KERNEL_MAX_K, gated_delta_rule as kernels, runtime
 
     case = CASES[name]
     if form == "recurrent" and case["K"] > RECURRENT_KERNEL_MAX_K:
         pytest.skip("the recurrent kernels take q/k heads of at most 128")
     monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", case.get("min_backward_programs"))
     if case.get("sm_count"):
-        monkeypatch.setattr(kernels, "_sm_count", lambda device: case["sm_count"])
+        monkeypatch.setattr(runtime, "sm_count", lambda device: case["sm_count"])
     seed = list(CASES).index(name) * 10 + (dtype == torch.float32)
     inputs = _inputs(case, dtype, seed)
     gen = torch.Generator(device="cuda").manual_seed(seed + 1000)

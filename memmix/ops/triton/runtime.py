@@ -1,0 +1,62 @@
+"""What every launcher of memmix's Triton kernels shares: the interpreter switch, one launch with its
+out-of-resources fallback, power-of-two tiles and the GPU's size.
+
+    launch(kernel, grid, args, constants, config)    # kernel[grid(config)](*args, **constants, **config)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import torch
+import triton
+
+from memmix.ops.triton import interpreting
+
+# Triton's CPU interpreter (tests): kernels run on CPU tensors and take no GPU launch options (warps, stages)
+INTERPRET = interpreting()
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+_CHOSEN: dict = {}  # launch key -> the config that launched
+
+
+def tile(dim: int, cap: int, floor: int = 16) -> int:
+    """The power of two covering `dim`, within [floor, cap]."""
+    return min(cap, max(floor, triton.next_power_of_2(dim)))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query costs host time on every launch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch(kernel, grid: Callable[[dict], tuple], args: Sequence, constants: dict, config: dict,
+           fallbacks: Sequence[dict] = ()) -> None:
+    """kernel[grid(config)](*args, **constants, **config); grid: a function of the config (tiles decide the grid).
+
+    Under the interpreter the launch options are dropped. On a GPU, where `config` needs more shared memory or
+    registers than the GPU has (OutOfResources), the `fallbacks` are tried in order; the config that launched is
+    remembered for the same kernel, constants, config and tensor dtypes, so later launches go straight to it. A
+    fallback must not change what the caller sized from `config` (its buffers, its grid's meaning)."""
+    if INTERPRET:
+        options = {key: value for key, value in config.items() if key not in LAUNCH_OPTIONS}
+        kernel[grid(options)](*args, **constants, **options)
+        return
+    if not fallbacks:  # nothing to step down to: no key to build (host time on every launch)
+        kernel[grid(config)](*args, **constants, **config)
+        return
+    from triton.runtime.errors import OutOfResources
+
+    dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+    key = (id(kernel), dtypes, tuple(sorted(constants.items())), tuple(sorted(config.items())))
+    candidates = [_CHOSEN[key]] if key in _CHOSEN else [config, *fallbacks]
+    for i, candidate in enumerate(candidates):
+        try:
+            kernel[grid(candidate)](*args, **constants, **candidate)
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _CHOSEN[key] = candidate
+        return
