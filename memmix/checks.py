@@ -44,9 +44,11 @@ def check_binary_mask(name: str, mask: torch.Tensor) -> None:
         check_values((mask == 0) | (mask == 1), f"{name} must hold only 0 and 1 (0 at padding)")
 
 
-def check_log_decay(g: torch.Tensor | None) -> None:
+def check_log_decay(g: torch.Tensor | None, q: torch.Tensor) -> None:
     """g: log decay, every value <= 0 (a positive one grows the state without bound: inf outputs). Checked on the
     CPU only: the rule ops run inside every layer and every decoding step, where even a queued device-side check
     costs a kernel per call; the layers make g <= 0 by construction (-softplus)."""
-    if g is not None and isinstance(g, torch.Tensor) and g.device.type == "cpu" and g.is_floating_point():
+    if not (isinstance(g, torch.Tensor) and isinstance(q, torch.Tensor) and g.shape == q.shape[:3]):
+        return  # the op's own validation names a missing or misshapen g
+    if g.device.type == "cpu" and g.is_floating_point():
         check_values(g <= 0, "g (log decay) must be <= 0 everywhere (exp(g) is the decay, in (0, 1])")

@@ -181,7 +181,7 @@ def check_run_settings(config: TrainConfig) -> None:
     reason = check_writable(config.out_dir, is_dir=True)
     if reason:
         raise InputError(reason, "out_dir")
-    resume_path = config.resume if config.resume not in ("", "latest") else None
+    resume_path = config.resume if isinstance(config.resume, str) and config.resume not in ("", "latest") else None
     check_outputs_apart({"out_dir": (config.out_dir, False)},
                         {"--data": config.data, "--val-data": config.val_data, "--tokenizer": config.tokenizer,
                          "--resume": resume_path if resume_path and os.path.isfile(resume_path) else None})
