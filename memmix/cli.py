@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import re
+import signal
 import sys
 
 from memmix.errors import InputError
@@ -164,6 +165,19 @@ def _write_output(prog: str, flag: str, path: str, write) -> bool:
     return False
 
 
+def _model_input(path: str) -> str:
+    """The file or folder that --model reads: a run folder's latest checkpoint (its other files are no input)."""
+    from memmix.evaluation.loading import is_hf_folder
+    from memmix.training.checkpoint import resolve_checkpoint
+
+    if not os.path.isdir(path) or is_hf_folder(path):
+        return path
+    try:
+        return resolve_checkpoint(path)
+    except InputError:
+        return path
+
+
 def _read_prompt(text: str, errors: str) -> str:
     """--prompt text ('-': stdin) as valid UTF-8 text, under the --encoding-errors policy."""
     from memmix.data.sources import decode_utf8
@@ -223,6 +237,9 @@ _RECALL_OPTIONS = {
     "num_segments": ("--num-segments", int, "segments per modality (they alternate)"),
 }
 _RECALL_FLAGS = {name: flag for name, (flag, _, _) in _RECALL_OPTIONS.items()}
+# the options that size a recall grid's work: a grid too long for the CPU is blamed on those given
+_RECALL_COST = ("models", "seq_lens", "num_kv_pairs", "train_grid", "test_grid", "d_models", "num_layers", "head_dim",
+                "steps", "lr", "batch_size", "vocab_size", "num_train", "num_valid", "num_test", "seeds", "topks")
 
 
 def _recall_modules():
@@ -345,8 +362,11 @@ def _check_cpu_grid(args: argparse.Namespace, settings, device) -> None:
         return
     hours = recall.estimate_seconds(settings).seconds / 3600
     if device.type == "cpu" and hours > _CPU_RECALL_REFUSE_HOURS and not args.force:
-        raise InputError(f"{warning}; pass --device cuda on a GPU machine, or --force to run it here anyway",
-                         argument="--preset" if args.preset != "default" else "--steps")
+        given = [flag for name, flag in _RECALL_FLAGS.items() if name in _RECALL_COST and getattr(args, name)]
+        argument = given[0] if len(given) == 1 else None if given else "--preset"
+        sizes = f" (with {', '.join(given)})" if len(given) > 1 else ""
+        raise InputError(f"{warning}{sizes}; pass --device cuda on a GPU machine, or --force to run it here anyway",
+                         argument=argument)
     print(f"{args.prog}: warning: {warning}", file=sys.stderr)
 
 
@@ -356,6 +376,15 @@ def _run_recall(args: argparse.Namespace) -> int:
                        ("--state-plot", args.state_plot_path)):
         _check_output(flag, path)
     settings = _recall_settings(args, str(device))
+    if not args.json_path:
+        return _recall_report(args, settings, device)
+    from memmix.files import exclusive_lock
+
+    with exclusive_lock(args.json_path, "--json"):  # a second recall on the same --json would drop one's results
+        return _recall_report(args, settings, device)
+
+
+def _recall_report(args: argparse.Namespace, settings, device) -> int:
     recall, mixed = _recall_modules()
     if args.task == "mixed":
         from memmix.files import atomic_write_json
@@ -435,10 +464,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from memmix.training.config import config_from_args
+
+    config = config_from_args(args)  # checked before torch loads (seconds)
+    args.out_dir = config.out_dir
     from memmix.training.trainer import train
 
-    config = config_from_args(args)
-    args.out_dir = config.out_dir
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -453,8 +483,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _train_interrupted(args: argparse.Namespace) -> str:
     out_dir = getattr(args, "out_dir", None)
-    if not out_dir:  # interrupted before the settings were read
-        return ""
+    if not out_dir or "memmix.training.checkpoint" not in sys.modules:  # interrupted before the settings were
+        return ""  # read, or before torch loaded (importing it now could crash the half-imported torch)
     from memmix.training.checkpoint import CheckpointDir
 
     latest = CheckpointDir(out_dir).latest()
@@ -513,6 +543,10 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
     check_perplexity_args(args.seq_len, args.stride, args.mode, args.tokens_per_batch)
     _check_output("--json", args.json_path)
     device = resolve_device(args.device)
+    from memmix.files import check_outputs_apart
+
+    check_outputs_apart({"--json": (args.json_path, False)},
+                        {"--model": _model_input(args.model), "--data": args.data, "--tokenizer": args.tokenizer})
 
     from memmix.data.corpus import load_corpus
     from memmix.data.sources import TextSource
@@ -559,7 +593,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from memmix.evaluation.generate import check_generate_args
 
-    check_generate_args(args.max_new_tokens, args.temperature, args.top_p)
+    check_generate_args(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     prompt = _read_prompt(args.prompt, args.encoding_errors)
     if not prompt:
         raise InputError("the prompt is empty; pass some text (or '-' and text on stdin)", argument="prompt")
@@ -602,6 +636,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     try:
         model = convert_checkpoint(args.src, args.dst)
+    except InputError:
+        raise
     except ValueError as err:  # an option memmix does not reproduce, missing or misshapen weights
         raise InputError(f"cannot convert '{args.src}': {err}") from None
     print(f"wrote {args.dst}: {model.num_parameters():,} parameters")
@@ -634,10 +670,46 @@ def _fail(prog: str, message: str, status: int):
     raise SystemExit(status)
 
 
+def _importing() -> bool:
+    """Whether a module is being imported right now (its __spec__._initializing is set)."""
+    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in list(sys.modules.values()))
+
+
+def _on_sigint(prog: list[str]):
+    """Ctrl-C: KeyboardInterrupt as usual, except inside an import (torch's takes seconds), where unwinding would
+    leave a half-imported extension that crashes or prints a traceback on the way out: there the one line is
+    printed and the process ends at once (nothing is being written during an import)."""
+
+    def handler(signum, frame):
+        if not _importing():
+            raise KeyboardInterrupt
+        os.write(2, f"{prog[0]}: interrupted\n".encode())
+        os._exit(130)
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
+    import threading
+
+    prog = ["memmix"]
+    previous = signal.getsignal(signal.SIGINT)
+    # leave a caller's own handler (or an ignored SIGINT) alone; handlers are the main thread's to set
+    ours = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if ours:
+        signal.signal(signal.SIGINT, _on_sigint(prog))
+    try:
+        return _main(argv, prog)
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None, prog: list[str]) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        prog[0] = args.prog
         return int(args.run(args) or 0)
     except UsageError as err:
         _fail(err.prog, f"error: {err}", 2)
@@ -645,7 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         _fail(args.prog if args else "memmix", f"error: {_message(err, args.flags if args else {})}", 2)
     except KeyboardInterrupt as err:
         prog = args.prog if args else "memmix"
-        note = args.interrupted(args) if args is not None and hasattr(args, "interrupted") else ""
+        try:
+            note = args.interrupted(args) if args is not None and hasattr(args, "interrupted") else ""
+        except Exception:  # the note is a courtesy; the interrupt is the news
+            note = ""
         _fail(prog, "interrupted" + (f" ({err})" if str(err) else "") + note, 130)
     except BrokenPipeError:  # `memmix generate ... | head`: the reader left; stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from memmix.errors import InputError
+from memmix.files import atomic_replace_dir, check_outputs_apart
 from memmix.layers.mlp import default_intermediate_size
 from memmix.models import MoMConfig, MoMForCausalLM
 
@@ -212,23 +212,42 @@ def load_state_dict(src_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of one weights file; ValueError naming it when it is damaged or not a weights file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors' and pickle's many errors for a damaged file
+        raise ValueError(f"'{path}' could not be read ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); it is damaged or not a weights "
+                         "file") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"'{path}' does not hold a dict of tensors")
+    return state
 
 
 def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> MoMForCausalLM:
     """Read an fla MoM checkpoint folder (config.json + weights), write our save_pretrained folder (safetensors).
 
-    Every file lands in dst_dir through os.replace, so a crash never leaves a half-written file there.
+    dst_dir is built beside itself and swapped in whole (memmix.files.atomic_replace_dir): a crash, Ctrl-C or kill
+    leaves the old dst_dir or the complete new one. A dst_dir that is, holds or lies in src_dir is refused, and so
+    is an existing dst_dir that holds anything but a model folder.
     """
     src = Path(src_dir)
+    check_outputs_apart({"DST": (os.fspath(dst_dir), True)}, {"SRC": os.fspath(src_dir)})
+    _check_replaceable(Path(dst_dir))
     config_file = src / "config.json"
     if not config_file.exists():
         raise ValueError(f"src_dir must contain config.json: {src}")
-    fla_config = json.loads(config_file.read_text())
+    try:
+        fla_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"'{config_file}' is not a JSON file ({exc})") from None
+    if not isinstance(fla_config, dict):
+        raise ValueError(f"'{config_file}' must hold a JSON object")
     config, state = convert_fla_mom_state_dict(load_state_dict(src), fla_config)
     model = MoMForCausalLM(config)
     model.load_state_dict(state, strict=True)
@@ -239,16 +258,19 @@ def convert_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     return model
 
 
+def _check_replaceable(dst: Path) -> None:
+    """dst is replaced whole: it must be new, empty, or a saved model folder (config.json), never other files."""
+    if not dst.is_dir():
+        return
+    entries = [p.name for p in dst.iterdir() if not p.name.startswith(".")]
+    if entries and "config.json" not in entries:
+        raise InputError(f"'{dst}' holds other files (e.g. '{entries[0]}'), and convert replaces the whole folder; "
+                         "pass a new or empty folder, or a model folder to replace", "DST")
+
+
 def _save_atomically(model: MoMForCausalLM, dst: Path) -> None:
-    """save_pretrained into dst, each file landing through os.replace (other files in dst are kept)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        for item in staging.iterdir():
-            os.replace(item, dst / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """save_pretrained into a folder that replaces dst whole (never a mix of old and new files)."""
+    atomic_replace_dir(dst, lambda folder: model.save_pretrained(folder, safe_serialization=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,22 @@ class TokenCorpus:
     def num_docs(self) -> int:
         return sum(len(offsets) - 1 for _, offsets in self.parts)
 
+    def fingerprint(self) -> str:
+        """'<tokens>:<crc32>' of the token stream: a resume checks that it reads the data its run read. Shards
+        give their header checksums (no pass over the tokens); text tokenised in memory is checksummed here."""
+        import zlib
+
+        crc = 0
+        for index, (tokens, offsets) in enumerate(self.parts):
+            if self.part_paths:
+                from memmix.data.shards import read_header
+
+                crc = zlib.crc32(str(read_header(self.part_paths[index])["tokens_crc32"]).encode(), crc)
+            else:
+                crc = zlib.crc32(np.ascontiguousarray(tokens).tobytes(), crc)
+            crc = zlib.crc32(np.ascontiguousarray(offsets).tobytes(), crc)
+        return f"{self.num_tokens}:{crc:08x}"
+
     def documents(self) -> Iterable[np.ndarray]:
         """Each document's tokens, in order."""
         for tokens, offsets in self.parts:

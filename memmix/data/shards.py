@@ -8,8 +8,10 @@ Layout of one shard (`*.mmtok`), all little-endian:
     tokens                dtype (uint16 when vocab_size <= 65536, else uint32), (num_tokens,)
     doc_offsets           uint64, (num_docs + 1,): document d is tokens[doc_offsets[d]:doc_offsets[d+1]]
 
-A shard is written to a temporary name and renamed when complete, so a killed `memmix prepare`
-never leaves a half-written shard under the final name.
+A shard is written to a temporary name and renamed when complete. `memmix prepare` builds a whole folder of
+shards beside its --out, writes its completion record `prepared.json` last (the shards' names, token counts and
+checksums) and swaps the folder in: readers refuse a folder of shards without its record or with other shards
+than it lists, so an interrupted or mixed folder is never read as data.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from memmix.errors import InputError
-from memmix.files import list_files
+from memmix.files import atomic_write_json, list_files
 
 MAGIC = b"MEMMIXTK"
 VERSION = 1
 HEADER_BYTES = 4096
 SHARD_SUFFIX = ".mmtok"
+RECORD_NAME = "prepared.json"
+RECORD_FORMAT = "memmix-prepared-shards"
 _CRC_CHUNK = 1 << 24
 
 
@@ -109,7 +113,10 @@ def read_header(path: str) -> dict:
     fix = f"delete '{path}' and re-run `memmix prepare`"
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
-    if len(head) < HEADER_BYTES or not head.startswith(MAGIC):
+    if not head.startswith(MAGIC):  # another kind of file: never advise deleting it
+        raise InputError(f"'{path}' is not a memmix token shard (no shard header); pass a folder that `memmix "
+                         "prepare` wrote, or give the text with another data format (auto, text or jsonl)")
+    if len(head) < HEADER_BYTES:
         raise InputError(f"'{path}' is not a memmix token shard (bad or missing header); {fix}")
     version, length = struct.unpack("<II", head[len(MAGIC) : len(MAGIC) + 8])
     if version != VERSION:
@@ -150,14 +157,47 @@ class TokenShard:
         return cls(path, tokens, offsets, meta)
 
 
+def write_record(folder: str, paths: list[str], source: str) -> str:
+    """The completion record of a prepared folder: written last, it lists every shard the folder holds."""
+    shards = [{"name": os.path.basename(p), "num_tokens": int(meta["num_tokens"]),
+               "tokens_crc32": meta["tokens_crc32"]} for p, meta in ((p, read_header(p)) for p in paths)]
+    record = os.path.join(folder, RECORD_NAME)
+    atomic_write_json(record, {"format": RECORD_FORMAT, "source": source, "shards": shards})
+    return record
+
+
+def _recorded_shards(folder: str, found: list[str]) -> list[str]:
+    """The shards of one prepared folder, as its completion record lists them; InputError for a folder without
+    its record (an interrupted or older `memmix prepare`) or whose shards differ from the record."""
+    fix = f"re-run `memmix prepare` into '{folder}' (with --overwrite)"
+    record_path = os.path.join(folder, RECORD_NAME)
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+        names = [entry["name"] for entry in record["shards"]]
+        assert record["format"] == RECORD_FORMAT
+    except FileNotFoundError:
+        raise InputError(f"'{folder}' holds shards but no completion record ({RECORD_NAME}): it is an interrupted "
+                         f"or older `memmix prepare`; {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise InputError(f"the completion record '{record_path}' is damaged; {fix}") from None
+    listed = {os.path.join(folder, name) for name in names}
+    extra, missing = sorted(set(found) - listed), sorted(listed - set(found))
+    if extra or missing:
+        what = f"'{extra[0]}' is not in its record" if extra else f"'{missing[0]}' is missing"
+        raise InputError(f"the shards in '{folder}' are not the ones `memmix prepare` wrote ({what}); {fix}")
+    return [os.path.join(folder, name) for name in names]
+
+
 def shard_paths(path: str) -> list[str]:
-    """A shard file, or every `*.mmtok` file under a folder (sorted)."""
+    """A shard file, or every `*.mmtok` file under a folder, each folder's as its completion record lists them."""
     if os.path.isfile(path):
         return [path]
-    paths = list_files(path, (SHARD_SUFFIX,)) if os.path.isdir(path) else []
-    if not paths:
+    found = list_files(path, (SHARD_SUFFIX,)) if os.path.isdir(path) else []
+    if not found:
         raise InputError(f"no {SHARD_SUFFIX} shards found at '{path}'; create them with `memmix prepare`")
-    return paths
+    folders = sorted({os.path.dirname(p) for p in found})
+    return [p for folder in folders for p in _recorded_shards(folder, [q for q in found if os.path.dirname(q) == folder])]
 
 
 def open_shards(path: str, verify: bool = True) -> list[TokenShard]:

@@ -86,8 +86,25 @@ def is_hf_saved_dataset(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in markers)
 
 
+def _open_data_file(path: str):
+    """open(path, "rb"); InputError naming the file when it cannot be read (a dangling link, no permission)."""
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        link = " (a symbolic link to a missing file)" if os.path.islink(path) and not os.path.exists(path) else ""
+        raise InputError(f"data file '{path}' cannot be read{link}: {err.strerror or err}; fix or remove it") from None
+
+
+def _text_value(value, text_field: str, where: str) -> str:
+    """A row's text: a string; anything else (a list, a dict, a number) is refused rather than read as its repr."""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{text_field}' is a {type(value).__name__}, not a string; pass the field "
+                         "that holds the text", "text_field")
+    return value
+
+
 def iter_text_file(path: str, doc_separator: str | None = None, encoding_errors: str = "strict") -> Iterator[str]:
-    with open(path, "rb") as f:
+    with _open_data_file(path) as f:
         text = decode_utf8(f.read(), f"'{path}'", encoding_errors)
     parts = text.split(doc_separator) if doc_separator else [text]
     yield from (p for p in parts if p.strip())
@@ -95,7 +112,7 @@ def iter_text_file(path: str, doc_separator: str | None = None, encoding_errors:
 
 def iter_jsonl_file(path: str, text_field: str = "text", encoding_errors: str = "strict") -> Iterator[str]:
     offset = 0
-    with open(path, "rb") as f:
+    with _open_data_file(path) as f:
         for line_no, raw in enumerate(f, 1):
             line = decode_utf8(raw, f"'{path}' (line {line_no})", encoding_errors, offset)
             offset += len(raw)
@@ -110,8 +127,10 @@ def iter_jsonl_file(path: str, text_field: str = "text", encoding_errors: str = 
                 raise InputError(
                     f"{path}:{line_no} has no field '{text_field}' (it has {keys}); pass the field that holds the "
                     "text", "text_field")
-            if row[text_field]:
-                yield check_text(str(row[text_field]), f"'{path}' (line {line_no})", encoding_errors)
+            if row[text_field] is None or row[text_field] == "":
+                continue
+            text = _text_value(row[text_field], text_field, f"{path}:{line_no}")
+            yield check_text(text, f"'{path}' (line {line_no})", encoding_errors)
 
 
 def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "train",
@@ -138,8 +157,10 @@ def iter_hf_dataset(name_or_path: str, text_field: str = "text", split: str = "t
         raise InputError(
             f"dataset '{name_or_path}' has no column '{text_field}' (it has {ds.column_names})", "text_field")
     for index, row in enumerate(ds):
-        if row[text_field]:
-            yield check_text(str(row[text_field]), f"dataset '{name_or_path}' (row {index})", encoding_errors)
+        if row[text_field] is None or row[text_field] == "":
+            continue
+        text = _text_value(row[text_field], text_field, f"dataset '{name_or_path}' (row {index})")
+        yield check_text(text, f"dataset '{name_or_path}' (row {index})", encoding_errors)
 
 
 def detect_format(path: str) -> str:

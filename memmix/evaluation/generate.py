@@ -12,12 +12,14 @@ from collections.abc import Callable
 from memmix.errors import InputError
 
 
-def check_generate_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_generate_args(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
     """InputError naming the first bad argument (checked before any model is loaded)."""
     if max_new_tokens < 1:
         raise InputError(f"must be >= 1, got {max_new_tokens}", "max_new_tokens")
-    if not temperature >= 0:
-        raise InputError(f"must be >= 0 (0 = greedy), got {temperature}", "temperature")
+    if not 0 <= temperature < float("inf"):
+        raise InputError(f"must be >= 0 and finite (0 = greedy), got {temperature}", "temperature")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise InputError(f"must be an integer in [0, 2**64 - 1], got {seed}", "seed")
     if not 0 < top_p <= 1:
         raise InputError(f"must be in (0, 1], got {top_p}", "top_p")
 
@@ -61,7 +63,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
     Ids the tokenizer has no token for (the model's vocabulary padding) are never generated."""
     import torch
 
-    check_generate_args(max_new_tokens, temperature, top_p)
+    check_generate_args(max_new_tokens, temperature, top_p, seed)
     if not hasattr(model, "generate"):
         raise InputError(f"{type(model).__name__} has no generate(); pass a memmix causal LM", "model")
     ids = [int(i) for i in tokenizer.encode(prompt)]

@@ -8,7 +8,7 @@ import torch
 from memmix.errors import InputError
 from memmix.data.tokenizer import HFTokenizer, load_tokenizer
 from memmix.progress import quiet_transformers_bars
-from memmix.training.checkpoint import check_state_dict_shapes, load_checkpoint, resolve_checkpoint
+from memmix.training.checkpoint import MODEL_KEYS, check_state_dict_shapes, load_checkpoint, resolve_checkpoint
 from memmix.training.trainer import build_model
 
 
@@ -50,10 +50,11 @@ def _load_hf_folder(path: str, tokenizer: str | None):
 
     try:
         with quiet_transformers_bars():
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as exc:  # unknown model_type, bad weights, ...
         raise InputError(f"could not load a model from '{path}' ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})", "path") from None
+    check_loading_info(info, path)
     if tokenizer:
         return model, load_tokenizer(tokenizer)
     if _has_tokenizer_files(path):
@@ -62,8 +63,22 @@ def _load_hf_folder(path: str, tokenizer: str | None):
     return model, load_tokenizer("byte")
 
 
+def check_loading_info(info: dict, path: str) -> None:
+    """InputError naming the folder when its weights do not fill its config's model: transformers would start the
+    missing ones from random values (e.g. a config that names another architecture than the weights)."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = [key for key, *_ in info.get("mismatched_keys") or []]
+    if not (missing or unexpected or mismatched):
+        return
+    what = (f"{len(missing)} weights are missing (e.g. '{missing[0]}')" if missing else
+            f"{len(unexpected)} weights are not the model's (e.g. '{unexpected[0]}')" if unexpected else
+            f"'{mismatched[0]}' has another shape")
+    raise InputError(f"the weights in '{path}' do not fit the model its config.json describes ({what}); the config "
+                     "and the weights come from different models", "path")
+
+
 def _load_training_checkpoint(path: str, tokenizer: str | None):
-    checkpoint = load_checkpoint(path, "path")
+    checkpoint = load_checkpoint(path, "path", needs=MODEL_KEYS)
     spec = checkpoint["model_spec"]
     tok = load_tokenizer(tokenizer or spec["tokenizer"])
     model = build_model(spec["model"], spec["vocab_size"], spec["model_overrides"], tok.eos_token_id)

@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memmix.checks import check_binary_mask
+from memmix.layers.masks import check_hidden_states
 from memmix.ops.common import compute_dtype
+
 PACKED_IMPLS = ("auto", "mask", "flex", "varlen")
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: one block-mask entry per 128 queries x 128 keys
 
@@ -285,6 +288,9 @@ class CausalSelfAttention(nn.Module):
     ) -> AttentionOutput:
         """hidden_states (B, T, D); attention_mask (B, T_total) 0/1, last T columns used; cu_seqlens int64 (N+1,)
         with B == 1; state: cache from earlier calls; position_ids (B, T) overrides the RoPE positions."""
+        check_hidden_states(hidden_states, self.hidden_size)
+        if attention_mask is not None:
+            check_binary_mask("attention_mask", attention_mask)
         batch_size, seq_len, _ = hidden_states.shape
         if cu_seqlens is not None and (batch_size != 1 or state is not None or use_cache):
             raise ValueError("cu_seqlens needs batch size 1 and no cache (state=None, use_cache=False)")

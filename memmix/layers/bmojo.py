@@ -40,7 +40,7 @@ from memmix import ops
 from memmix.checks import is_int
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
-from memmix.layers.masks import compact_rows, valid_tokens
+from memmix.layers.masks import check_hidden_states, compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
 from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
@@ -198,6 +198,7 @@ class BMojo(nn.Module):
     ) -> BMojoLayerOutput:
         """hidden_states (B, T, D); attention_mask (B, T_total) 0/1, last T columns used (pads touch nothing);
         cu_seqlens int64 (N + 1,) for packed documents (B == 1, no state); state from an earlier call."""
+        check_hidden_states(hidden_states, self.hidden_size)
         B, T, _ = hidden_states.shape
         valid = valid_tokens(hidden_states, attention_mask, cu_seqlens)
         if state is not None:

@@ -38,7 +38,7 @@ from memmix.ops.short_conv import short_conv, short_conv_step
 from memmix.layers.attention import apply_rope
 from memmix.layers.gates import init_decay_parameters
 from memmix.layers.state import SequenceRows
-from memmix.layers.masks import compact_rows, valid_tokens
+from memmix.layers.masks import check_hidden_states, compact_rows, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
@@ -284,6 +284,7 @@ class BMojoF(nn.Module):
         right, touches nothing); cu_seqlens int (N + 1,) packed documents (B == 1, no state; with use_cache the
         state has one row per document); state from an earlier call: continue token by token.
         Returns hidden_states (B, T, D) (zeros at padding) and, with use_cache, the state after the input."""
+        check_hidden_states(hidden_states, self.hidden_size)
         B, T, _ = hidden_states.shape
         valid = valid_tokens(hidden_states, attention_mask, cu_seqlens)
         if cu_seqlens is not None:

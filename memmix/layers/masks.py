@@ -3,7 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from memmix.checks import check_binary_mask
 from memmix.ops.common import _segment_index, pad_packed
+
+
+def check_hidden_states(x: torch.Tensor, hidden_size: int | None = None) -> None:
+    """A token mixer's input: floating (B, T, D), with D == hidden_size when given."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        what = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"hidden_states must be a floating (B, T, D) tensor, got {what}")
+    if hidden_size is not None and x.shape[-1] != hidden_size:
+        raise ValueError(f"hidden_states must have hidden size {hidden_size} (its last dimension), got "
+                         f"{tuple(x.shape)}")
 
 
 def valid_tokens(x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -11,6 +22,7 @@ def valid_tokens(x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlen
 
     attention_mask: (B, T_total >= T) 0/1, its last T columns used; cu_seqlens: a packed batch (B == 1), no padding.
     """
+    check_hidden_states(x)
     B, T, _ = x.shape
     if cu_seqlens is not None:
         if attention_mask is not None:
@@ -24,6 +36,7 @@ def valid_tokens(x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlen
             f"attention_mask must be 2-D (batch, >= seq_len) = ({B}, >= {T}) with 0 at padding, "
             f"got shape {tuple(attention_mask.shape)}"
         )
+    check_binary_mask("attention_mask", attention_mask)
     return attention_mask[:, -T:].to(x.device).bool()
 
 

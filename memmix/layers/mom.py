@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from memmix.layers.gates import init_decay_parameters
-from memmix.layers.masks import valid_tokens
+from memmix.layers.masks import check_hidden_states, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 from memmix.ops.common import compute_dtype
 from memmix.ops.mom import CONV_SCOPES, MoMWeights, mom_mixer, sequence_conv
@@ -251,6 +251,7 @@ class MixtureOfMemories(nn.Module):
         """hidden_states (B, T, D); attention_mask (B, T_total) 0/1, last T columns used; cu_seqlens
         (N + 1,) int64 for a packed batch (B == 1); state from an earlier call (see MoMState);
         modality_ids (B, T or T_total) int64 group of each token when memory_groups is set (default 0)."""
+        check_hidden_states(hidden_states, self.hidden_size)
         B, T, _ = hidden_states.shape
         valid = valid_tokens(hidden_states, attention_mask, cu_seqlens)
         router_in, router_tail = self._router_input(hidden_states, valid, cu_seqlens, state)

@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from memmix.checks import check_binary_mask, check_token_ids
 from memmix.layers.norms import RMSNorm
 from memmix.models.cache import LayerStateCache
 from memmix.models.loss import causal_lm_loss, check_loss_positions, fused_lm_loss, gather_positions
@@ -217,8 +218,7 @@ class MemmixModel(MemmixPreTrainedModel):
                     f"got {tuple(inputs_embeds.shape)}"
                 )
             return inputs_embeds
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        check_token_ids("input_ids", input_ids, self.embeddings.num_embeddings)
         return self.embeddings(input_ids)
 
     def _checkpointed(self, block: nn.Module, hidden_states, attention_mask, cu_seqlens, block_inputs: dict):
@@ -256,6 +256,13 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embeddings
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' generate(), with the prompt checked first: ids (B, T) within the vocabulary."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            check_token_ids("input_ids", ids, self.config.vocab_size)
+        return super().generate(inputs, *args, **kwargs)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embeddings = value
@@ -304,6 +311,8 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
         batch_size, seq_len, _ = hidden_states.shape
         if labels is not None and labels.shape != (batch_size, seq_len):
             raise ValueError(f"labels must have shape (B, T) = {(batch_size, seq_len)}, got {tuple(labels.shape)}")
+        if labels is not None:
+            check_token_ids("labels", labels, self.config.vocab_size, ignore_index=-100)
         if loss_positions is not None:
             if logits_to_keep:
                 raise ValueError("pass loss_positions or logits_to_keep, not both")
@@ -352,6 +361,7 @@ def check_masks(attention_mask, cu_seqlens, batch_size: int, seq_len: int) -> No
                 f"attention_mask must be 2-D 0/1 of shape (B={batch_size}, T_total >= {seq_len}), "
                 f"got {tuple(attention_mask.shape)}"
             )
+        check_binary_mask("attention_mask", attention_mask)
     if cu_seqlens is None:
         return
     if batch_size != 1:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from memmix.checks import check_log_decay
 from memmix.ops.common import (CHUNK_SIZE, causal_decay, chunk_log_decay, cpu_rows, fit_chunk_size, merge_chunks,
                                run_rule, split_chunks)
 from memmix.ops.registry import MemoryRule, register_rule
@@ -88,6 +89,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) (float32, float64 for float64
     inputs) when output_final_state, else None.
     """
+    check_log_decay(g, q)
     return run_rule("gated_delta_rule", q, k, v, g, beta, scale=scale, initial_state=initial_state,
                     output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                     use_qk_l2norm=use_qk_l2norm, low_memory=low_memory, impl=impl)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from memmix.checks import check_log_decay
 from memmix.ops.common import (CHUNK_SIZE, causal_decay, chunk_log_decay, cpu_rows, fit_chunk_size, merge_chunks,
                                run_rule, split_chunks)
 from memmix.ops.registry import MemoryRule, register_rule
@@ -75,6 +76,7 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) (float32, float64 for float64
     inputs) when output_final_state, else None.
     """
+    check_log_decay(g, q)
     return run_rule("gated_linear_attention", q, k, v, g, None, scale=scale,
                     initial_state=initial_state, output_final_state=output_final_state,
                     cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, low_memory=low_memory, impl=impl)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from memmix.files import atomic_write, atomic_write_text  # noqa: F401  (atomic_
 
 FORMAT = "memmix-train-checkpoint"
 FORMAT_VERSION = 1
+# what a resume takes from a checkpoint (memmix train writes them all); a model is rebuilt from MODEL_KEYS
+RESUME_KEYS = ("step", "model_spec", "model", "optimizer", "scheduler", "rng", "rows_consumed", "tokens_seen")
+MODEL_KEYS = ("model_spec", "model")
 _STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -103,11 +107,13 @@ class CheckpointDir:
     def latest(self) -> str | None:
         """The checkpoint the `latest` pointer names, else the highest-numbered one, else None."""
         pointer = os.path.join(self.dir, "latest")
-        if os.path.exists(pointer):
+        try:  # a damaged pointer (not text, a folder, another name) is ignored: the step files say the same
             with open(pointer, encoding="utf-8") as f:
-                path = os.path.join(self.dir, f.read().strip())
-            if os.path.exists(path):
-                return path
+                name = f.read(256).strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if _STEP_FILE.match(name) and os.path.isfile(os.path.join(self.dir, name)):
+            return os.path.join(self.dir, name)
         steps = self.steps()
         return self.path_for(steps[-1]) if steps else None
 
@@ -115,16 +121,20 @@ class CheckpointDir:
         os.makedirs(self.dir, exist_ok=True)
         path = self.path_for(step)
         atomic_save(dict(state, format=FORMAT, format_version=FORMAT_VERSION, step=step), path)
-        atomic_write_text(os.path.join(self.dir, "latest"), os.path.basename(path) + "\n")
+        pointer = os.path.join(self.dir, "latest")
+        if os.path.isdir(pointer) and not os.path.islink(pointer):  # a damaged pointer: only ours to replace
+            shutil.rmtree(pointer)
+        atomic_write_text(pointer, os.path.basename(path) + "\n")
         for old in self.steps()[: -self.keep]:
             if old != step:
                 os.remove(self.path_for(old))
         return path
 
 
-def load_checkpoint(path: str, argument: str | None = None) -> dict:
+def load_checkpoint(path: str, argument: str | None = None, needs: tuple[str, ...] = ("model",)) -> dict:
     """A training checkpoint as a dict (tensors on CPU); InputError (naming `argument`, the caller's argument that
-    gave the path) if it is missing, damaged (the message names the next older checkpoint) or not one."""
+    gave the path) if it is missing, damaged (the message names the next older checkpoint), not one, or without
+    one of the keys the caller `needs` (RESUME_KEYS, MODEL_KEYS)."""
     if not os.path.isfile(path):
         raise InputError(f"checkpoint '{path}' does not exist; pass a step_*.pt file or a run's out_dir", argument)
     try:
@@ -137,6 +147,10 @@ def load_checkpoint(path: str, argument: str | None = None) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise InputError(f"'{path}' is not a memmix training checkpoint; pass a step_*.pt file from `memmix train`",
                          argument)
+    missing = [key for key in needs if key not in checkpoint]
+    if missing:
+        raise InputError(f"checkpoint '{path}' is incomplete (no {', '.join(missing[:3])}); pass a step_*.pt file "
+                         "that `memmix train` wrote", argument)
     checkpoint["path"] = path
     return checkpoint
 

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -92,8 +93,14 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InputError(f"must be an integer >= 0, got {getattr(self, name)!r}", argument=name)
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise InputError(f"must be a finite number, got {value!r}", argument=name)
         if not self.lr > 0:
             raise InputError(f"must be > 0, got {self.lr}", argument="lr")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise InputError(f"must be an integer in [0, 2**32 - 1], got {self.seed!r}", argument="seed")
         if not 0 <= self.min_lr_ratio <= 1:
             raise InputError(f"must be in [0, 1], got {self.min_lr_ratio}", argument="min_lr_ratio")
         for name in ("beta1", "beta2"):
@@ -102,6 +109,13 @@ class TrainConfig:
         for name in ("grad_clip", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"must be >= 0, got {getattr(self, name)}", argument=name)
+        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by (1 - lr * weight_decay) every step
+            raise InputError(f"{self.weight_decay} times lr {self.lr} is >= 1, so each step would zero or flip "
+                             "every matrix (AdamW scales weights by 1 - lr * weight_decay); use a value below "
+                             f"{1 / self.lr:g}", argument="weight_decay")
+        if self.resume and self.overwrite:
+            raise InputError("does not combine with resume: resume continues the run, overwrite starts it over; "
+                             "pass one of them", argument="overwrite")
         parse_device(self.device)
         for name, allowed in (("parallel", PARALLEL_MODES), ("precision", PRECISIONS),
                               ("encoding_errors", ENCODING_ERRORS), ("fused_loss", SWITCHES)):
@@ -122,10 +136,18 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 def read_config_file(path: str) -> dict:
     """YAML or JSON file -> dict of TrainConfig fields (keys may use '-' or '_')."""
+    if os.path.isdir(path):
+        raise InputError(f"'{path}' is a folder; pass a YAML or JSON file", "config")
     if not os.path.isfile(path):
-        raise InputError(f"config file '{path}' does not exist; pass an existing YAML or JSON file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        raise InputError(f"config file '{path}' does not exist; pass an existing YAML or JSON file", "config")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise InputError(f"config file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8",
+                         "config") from None
+    except OSError as err:
+        raise InputError(f"config file '{path}' could not be read ({err.strerror or err})", "config") from None
     try:
         if path.endswith(".json"):
             raw = json.loads(text)
@@ -165,7 +187,7 @@ def _coerce(name: str, value, path: str):
             return str(value)
         if kind in ("bool", "dict") and isinstance(value, {"bool": bool, "dict": dict}[kind]):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), e.g. `max_steps: .inf` or 1e400
         pass
     raise InputError(f"config file '{path}': setting '{name}' must be a {kind}, got {value!r}")
 

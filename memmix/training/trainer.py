@@ -27,8 +27,9 @@ from memmix.data.sources import TextSource
 from memmix.errors import InputError
 from memmix.data.packing import BatchSource, PackedRows, pad_bounds
 from memmix.data.tokenizer import load_tokenizer
-from memmix.files import atomic_replace_dir, atomic_write_text, check_writable
+from memmix.files import atomic_replace_dir, atomic_write_text, check_outputs_apart, check_writable, exclusive_lock
 from memmix.training.checkpoint import (
+    RESUME_KEYS,
     CheckpointDir,
     full_model_state,
     full_optimizer_state,
@@ -152,6 +153,10 @@ def build_model(name: str, vocab_size: int, overrides: dict | None = None, eos_t
 
 def check_model_overrides(name: str, overrides: dict) -> None:
     """InputError naming a model_overrides key that the preset's config class does not have (with the closest)."""
+    for key in ("vocab_size", "eos_token_id"):  # the command sets these from the tokenizer
+        if key in (overrides or {}):
+            flag = "--vocab-size" if key == "vocab_size" else "--tokenizer"
+            raise InputError(f"'{key}' is set by memmix train (pass {flag} instead)", "model_overrides")
     if not overrides or name in presets.CUSTOM_MODELS:
         return
     from memmix.models import BMojoConfig, MoMConfig
@@ -177,14 +182,43 @@ def check_run_settings(config: TrainConfig) -> None:
     reason = check_writable(config.out_dir, is_dir=True)
     if reason:
         raise InputError(reason, "out_dir")
+    resume_path = config.resume if isinstance(config.resume, str) and config.resume not in ("", "latest") else None
+    check_outputs_apart({"out_dir": (config.out_dir, False)},
+                        {"--data": config.data, "--val-data": config.val_data, "--tokenizer": config.tokenizer,
+                         "--resume": resume_path if resume_path and os.path.isfile(resume_path) else None})
     check_preset(config.model)
     check_model_overrides(config.model, config.model_overrides)
+
+
+def check_micro_batch(config: TrainConfig, num_rows: int, world_size: int) -> None:
+    """Refuse a micro-batch the data cannot fill (its rows would repeat within it), before anything is allocated."""
+    if config.micro_batch_size * world_size > num_rows:
+        per_rank = f" per process x {world_size} processes" if world_size > 1 else ""
+        raise InputError(f"is {config.micro_batch_size}{per_rank} but the data '{config.data}' holds only {num_rows} "
+                         f"rows of seq_len {config.seq_len}; use at most {max(1, num_rows // world_size)} (or a "
+                         "shorter seq_len, or more data)", "micro_batch_size")
+
+
+def check_eval_batches(config: TrainConfig, num_rows: int, world_size: int) -> None:
+    """Refuse more validation micro-batches than the validation data holds (they would repeat its rows)."""
+    per_rank = math.ceil(config.eval_batches / world_size)
+    fits = num_rows // (config.micro_batch_size * world_size)
+    if per_rank > fits:
+        advice = (f"use at most {fits * world_size}" if fits else
+                  f"it holds fewer rows than one micro-batch of {config.micro_batch_size}: pass more validation data")
+        raise InputError(f"is {config.eval_batches} but the validation data '{config.val_data}' holds {num_rows} rows "
+                         f"of seq_len {config.seq_len}, {fits * world_size} micro-batches of "
+                         f"{config.micro_batch_size}; {advice}", "eval_batches")
 
 
 def run_warnings(config: TrainConfig, changed: dict[str, list], resume_step: int) -> list[str]:
     """Settings that are allowed but probably not what was meant, and the settings a resume changes."""
     warnings = [f"resuming with {name}={after!r}; the run trained with {name}={before!r} until step {resume_step} "
-                "(recorded in metrics.jsonl)" for name, (before, after) in changed.items()]
+                "(recorded in metrics.jsonl)" for name, (before, after) in changed.items() if name != "data_content"]
+    if "data_content" in changed:
+        warnings.append(f"the data at '{config.data}' changed since the run's step {resume_step} (tokens:checksum "
+                        f"{changed['data_content'][0]} then, {changed['data_content'][1]} now): the resume reads "
+                        "another data stream than the run did (recorded in metrics.jsonl)")
     if config.val_data and not config.eval_every:
         warnings.append("val_data is set but eval_every is 0, so it is never evaluated; pass --eval-every N")
     if config.warmup_steps >= config.max_steps:
@@ -194,15 +228,16 @@ def run_warnings(config: TrainConfig, changed: dict[str, list], resume_step: int
 
 
 def clear_out_dir(config: TrainConfig, info: DistInfo) -> None:
-    """With --overwrite, remove the old run's checkpoints and logs (only once everything else was checked)."""
+    """A new run (--overwrite, or no checkpoint yet: a run killed before its first one) removes the old run's
+    checkpoints and logs, so that its lines never mix with this run's (only once everything else was checked)."""
     barrier(info)  # every rank has looked for checkpoints before rank 0 deletes them
     if info.is_main:
-        if config.overwrite and not config.resume:
+        if not config.resume:
             shutil.rmtree(os.path.join(config.out_dir, "checkpoints"), ignore_errors=True)
             shutil.rmtree(os.path.join(config.out_dir, "tensorboard"), ignore_errors=True)
-            metrics = os.path.join(config.out_dir, "metrics.jsonl")
-            if os.path.exists(metrics):
-                os.remove(metrics)
+            for name in ("metrics.jsonl", "loss.png"):
+                if os.path.exists(os.path.join(config.out_dir, name)):
+                    os.remove(os.path.join(config.out_dir, name))
         os.makedirs(config.out_dir, exist_ok=True)
     barrier(info)
 
@@ -282,14 +317,32 @@ def train(config: TrainConfig, step_callback: Callable[[int, float], None] | Non
     owns_process_group = not torch.distributed.is_initialized()  # a caller's group is left for the caller to end
     info = init_distributed(config.device)
     try:
-        return _train(config, info, step_callback)
+        check_run_settings(config)
+        with _out_dir_lock(config.out_dir, info):
+            return _train(config, info, step_callback)
     finally:
         if owns_process_group:
             shutdown_distributed()
 
 
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: str, info: DistInfo):
+    """Rank 0 holds out_dir's lock for the run (a second `memmix train` into it is refused, naming the holder);
+    a folder made only for the lock is removed again when the run fails before writing anything."""
+    if not info.is_main:
+        yield
+        return
+    existed = os.path.isdir(out_dir)
+    try:
+        with exclusive_lock(out_dir, "out_dir", is_dir=True):
+            yield
+    except BaseException:
+        if not existed and os.path.isdir(out_dir) and set(os.listdir(out_dir)) <= {".memmix.lock"}:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
 def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
-    check_run_settings(config)
     resume_path = find_resume_checkpoint(config)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.tokenizer)
@@ -299,14 +352,19 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
     # the run to continue, checked before the data is read
     checkpoint, changed = None, {}
     if resume_path:
-        checkpoint = load_checkpoint(resume_path, argument="resume")
+        checkpoint = load_checkpoint(resume_path, argument="resume", needs=RESUME_KEYS)
         check_same_spec(checkpoint["model_spec"], spec, resume_path)
         if checkpoint["step"] >= config.max_steps:
             return {"step": checkpoint["step"], "loss": None, "out_dir": config.out_dir,
                     "tokens": checkpoint["tokens_seen"], "already_finished": True}
         changed = changed_settings(checkpoint.get("train_config", {}), config, resume_path)
 
-    corpus, source, val_source = _data_sources(config, tokenizer)
+    corpus, source, val_source = _data_sources(config, tokenizer, info)
+    data_fingerprint = corpus.fingerprint()
+    if checkpoint is not None:
+        saved = checkpoint.get("data_fingerprint")
+        if saved is not None and saved != data_fingerprint and "data" not in changed:
+            changed["data_content"] = [saved, data_fingerprint]
 
     # model, optimiser, schedule
     raw_model = build_model(config.model, vocab_size, config.model_overrides, tokenizer.eos_token_id)
@@ -361,8 +419,11 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
         if logged or saving or step_callback is not None:  # the only reads of the loss back to the host
             loss_value = mean_across_ranks(result.loss.item(), info)
             if not math.isfinite(loss_value):
-                raise InputError(f"the loss became {loss_value} at step {step}; lower it or check the data (the "
-                                 "last checkpoint is kept)", "lr")
+                latest = ckpts.latest()
+                kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written"
+                raise InputError(f"the loss became {loss_value} at step {step} (lr {config.lr}, weight_decay "
+                                 f"{config.weight_decay}, grad_clip {config.grad_clip}): the run diverged; lower the "
+                                 f"learning rate or check the data ({kept})")
         if info.is_main:
             if logged:
                 tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
@@ -373,8 +434,14 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
             _validate(model, val_source, config, info, autocast, log, bar, step)
         if saving:
             state = {"step": step, "rows_consumed": rows_consumed, "tokens_seen": tokens_seen, "model_spec": spec,
-                     "train_config": config.to_dict()}
-            save_checkpoint(ckpts, model, optimizer, scheduler, state, info)
+                     "train_config": config.to_dict(), "data_fingerprint": data_fingerprint}
+            try:
+                save_checkpoint(ckpts, model, optimizer, scheduler, state, info)
+            except OSError as err:  # disk full: the files are atomic, so the last checkpoint is intact
+                latest = ckpts.latest()
+                kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written"
+                raise InputError(f"could not write the checkpoint of step {step} ({err.strerror or err}); {kept}",
+                                 "out_dir") from None
         if step_callback is not None:
             step_callback(step, loss_value)
 
@@ -390,15 +457,18 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
     return {"step": step, "loss": loss_value, "out_dir": config.out_dir, "tokens": tokens_seen}
 
 
-def _data_sources(config: TrainConfig, tokenizer):
-    """The training corpus, its BatchSource, and the validation BatchSource (None without val_data / eval_every)."""
+def _data_sources(config: TrainConfig, tokenizer, info: DistInfo):
+    """The training corpus, its BatchSource, and the validation BatchSource (None without val_data / eval_every);
+    InputError for a micro-batch or eval_batches the data cannot fill."""
     corpus = load_corpus(config.data, tokenizer, config.tokenizer, TextSource.of(config), config.verify_shards)
     source = BatchSource(PackedRows(corpus, config.seq_len), config.micro_batch_size, config.seed, config.shuffle)
+    check_micro_batch(config, source.rows.num_rows, info.world_size)
     val_source = None
     if config.val_data and config.eval_every:
         val_corpus = load_corpus(config.val_data, tokenizer, config.tokenizer, TextSource.of(config),
                                  config.verify_shards)
         val_source = BatchSource(PackedRows(val_corpus, config.seq_len), config.micro_batch_size, shuffle=False)
+        check_eval_batches(config, val_source.rows.num_rows, info.world_size)
     return corpus, source, val_source
 
 

@@ -55,8 +55,11 @@ def test_corrupt_shards_are_detected(tmp_path):
 
 
 def test_shards_of_different_tokenizers_in_one_folder_are_refused(tmp_path):
-    _write(tmp_path / "a.mmtok", [np.arange(10)], 300, "byte")
-    _write(tmp_path / "b.mmtok", [np.arange(10)], 50257, "gpt2")
+    from memmix.data.shards import write_record
+
+    paths = [_write(tmp_path / "a.mmtok", [np.arange(10)], 300, "byte"),
+             _write(tmp_path / "b.mmtok", [np.arange(10)], 50257, "gpt2")]
+    write_record(str(tmp_path), paths, "by hand")
     with pytest.raises(InputError, match="disagree"):
         open_shards(str(tmp_path))
 

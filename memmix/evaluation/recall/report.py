@@ -40,6 +40,7 @@ class ModelResult:
     valid_accuracy: float | None = None  # mean over seeds
     steps_trained: list[int] = field(default_factory=list)  # per seed
     complete: bool = True  # the sweep and every seed are done
+    diverged: bool = False  # a chosen run's training loss ended non-finite: its accuracy is no result
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,7 +52,7 @@ class ModelResult:
                              if (t, n) in self.accuracy_range else {})} for (t, n), a in self.accuracy.items()],
             "final_loss": self.final_loss, "train_seconds": self.train_seconds, "loss_curve": self.loss_curve,
             "lr": self.lr, "seeds": self.seeds, "valid_accuracy": self.valid_accuracy,
-            "steps_trained": self.steps_trained, "complete": self.complete,
+            "steps_trained": self.steps_trained, "complete": self.complete, "diverged": self.diverged,
         }
 
 
@@ -106,7 +107,7 @@ def _row(best, chosen: list, complete: bool) -> ModelResult:
         loss_curve=best.loss_curve, lr=best.spec.lr, seeds=[r.spec.seed for r in chosen],
         accuracy_range={k: (min(r.accuracy[k] for r in chosen), max(r.accuracy[k] for r in chosen)) for k in keys},
         valid_accuracy=mean(valid) if valid else None, steps_trained=[r.steps_trained for r in chosen],
-        complete=complete)
+        complete=complete, diverged=any(r.diverged for r in chosen))
 
 
 # ----------------------------------------------------------------------------------------------- table, summary
@@ -118,6 +119,8 @@ def fmt_seconds(seconds: float) -> str:
 
 
 def _accuracy_cell(r: ModelResult, g: tuple[int, int]) -> str:
+    if r.diverged:
+        return "diverged"
     if len(r.seeds) > 1 and g in r.accuracy_range:
         low, high = r.accuracy_range[g]
         return f"{r.accuracy[g]:.3f} ({low:.3f}-{high:.3f})"
@@ -159,9 +162,9 @@ def summary_line(report: RecallReport) -> str:
     how many runs are left when a budget stopped the call."""
     s = report.settings
     setting = hardest_setting(s)
-    ranked = sorted(report.results, key=lambda r: -r.accuracy[setting])
+    ranked = sorted(report.results, key=lambda r: (r.diverged, -r.accuracy[setting]))
     ranking = " > ".join(f"{r.model}{'' if len(s.d_models) == 1 else f'@{r.d_model}'} "
-                         f"{r.accuracy[setting]:.2f}" for r in ranked)
+                         + ("diverged" if r.diverged else f"{r.accuracy[setting]:.2f}") for r in ranked)
     verdict = expected_order_verdict(report, setting)
     which = "hardest" if set(settings_grid(s)) <= set(trained_settings(s)) else "hardest trained"
     runs = len(report.runs) if report.runs else len(report.results)

@@ -7,6 +7,7 @@ the missing ones; with different ones it is refused, naming the first differing 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -61,9 +62,14 @@ class RunResult:
     train_seconds: float
     loss_curve: list[float]
 
+    @property
+    def diverged(self) -> bool:
+        """The training loss ended non-finite: its accuracies are no result."""
+        return not math.isfinite(self.final_loss)
+
     def as_dict(self) -> dict[str, Any]:
         return {
-            "key": self.spec.key, "model": self.spec.model, "d_model": self.spec.d_model, "lr": self.spec.lr,
+            "key": self.spec.key, "diverged": self.diverged, "model": self.spec.model, "d_model": self.spec.d_model, "lr": self.spec.lr,
             "seed": self.spec.seed, "stage": self.spec.stage, "summary": self.summary,
             "num_layers": self.num_layers, "params": self.params, "recurrent_state": self.state.describe(),
             "state_floats": self.state.floats, "state_floats_per_token": self.state.floats_per_token,
@@ -81,8 +87,13 @@ class RunResult:
         accuracy = {(int(a["seq_len"]), int(a["num_kv_pairs"])): float(a["accuracy"]) for a in d["accuracy"]}
         return cls(spec, d["summary"], int(d["num_layers"]), int(d["params"]), state, accuracy, d["valid_accuracy"],
                    [(int(s), float(a)) for s, a in d["valid_curve"]], int(d["steps_trained"]),
-                   bool(d["stopped_early"]), float(d["final_loss"]), float(d["train_seconds"]),
-                   [float(v) for v in d["loss_curve"]])
+                   bool(d["stopped_early"]), _number(d["final_loss"]), float(d["train_seconds"]),
+                   [_number(v) for v in d["loss_curve"]])
+
+
+def _number(value) -> float:
+    """A float read back from JSON, where null stands for a non-finite value (a diverged run's loss)."""
+    return math.nan if value is None else float(value)
 
 
 def select_best(sweep: list[RunResult], lrs: list[float]) -> RunResult:

@@ -45,6 +45,9 @@ def run_recall(s: RecallSettings, progress: bool = True,
 
     def finished(result: RunResult) -> None:
         plan.add(result)
+        if result.diverged:
+            note(out.messages, f"run {result.spec.key} diverged (training loss {result.final_loss}): its accuracy "
+                               "is no result; lower --lr")
         out.write(_report(s, plan, _clock() - start, out.messages).as_dict())
         if on_result is not None:
             on_result(result)
