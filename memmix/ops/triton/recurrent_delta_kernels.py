@@ -46,12 +46,10 @@ def load_token(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t, live, i_h, kcols, vcols,
 
 
 @triton.jit
-def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ckpt_ptr, ht_ptr,
-                         cu_seqlens_ptr, ckpt_offsets_ptr, scale,
-                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         CK: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr,
-                         STORE_FINAL: tl.constexpr):
-    """Grid (V tiles, N x H): one sequence, head and V tile; o, the checkpoints and the final state."""
+def program_tile(cu_seqlens_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr):
+    """A program of the (V tiles, N x H) grid: its V tile i_v, row i_nh = (sequence i_n, head i_h), the sequence's
+    tokens [bos, eos), the state tile's rows kcols and columns vcols, its mask and offsets in a (K, V) state."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
@@ -60,6 +58,18 @@ def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ck
     vcols = i_v * BV + tl.arange(0, BV)
     state_mask = (kcols[:, None] < K) & (vcols[None, :] < V)
     state_offs = kcols[:, None] * V + vcols[None, :]
+    return i_v, i_nh, i_n, i_h, bos, eos, kcols, vcols, state_mask, state_offs
+
+
+@triton.jit
+def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ckpt_ptr, ht_ptr,
+                         cu_seqlens_ptr, ckpt_offsets_ptr, scale,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         CK: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr,
+                         STORE_FINAL: tl.constexpr):
+    """Grid (V tiles, N x H): one sequence, head and V tile; o, the checkpoints and the final state."""
+    i_v, i_nh, i_n, i_h, bos, eos, kcols, vcols, state_mask, state_offs = program_tile(cu_seqlens_ptr, H, K, V, BK,
+                                                                                         BV)
     S = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
         S = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0).to(tl.float32)
@@ -97,14 +107,8 @@ def recurrent_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ckpt_ptr, do_ptr,
     dq, dk (VT, tokens, H, K) and dbeta, dg (VT, tokens, H) float32 receive this V tile's share; dv (tokens, H, V)
     and dh0 (N, H, K, V) float32 their values. scratch: (programs, CK, BK, BV) float32, this program's S~ of a block.
     """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int32)
-    kcols = tl.arange(0, BK)
-    vcols = i_v * BV + tl.arange(0, BV)
-    state_mask = (kcols[:, None] < K) & (vcols[None, :] < V)
-    state_offs = kcols[:, None] * V + vcols[None, :]
+    i_v, i_nh, i_n, i_h, bos, eos, kcols, vcols, state_mask, state_offs = program_tile(cu_seqlens_ptr, H, K, V, BK,
+                                                                                         BV)
     scratch = scratch_ptr + (i_nh.to(tl.int64) * tl.num_programs(0) + i_v) * (CK * BK * BV)
     scratch_offs = kcols[:, None] * BV + tl.arange(0, BV)[None, :]
     part = i_v.to(tl.int64) * num_tokens  # this V tile's rows of the (VT, tokens, ...) buffers

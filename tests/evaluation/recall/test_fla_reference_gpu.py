@@ -79,19 +79,24 @@ def _copy_our_mom_into_fla(ours, theirs) -> None:
             getattr(theirs, f"shared_{short}").weight.copy_(stacked[M])
 
 
-@pytest.mark.parametrize("twin, copy", [("gdn", _copy_our_gdn_into_fla), ("mom", _copy_our_mom_into_fla)])
-def test_fla_layer_with_our_weights_computes_our_mixer(fla, twin, copy):
-    """Evaluation mode (fla's MomAttention convolves each memory's own tokens only there; in training it convolves
-    the memories' token lists concatenated): the same output, so a learning gap is not the forward pass."""
+def _twins(twin: str, copy, training: bool):
+    """Our `twin` model's first mixer, fla's layer holding a copy of its weights (mode set), and an input."""
     from memmix.evaluation.recall import RECALL_MODELS, ModelSize
     from memmix.evaluation.recall.fla_reference import FLA_LAYERS
 
     torch.manual_seed(0)
-    ours = RECALL_MODELS[twin].build(ModelSize(**SIZE_ARGS)).cuda().eval()
+    ours = RECALL_MODELS[twin].build(ModelSize(**SIZE_ARGS)).cuda().train(training)
     layer = ours.model.layers[0].attn
-    mixer = FLA_LAYERS["mom" if twin == "mom" else "gated_delta"](ours.config, 0).cuda().eval()
+    mixer = FLA_LAYERS["mom" if twin == "mom" else "gated_delta"](ours.config, 0).cuda().train(training)
     copy(layer, mixer.layer)
-    x = torch.randn(4, 64, SIZE_ARGS["d_model"], device="cuda")
+    return layer, mixer, torch.randn(4, 64, SIZE_ARGS["d_model"], device="cuda")
+
+
+@pytest.mark.parametrize("twin, copy", [("gdn", _copy_our_gdn_into_fla), ("mom", _copy_our_mom_into_fla)])
+def test_fla_layer_with_our_weights_computes_our_mixer(fla, twin, copy):
+    """Evaluation mode (fla's MomAttention convolves each memory's own tokens only there; in training it convolves
+    the memories' token lists concatenated): the same output, so a learning gap is not the forward pass."""
+    layer, mixer, x = _twins(twin, copy, training=False)
     with torch.no_grad():
         expected = layer(x)
         got = mixer(x)
@@ -106,15 +111,7 @@ def test_training_mode_forward_against_our_mixer(fla, twin, copy):
     """Training mode (fla's chunk kernels). gdn: the same output. mom: fla 0.6.0's MomAttention runs its short
     convolution over all memories' token lists concatenated when training (conv_cu_seqlens=None), so a memory's
     first conv_size - 1 tokens also see the list before it: printed, not asserted (docs/recall.md)."""
-    from memmix.evaluation.recall import RECALL_MODELS, ModelSize
-    from memmix.evaluation.recall.fla_reference import FLA_LAYERS
-
-    torch.manual_seed(0)
-    ours = RECALL_MODELS[twin].build(ModelSize(**SIZE_ARGS)).cuda().train()
-    layer = ours.model.layers[0].attn
-    mixer = FLA_LAYERS["mom" if twin == "mom" else "gated_delta"](ours.config, 0).cuda().train()
-    copy(layer, mixer.layer)
-    x = torch.randn(4, 64, SIZE_ARGS["d_model"], device="cuda")
+    layer, mixer, x = _twins(twin, copy, training=True)
     expected, got = layer(x).hidden_states, mixer(x).hidden_states
     error = ((got - expected).norm() / expected.norm()).item()
     print(f"training mode, fla against our {twin}: relative difference {error:.2e}")
