@@ -37,7 +37,7 @@ def log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dtype
               ) -> torch.Tensor:
     """The gated rules' log decay per head, g = -exp(A_log) * softplus(a + dt_bias): a (..., H); A_log, dt_bias (H,).
     In `dtype` (default: a's dtype, at least float32)."""
-    dtype = dtype or torch.promote_types(a.dtype, torch.float32)
+    dtype = dtype or compute_dtype(a.dtype)
     return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
 
 
@@ -129,8 +129,9 @@ def validate_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, impl,
 
 # --------------------------------------------------------------------------- impl dispatch
 
-def resolve_impl(impl: str, rule: str, q: torch.Tensor, v: Optional[torch.Tensor] = None) -> str:
-    """Turn "auto" into a concrete implementation for inputs q (B, T, H, K) and v (B, T, H, V) (default: q).
+def resolve_impl(impl: str, rule: MemoryRule, q: torch.Tensor, v: Optional[torch.Tensor] = None) -> str:
+    """Turn "auto" into a concrete implementation of `rule` (its registry record) for inputs q (B, T, H, K) and
+    v (B, T, H, V) (default: q).
 
     auto: CUDA -> "triton" where a backend registered a chunk kernel for the rule and the kernel fits the inputs
           (Kernel.fits: dtype, head widths), else "chunk";
@@ -139,7 +140,7 @@ def resolve_impl(impl: str, rule: str, q: torch.Tensor, v: Optional[torch.Tensor
     if impl != "auto":
         return impl
     if q.device.type == "cuda":
-        kernel = get_rule(rule).chunk_kernel
+        kernel = rule.chunk_kernel
         v = q if v is None else v
         fits = kernel is not None and kernel.fits(q, v, head_dim=max(q.shape[-1], v.shape[-1]))
         return "triton" if fits else "chunk"
@@ -256,7 +257,7 @@ def run_checked(rule: MemoryRule, q, k, v, g, beta, *, scale=None, initial_state
     CUDA tensors, or CPU ones under Triton's interpreter in kernel tests).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = resolve_impl(impl, rule.name, q, v)
+    impl = resolve_impl(impl, rule, q, v)
     if impl == "triton":
         if rule.chunk_kernel is None:
             raise RuntimeError(f"impl='triton': no kernel is registered for {rule.name!r} (memmix.ops.triton "

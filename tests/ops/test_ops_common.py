@@ -7,6 +7,7 @@ import torch
 from ops_helpers import RULES, call, make_inputs, rel_err
 from memmix.ops import gated_delta_rule, l2norm
 from memmix.ops.common import resolve_impl
+from memmix.ops.registry import get_rule
 
 
 def test_l2norm():
@@ -39,9 +40,9 @@ def test_auto_dispatch_on_cpu():
     def q(T):
         return torch.zeros(1, T, 2, 4)
 
-    assert resolve_impl("auto", "gated_delta_rule", q(8)) == "recurrent"
-    assert resolve_impl("auto", "gated_delta_rule", q(9)) == "chunk"
-    assert resolve_impl("chunk", "gated_delta_rule", q(1)) == "chunk"
+    assert resolve_impl("auto", get_rule("gated_delta_rule"), q(8)) == "recurrent"
+    assert resolve_impl("auto", get_rule("gated_delta_rule"), q(9)) == "chunk"
+    assert resolve_impl("chunk", get_rule("gated_delta_rule"), q(1)) == "chunk"
     inputs = make_inputs("gated_delta_rule", T=20, seed=3)
     auto = call("gated_delta_rule", inputs)[0]
     assert torch.allclose(auto, call("gated_delta_rule", inputs, impl="chunk")[0], rtol=0, atol=0)

@@ -128,17 +128,18 @@ def test_auto_picks_triton_on_cuda_and_no_host_sync():
     """impl="auto" runs the kernels on CUDA; the kernel entry (forward and backward) never syncs the host."""
     from memmix.ops import gated_delta_rule
     from memmix.ops.common import resolve_impl
+    from memmix.ops.registry import get_rule
     from memmix.ops.triton import chunk_gated_delta_rule, is_available
 
     def q(K, dtype=torch.bfloat16):
         return torch.zeros(1, 100, 2, K, device="cuda", dtype=dtype)
 
-    assert is_available() and resolve_impl("auto", "gated_delta_rule", q(64)) == "triton"
+    assert is_available() and resolve_impl("auto", get_rule("gated_delta_rule"), q(64)) == "triton"
     # the kernels' limits send auto to the PyTorch path: heads wider than 256, float64, a rule without a kernel
-    assert resolve_impl("auto", "gated_delta_rule", q(272)) == "chunk"
-    assert resolve_impl("auto", "gated_delta_rule", q(64), q(272)) == "chunk"
-    assert resolve_impl("auto", "gated_delta_rule", q(64, torch.float64)) == "chunk"
-    assert resolve_impl("auto", "gated_linear_attention", q(64)) == "chunk"
+    assert resolve_impl("auto", get_rule("gated_delta_rule"), q(272)) == "chunk"
+    assert resolve_impl("auto", get_rule("gated_delta_rule"), q(64), q(272)) == "chunk"
+    assert resolve_impl("auto", get_rule("gated_delta_rule"), q(64, torch.float64)) == "chunk"
+    assert resolve_impl("auto", get_rule("gated_linear_attention"), q(64)) == "chunk"
     inputs = _inputs(dict(lengths=[5, 0, 70, 1], H=2, K=64, V=64), torch.bfloat16, seed=3)
     for n in ("q", "k", "v", "g", "beta"):
         inputs[n].requires_grad_(True)
