@@ -3,7 +3,9 @@ listing a folder's files.
 
 Every file memmix writes (checkpoints, JSON reports, plots, configs, shards, saved model folders) goes through
 `atomic_write`: the bytes land in a temporary file beside the target, are synced, and replace the target in one
-`os.replace`, so a crash or a kill never leaves a half-written file. The result gets the permissions a plain
+`os.replace`, so a crash or a kill never leaves a half-written file. A Ctrl-C that arrives during the write is
+held until the file is in place (`interrupts_deferred`): unwinding from inside a writer such as torch.save can
+raise a second, unrelated error from its clean-up that hides the interrupt. The result gets the permissions a plain
 `open(path, "w")` would give (0666 minus the umask), not the 0600 of a temporary file.
 
 `check_writable(path)` is called before long work (training, a benchmark) so that an unwritable output fails in
@@ -19,7 +21,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
@@ -54,11 +58,42 @@ def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and deliver it, through the handler that was in place,
+    when the block ends. A second Ctrl-C is delivered at once (the user insists). Handlers are the main thread's to
+    set: in another thread, or where SIGINT is ignored or kills the process outright, the block runs as it is."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    held = []
+
+    def hold(signum, frame):
+        if held:
+            previous(signum, frame)
+        held.append((signum, frame))
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            previous(*held[0])
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bool = False) -> None:
     """Call write(f) on a temporary file beside `path`, sync it, and move it onto `path` (mode 0666 & ~umask).
 
     The parent folder is created if missing. On any error the temporary file is removed and `path` is untouched.
+    A Ctrl-C during the write is delivered once `path` is written (`interrupts_deferred`).
     """
+    with interrupts_deferred():
+        _atomic_write(path, write, binary)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bool) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import stat
 
 import pytest
@@ -33,6 +34,51 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def _ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_during_a_write_arrives_after_the_file_is_complete(tmp_path):
+    """The CI failure this guards: Ctrl-C inside torch.save unwound into its zip writer, whose clean-up raised
+    'unexpected pos 64 vs 0', hiding the interrupt behind a traceback."""
+    import torch
+
+    target = tmp_path / "ckpt.pt"
+
+    def write(f):
+        torch.save({"a": torch.zeros(3)}, f)
+        _ctrl_c()
+        f.write(b"")  # the write goes on after the signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(target, write, binary=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert torch.load(target)["a"].tolist() == [0, 0, 0]
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_second_ctrl_c_during_a_write_stops_it_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def write(f):
+        f.write("new")
+        _ctrl_c()
+        _ctrl_c()
+        raise AssertionError("the second Ctrl-C did not stop the write")
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(target, write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
 
 
 def test_atomic_replace_dir_swaps_the_whole_folder(tmp_path):
