@@ -118,6 +118,9 @@ class MemmixModel(MemmixPreTrainedModel):
 
     block_class = None
     output_class = MemmixModelOutput
+    # forward's keywords beyond the shared ones: those every block takes, and those extra_outputs takes
+    block_input_names: tuple[str, ...] = ()
+    output_flag_names: tuple[str, ...] = ()
 
     def __init__(self, config):
         super().__init__(config)
@@ -148,14 +151,12 @@ class MemmixModel(MemmixPreTrainedModel):
     ) -> MemmixModelOutput | tuple:
         """input_ids (B, T) int64 or inputs_embeds (B, T, D); attention_mask (B, T_total) 0/1 with the last T
         columns for these tokens; cu_seqlens int64 (N+1,) for a packed batch (B == 1, no cache);
-        past_key_values / cache: LayerStateCache from a previous call."""
-        return self.run_blocks(input_ids, inputs_embeds, attention_mask, cu_seqlens, one_cache(past_key_values, cache),
-                               use_cache, output_hidden_states, return_dict)
-
-    def run_blocks(self, input_ids, inputs_embeds, attention_mask, cu_seqlens, cache, use_cache,
-                   output_hidden_states, return_dict, block_inputs: dict | None = None, **output_flags):
-        """The shared body of forward; block_inputs go to every block, output_flags to extra_outputs."""
-        block_inputs = block_inputs or {}
+        past_key_values / cache: LayerStateCache from a previous call. A family's own keywords
+        (`block_input_names`, `output_flag_names`) come through kwargs; other keywords (Hugging Face's generic
+        ones) are ignored."""
+        cache = one_cache(past_key_values, cache)
+        block_inputs = {name: kwargs.get(name) for name in self.block_input_names}
+        output_flags = {name: kwargs.get(name) for name in self.output_flag_names}
         hidden_states = self._embed(input_ids, inputs_embeds)
         batch_size, seq_len, _ = hidden_states.shape
         check_masks(attention_mask, cu_seqlens, batch_size, seq_len)

@@ -179,38 +179,17 @@ class MoMPreTrainedModel(MemmixPreTrainedModel):
 
 
 class MoMModel(MoMPreTrainedModel, MemmixModel):
-    """Embeddings, MoM / attention blocks and final norm; returns MoMModelOutput."""
+    """Embeddings, MoM / attention blocks and final norm; returns MoMModelOutput.
+
+    forward takes MemmixModel's arguments and: position_ids (B, T), which override the attention layers' RoPE
+    positions (by default they count real tokens, continuing after the cache); modality_ids (B, T_total) int64 in
+    [0, num_modalities), the last T columns for these tokens (needs memory_groups or ffn_experts; default: every
+    token is modality 0); output_router_logits."""
 
     block_class = MoMBlock
     output_class = MoMModelOutput
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        past_key_values: LayerStateCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        cache: LayerStateCache | None = None,
-        modality_ids: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> MoMModelOutput | tuple:
-        """input_ids (B, T) int64 or inputs_embeds (B, T, D); attention_mask (B, T_total) 0/1 with the last T
-        columns for these tokens; cu_seqlens int64 (N+1,) for a packed batch (B == 1, no cache);
-        past_key_values / cache: LayerStateCache from a previous call; position_ids (B, T) override the attention
-        layers' RoPE positions (by default they count real tokens, continuing after the cache);
-        modality_ids (B, T_total) int64 in [0, num_modalities), the last T columns for these tokens (needs
-        memory_groups or ffn_experts; default: every token is modality 0)."""
-        return self.run_blocks(
-            input_ids, inputs_embeds, attention_mask, cu_seqlens, one_cache(past_key_values, cache), use_cache,
-            output_hidden_states, return_dict, block_inputs=dict(position_ids=position_ids, modality_ids=modality_ids),
-            output_router_logits=output_router_logits,
-        )
+    block_input_names = ("position_ids", "modality_ids")
+    output_flag_names = ("output_router_logits",)
 
     def check_block_inputs(self, block_inputs: dict, batch_size: int, seq_len: int) -> None:
         _check_modality_ids(block_inputs["modality_ids"], self.config, batch_size, seq_len)
