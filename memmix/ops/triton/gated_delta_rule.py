@@ -7,6 +7,7 @@ filled on the device (no host sync).
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,7 +21,6 @@ from memmix.ops.triton.gated_delta_fwd import (chunk_output_kernel, state_pass_k
                                                wy_recompute_kernel)
 
 CHUNK_SIZE = 64
-MIN_BACKWARD_PROGRAMS = None  # see heads_per_backward_pass: None = two per SM; 0 = one head per pass (least memory)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -37,9 +37,23 @@ def _tile(dim: int, cap: int) -> int:
     return runtime.tile(dim, cap, floor=MIN_TILE)
 
 
-def _gpu_sms(x: torch.Tensor) -> Optional[int]:
-    """The SM count of x's GPU, or None under the interpreter or off CUDA (launch sizes then tune nothing)."""
-    return None if runtime.INTERPRET or x.device.type != "cuda" else runtime.sm_count(x.device)
+@dataclass(frozen=True)
+class LaunchPolicy:
+    """What the launches are sized for. sms: the GPU's SM count (None: no GPU to fill, the sequential kernels keep
+    their widest V tiles; _state_config); min_backward_programs: the backward takes the fewest heads a pass whose
+    sequential kernels still have this many programs (None: all heads in one pass; 0: one head a pass, the least
+    memory; heads_per_backward_pass)."""
+
+    sms: Optional[int] = None
+    min_backward_programs: Optional[int] = None
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "LaunchPolicy":
+        """On a GPU: its SM count, and two backward programs per SM. Under the interpreter or off CUDA: none."""
+        if runtime.INTERPRET or device.type != "cuda":
+            return cls()
+        sms = runtime.sm_count(device)
+        return cls(sms=sms, min_backward_programs=2 * sms)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -207,7 +221,7 @@ def _recompute_wy(k, v, beta, b, tinv, w, u0, layout, *, has_g, head0):
                 _chunk_config(K, V))
 
 
-def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, store_final, scratch=None,
+def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, store_final, sms, scratch=None,
                 head0=0, wy_local=False, ht=None):
     """Sequential pass over the chunks: (o, states, u, final state), the unused ones None.
 
@@ -237,7 +251,7 @@ def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, 
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
                  OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, WY_LOCAL=wy_local,
                  PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype, N * heads, _gpu_sms(k)))
+            _state_config(K, V, k.dtype, N * heads, sms))
     return o, states, u, ht
 
 
@@ -265,7 +279,7 @@ def _pass_scratch(k, v, layout, heads: int):
     return w, u0, k.new_empty(layout.num_chunks, heads, K, V), torch.empty_like(u0)
 
 
-def _forward_by_head(q, k, v, beta, b, tinv, m, h0, scale, layout, *, has_g, store_final):
+def _forward_by_head(q, k, v, beta, b, tinv, m, h0, scale, layout, *, has_g, store_final, sms):
     """The chunked forward one head at a time (low memory): W, U0, the per-chunk states and U are held for one
     head, W and U0 recomputed from the stored T as in the backward. Returns o (tokens, H, V) like v and the final
     states (N, H, K, V) float32 or None."""
@@ -277,12 +291,13 @@ def _forward_by_head(q, k, v, beta, b, tinv, m, h0, scale, layout, *, has_g, sto
     for head in range(H):
         _recompute_wy(k, v, beta, b, tinv, w, u0, layout, has_g=has_g, head0=head)
         _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output_in_loop=False, store_final=store_final,
+                    sms=sms,
                     scratch=(states, u), head0=head, wy_local=True, ht=ht)
         _output(q, b, m, states, u, scale, layout, has_g=has_g, o=o, head0=head)
     return o, ht
 
 
-def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_g, head0, wy_local):
+def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_g, head0, wy_local, sms):
     """Backward sequential pass over heads head0 .. head0 + HS - 1: dU into du (tokens, HS, V), per-chunk dS'
     into dstates (chunks, HS, K, V), dS0 into dh0 (N, H, K, V) float32 when it is given."""
     num_tokens, H, K = k.shape
@@ -293,7 +308,7 @@ def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_
              layout.cu_seqlens, layout.chunk_offsets, layout.seq_order, scale, head0),
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_DHT=dht is not None,
                  STORE_DH0=dh0 is not None, WY_LOCAL=wy_local, PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype, N * heads, _gpu_sms(k)))
+            _state_config(K, V, k.dtype, N * heads, sms))
 
 
 def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, *, has_g, head0):
@@ -310,17 +325,16 @@ def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layo
                 _chunk_config(K, V))
 
 
-def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, device, dtype: torch.dtype) -> int:
+def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, dtype: torch.dtype,
+                            min_programs: Optional[int]) -> int:
     """How many heads the backward takes per pass: the fewest (a divisor of H) whose sequential kernels still
-    have N x heads x V tiles >= MIN_BACKWARD_PROGRAMS programs (default: two per SM; all heads at once under the
-    interpreter), counting V tiles of 64 (the launches may then narrow them: _state_config). The per-chunk states,
-    their gradients, W, U0, U and dU are held for one pass's heads only: fewer heads a pass hold less memory, more
-    heads keep the GPU busier (MIN_BACKWARD_PROGRAMS = 0 forces one head a pass, the least memory)."""
-    target = MIN_BACKWARD_PROGRAMS
+    have N x heads x V tiles >= min_programs programs (None: all H at once), counting the V tiles of the widest
+    config (the launches may then narrow them: _state_config). The per-chunk states, their gradients, W, U0, U and
+    dU are held for one pass's heads only: fewer heads a pass hold less memory, more heads keep the GPU busier
+    (min_programs = 0 gives one head a pass, the least memory)."""
+    target = min_programs
     if target is None:
-        if runtime.INTERPRET or device.type != "cuda":
-            return H
-        target = 2 * runtime.sm_count(torch.device(device))
+        return H
     v_tiles = triton.cdiv(V, _state_config(K, V, dtype)["BV"])
     for heads in range(1, H + 1):
         if H % heads == 0 and num_seqs * heads * v_tiles >= target:
@@ -334,7 +348,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     """Autograd over the packed kernels; inputs are (tokens, H, D) contiguous, g may be None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout, low_memory):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, layout, low_memory, policy):
         has_g = g is not None
         # O = diag(scale exp(b)) Q S + M U needs each chunk's incoming state S. Inside the sequential pass it doubles
         # the dots of every step of the chain (and adds Q and M, ~40% of its loads at K = V = 256); storing S (K x V
@@ -345,16 +359,16 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         b, tinv, m, w, u0 = _prepare(q, k, v, g, beta, scale, layout, store_wy=not by_head)
         if by_head:
             o, ht = _forward_by_head(q, k, v, beta, b, tinv, m, initial_state, scale, layout, has_g=has_g,
-                                     store_final=output_final_state)
+                                     store_final=output_final_state, sms=policy.sms)
         else:
             o, states, u, ht = _state_pass(q, k, w, u0, b, m, initial_state, scale, layout, has_g=has_g,
-                                           output_in_loop=in_loop, store_final=output_final_state)
+                                           output_in_loop=in_loop, store_final=output_final_state, sms=policy.sms)
             if not in_loop:
                 o = _output(q, b, m, states, u, scale, layout, has_g=has_g)
         # W and U0 are not saved: the backward recomputes them from T for the heads of each of its passes
         ctx.save_for_backward(q, k, v, beta, initial_state, b, tinv, m)
         ctx.scale, ctx.layout, ctx.has_g = scale, layout, has_g
-        ctx.one_head_per_pass = low_memory
+        ctx.one_head_per_pass, ctx.policy = low_memory, policy
         ctx.g_dtype = None if g is None else g.dtype
         return o, ht
 
@@ -371,34 +385,37 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                  torch.empty(num_tokens, H, device=k.device, dtype=torch.float32),
                  torch.empty(num_tokens, H, device=k.device, dtype=torch.float32) if has_g else None)
         dh0 = None if h0 is None else k.new_empty(layout.num_seqs, H, K, V, dtype=torch.float32)
-        heads = 1 if ctx.one_head_per_pass else heads_per_backward_pass(layout.num_seqs, H, K, V, k.device, k.dtype)
+        policy = ctx.policy
+        heads = 1 if ctx.one_head_per_pass else heads_per_backward_pass(layout.num_seqs, H, K, V, k.dtype,
+                                                                         policy.min_backward_programs)
         w, u0, states, u = _pass_scratch(k, v, layout, heads)
         dstates, du = torch.empty_like(states), torch.empty_like(u)
         for head0 in range(0, H, heads):
             _recompute_wy(k, v, beta, b, tinv, w, u0, layout, has_g=has_g, head0=head0)
             _state_pass(q, k, w, u0, b, m, h0, scale, layout, has_g=has_g, output_in_loop=False, store_final=False,
-                        scratch=(states, u), head0=head0, wy_local=True)
+                        sms=policy.sms, scratch=(states, u), head0=head0, wy_local=True)
             _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, has_g=has_g, head0=head0,
-                        wy_local=True)
+                        wy_local=True, sms=policy.sms)
             _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, has_g=has_g,
                          head0=head0)
         dq, dk, dv, dbeta, dg = grads
         dg = None if dg is None else dg.to(ctx.g_dtype)
         dh0 = None if dh0 is None else dh0.to(h0.dtype)
-        return dq, dk, dv, dg, dbeta.to(beta.dtype), None, dh0, None, None, None
+        return dq, dk, dv, dg, dbeta.to(beta.dtype), None, dh0, None, None, None, None
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
                            beta: torch.Tensor, scale: Optional[float] = None,
                            initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                            cu_seqlens: Optional[torch.Tensor] = None, use_qk_l2norm: bool = False,
-                           low_memory: bool = False):
+                           low_memory: bool = False, policy: Optional[LaunchPolicy] = None):
     """Gated delta rule (delta rule when g is None) on the chunked Triton kernels; differentiable.
 
     q, k: (B, T, H, K); v: (B, T, H, V) bf16/fp16/fp32 with K, V <= 256; g: (B, T, H) log decay or None;
     beta: (B, T, H); initial_state: (N, H, K, V) or None; cu_seqlens: (N + 1,) int with B == 1, or None;
     low_memory: forward and backward one head at a time (the per-chunk states, their gradients and the WY
-    scratch are held for one head: least memory; the sequential kernels get fewer programs).
+    scratch are held for one head: least memory; the sequential kernels get fewer programs); policy: the launch
+    sizing (LaunchPolicy; default: LaunchPolicy.for_device(q.device)).
     Returns o (B, T, H, V) in v's dtype and the final state (N, H, K, V) float32 (None unless asked for).
     """
     B, T, H, K = q.shape
@@ -415,5 +432,6 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
 
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = ChunkGatedDeltaRuleFunction.apply(packed(q), packed(k), packed(v.to(q.dtype)), packed(g),
-                                              packed(beta), scale, h0, output_final_state, layout, low_memory)
+                                              packed(beta), scale, h0, output_final_state, layout, low_memory,
+                                              policy or LaunchPolicy.for_device(q.device))
     return o.reshape(B, T, H, V).to(v.dtype), ht

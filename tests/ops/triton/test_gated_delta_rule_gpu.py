@@ -16,17 +16,17 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
 CASES = {
     "dense_odd_T": dict(B=2, T=300, H=3, K=128, V=128),
     "dense_K256_V256": dict(B=1, T=257, H=2, K=256, V=256),  # few programs: the narrowest V tiles (MIN_TILE)
-    # the widest V tiles (64), as with many sequences: the SM count seen by the tile choice is set to 1
-    "dense_K256_V256_wide_v_tiles": dict(B=1, T=257, H=2, K=256, V=256, sm_count=1),
+    # the widest V tiles (64), as with many sequences: the chunked launches are sized for a GPU of 1 SM
+    "dense_K256_V256_wide_v_tiles": dict(B=1, T=257, H=2, K=256, V=256, policy=dict(sms=1)),
     "dense_uneven_dims": dict(B=2, T=129, H=2, K=100, V=72, initial_state=False),
     "varlen_empty_len1": dict(lengths=[0, 1, 200, 63, 64, 129, 0, 500], H=2, K=64, V=128),
     "delta_rule_varlen": dict(lengths=[1, 0, 190, 77], H=2, K=128, V=64, gated=False),
     "l2norm_scale": dict(B=2, T=150, H=2, K=64, V=64, use_qk_l2norm=True, scale=0.2),
     # -g ~ 2 per token: partial last chunks decay past exp(-88) (padded rows once overflowed to NaN gradients)
     "strong_decay_partial_chunks": dict(lengths=[50, 70, 1271], H=2, K=64, V=64, log_decay=(1.8, 2.2)),
-    # the backward one head per pass, as for MoM's many segments (MIN_BACKWARD_PROGRAMS 0 forces it here)
+    # the backward one head per pass, as for MoM's many segments (a policy of 0 backward programs forces it here)
     "backward_one_head_per_pass": dict(lengths=[300, 0, 1, 64, 700, 129], H=3, K=256, V=256,
-                                       min_backward_programs=0),
+                                       policy=dict(min_backward_programs=0)),
     # low_memory=True: forward and backward one head at a time
     "low_memory_one_head_at_a_time": dict(lengths=[300, 0, 1, 64, 700, 129], H=3, K=256, V=256, low_memory=True),
 }
@@ -59,18 +59,24 @@ def _inputs(case: dict, dtype: torch.dtype, seed: int) -> dict:
 
 
 def _outputs_and_grads(impl: str, inputs: dict, case: dict, upstream: dict, as_float64: bool,
-                       low_memory: bool = False) -> dict:
-    """Run memmix.ops with `impl`; return o, final_state and d<input> for every differentiable input."""
+                       low_memory: bool = False, policy=None) -> dict:
+    """Run memmix.ops with `impl` (with a LaunchPolicy: the chunked kernel entry); return o, final_state and
+    d<input> for every differentiable input."""
     from memmix.ops import delta_rule, gated_delta_rule
+    from memmix.ops.triton.gated_delta_rule import chunk_gated_delta_rule
 
     names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if inputs[n] is not None]
     leaves = {n: (inputs[n].double() if as_float64 else inputs[n]).detach().requires_grad_(True) for n in names}
     gated = case.get("gated", True)
     args = [leaves["q"], leaves["k"], leaves["v"]] + ([leaves["g"]] if gated else []) + [leaves["beta"]]
-    rule = gated_delta_rule if gated else delta_rule
-    o, final_state = rule(*args, scale=case.get("scale"), initial_state=leaves.get("initial_state"),
-                          output_final_state=True, cu_seqlens=inputs["cu_seqlens"],
-                          use_qk_l2norm=case.get("use_qk_l2norm", False), low_memory=low_memory, impl=impl)
+    kwargs = dict(scale=case.get("scale"), initial_state=leaves.get("initial_state"), output_final_state=True,
+                  cu_seqlens=inputs["cu_seqlens"], use_qk_l2norm=case.get("use_qk_l2norm", False),
+                  low_memory=low_memory)
+    if policy is not None:
+        o, final_state = chunk_gated_delta_rule(*(args if gated else args[:3] + [None] + args[3:]), **kwargs,
+                                                policy=policy)
+    else:
+        o, final_state = (gated_delta_rule if gated else delta_rule)(*args, **kwargs, impl=impl)
     loss = (o.double() * upstream["o"]).sum() + (final_state.double() * upstream["final_state"]).sum()
     grads = torch.autograd.grad(loss, [leaves[n] for n in names])
     out = {"o": o, "final_state": final_state}
@@ -84,15 +90,17 @@ FORMS = ("chunked", "recurrent")  # the sequence form, forced
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_matches_float64_reference(name, dtype, form, monkeypatch):
-    from memmix.ops.triton import RECURRENT_KERNEL_MAX_K, gated_delta_rule as kernels, runtime
+def test_triton_matches_float64_reference(name, dtype, form):
+    from memmix.ops.triton import RECURRENT_KERNEL_MAX_K
+    from memmix.ops.triton.gated_delta_rule import LaunchPolicy
 
     case = CASES[name]
     if form == "recurrent" and case["K"] > RECURRENT_KERNEL_MAX_K:
         pytest.skip("the recurrent kernels take q/k heads of at most 128")
-    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", case.get("min_backward_programs"))
-    if case.get("sm_count"):
-        monkeypatch.setattr(runtime, "sm_count", lambda device: case["sm_count"])
+    policy = None  # a case's launch sizing, given to the chunked kernels (the recurrent form has none to tune)
+    if case.get("policy") and form == "chunked":
+        default = LaunchPolicy.for_device(torch.device("cuda"))
+        policy = LaunchPolicy(**{**vars(default), **case["policy"]})
     seed = list(CASES).index(name) * 10 + (dtype == torch.float32)
     inputs = _inputs(case, dtype, seed)
     gen = torch.Generator(device="cuda").manual_seed(seed + 1000)
@@ -103,7 +111,7 @@ def test_triton_matches_float64_reference(name, dtype, form, monkeypatch):
     expected = _outputs_and_grads("chunk", inputs, case, upstream, as_float64=True)
     with forced_sequence_form(form):
         actual = _outputs_and_grads("triton", inputs, case, upstream, as_float64=False,
-                                    low_memory=case.get("low_memory", False))
+                                    low_memory=case.get("low_memory", False), policy=policy)
     assert actual["o"].dtype == dtype and actual["final_state"].dtype == torch.float32
     errors = {key: rel_err(actual[key], expected[key]) for key in expected}
     print(name, dtype, " ".join(f"{key}={err:.1e}" for key, err in errors.items()))

@@ -26,7 +26,8 @@ CASES = {
     # log decay ~ -2 per token: a partial last chunk (50 and 70 = 64 + 6 rows) decays past exp(-88), where
     # exp(b_pad - b_t) of a padded row overflows float32 unless padded rows repeat the last valid b
     "strong_decay_partial_chunks": dict(lengths=[50, 70], H=2, K=16, V=16, log_decay=(1.8, 2.2)),
-    # the backward one head per pass (MIN_BACKWARD_PROGRAMS 0), as on a GPU with many segments; and two per pass
+    # the backward one head per pass (a LaunchPolicy of 0 backward programs), as on a GPU with many segments; and two
+    # per pass
     "backward_one_head_per_pass": dict(lengths=[5, 70, 0, 64], H=4, K=16, V=16, min_backward_programs=0),
     "backward_two_heads_per_pass": dict(B=2, T=65, H=4, K=16, V=32, min_backward_programs=2 * 2 * 1,
                                         initial_state=False),
@@ -100,7 +101,6 @@ def run_case(name: str, seed: int) -> dict:
     case = CASES[name]
     form = case.get("form", "chunked")  # the kernel entry called, and the form the public op takes
     chunk_gated_delta_rule = recurrent_gated_delta_rule if form == "recurrent" else kernels.chunk_gated_delta_rule
-    kernels.MIN_BACKWARD_PROGRAMS = case.get("min_backward_programs")
     gated = case.get("gated", True)
     dtype = getattr(torch, case.get("dtype", "float32"))
     reference_inputs = _inputs(case, seed)
@@ -118,11 +118,13 @@ def run_case(name: str, seed: int) -> dict:
     if case.get("public"):
         def kernel(*args, **kwargs):
             return rule(*args, impl="triton", **kwargs)
-    elif gated:
-        kernel = chunk_gated_delta_rule
     else:
-        def kernel(q, k, v, beta, **kwargs):
-            return chunk_gated_delta_rule(q, k, v, None, beta, **kwargs)
+        policy = {} if form == "recurrent" else dict(policy=kernels.LaunchPolicy(
+            min_backward_programs=case.get("min_backward_programs")))
+
+        def kernel(*args, **kwargs):
+            q, k, v, *gates = args
+            return chunk_gated_delta_rule(q, k, v, *(gates if gated else [None] + gates), **kwargs, **policy)
 
     v = reference_inputs["v"]
     num_seqs = v.shape[0] if reference_inputs["cu_seqlens"] is None else len(reference_inputs["cu_seqlens"]) - 1
@@ -165,24 +167,26 @@ def test_low_memory_runs_one_head_at_a_time_forward_and_backward(interpret_resul
     assert interpret_results["varlen_empty_and_length1"]["passes"] == {"forward": 1, "backward": 1}
 
 
-def test_backward_heads_per_pass_is_the_fewest_that_fill_the_gpu(monkeypatch):
+def test_backward_heads_per_pass_is_the_fewest_that_fill_the_gpu():
     pytest.importorskip("triton")
     from memmix.ops.triton import gated_delta_rule as kernels
 
-    cuda, bf16 = torch.device("cuda"), torch.bfloat16
-    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", 264)  # two per SM of a 132-SM GPU
+    def heads(num_seqs, H, K, V, dtype=torch.bfloat16, min_programs=264):  # two per SM of a 132-SM GPU
+        return kernels.heads_per_backward_pass(num_seqs, H, K, V, dtype, min_programs)
+
     # K = V = 256: 4 V tiles of 64. MoM at 8 x 2048 packs 41 segments (164 programs a head): two heads a pass
-    assert kernels.heads_per_backward_pass(41, 4, 256, 256, cuda, bf16) == 2
-    assert kernels.heads_per_backward_pass(81, 4, 256, 256, cuda, bf16) == 1  # 16 x 2048: 324 programs a head
-    assert kernels.heads_per_backward_pass(9, 4, 256, 256, cuda, bf16) == 4  # 8 sequences: 36 programs a head
-    assert kernels.heads_per_backward_pass(41, 3, 256, 256, cuda, bf16) == 3  # 2 does not divide 3
+    assert heads(41, 4, 256, 256) == 2
+    assert heads(81, 4, 256, 256) == 1  # 16 x 2048: 324 programs a head
+    assert heads(9, 4, 256, 256) == 4  # 8 sequences: 36 programs a head
+    assert heads(41, 3, 256, 256) == 3  # 2 does not divide 3
     # float32 takes V tiles of 32: twice the programs a head, so one head a pass already fills the GPU
-    assert kernels.heads_per_backward_pass(41, 4, 256, 256, cuda, torch.float32) == 1
+    assert heads(41, 4, 256, 256, torch.float32) == 1
     # the interpreter cases above that force a split really split
-    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", CASES["backward_two_heads_per_pass"]["min_backward_programs"])
-    assert kernels.heads_per_backward_pass(2, 4, 16, 32, cuda, bf16) == 2
-    monkeypatch.setattr(kernels, "MIN_BACKWARD_PROGRAMS", 0)
-    assert kernels.heads_per_backward_pass(4, 4, 16, 16, cuda, bf16) == 1
+    assert heads(2, 4, 16, 32, min_programs=CASES["backward_two_heads_per_pass"]["min_backward_programs"]) == 2
+    assert heads(4, 4, 16, 16, min_programs=0) == 1
+    assert heads(4, 4, 16, 16, min_programs=None) == 4  # no GPU to fill: every head in one pass
+    # the policy a device gets: none off the GPU; on one, two backward programs per SM
+    assert kernels.LaunchPolicy.for_device(torch.device("cpu")) == kernels.LaunchPolicy(None, None)
 
 
 def test_sequential_v_tiles_narrow_until_most_sms_have_a_program():
