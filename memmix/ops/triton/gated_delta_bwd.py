@@ -18,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memmix.ops.triton.gated_delta_fwd import (chunk_decay, load_state, load_tile, sequence_program, store_state,
-                                              store_tile)
+from memmix.ops.triton.gated_delta_fwd import (chunk_decay, load_state, load_tile, sequence_chunk, sequence_program,
+                                              store_state, store_tile)
 
 
 @triton.jit
@@ -30,18 +30,11 @@ def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr
                       STORE_DH0: tl.constexpr, WY_LOCAL: tl.constexpr, PREC: tl.constexpr):
     """One sequence, head and V tile: walk the chunks backwards carrying dS; store dS' per chunk and dU
     (for the HS heads from head0 on, as state_pass_kernel; W too when WY_LOCAL)."""
-    i_n, i_hs, i_v = sequence_program(seq_order_ptr, HS, V, BV)
-    i_h = head0 + i_hs
-    i_wy = i_hs if WY_LOCAL else i_h
+    i_n, i_hs, i_h, i_wy, nh, bos, eos, first_chunk, kcols, vcols = sequence_program(
+        seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H, HS, V, BK, BV, WY_LOCAL)
     WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
-    bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int32)
-    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
     rows = tl.arange(0, C)
-    kcols = tl.arange(0, BK)
-    vcols = i_v * BV + tl.arange(0, BV)
-    nh = i_n * H + i_h
     dstate = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_DHT:
         dstate = load_state(dht_ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
@@ -49,17 +42,9 @@ def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr
     num_chunks = tl.cdiv(eos - bos, C)
     for jj in range(0, num_chunks):
         j = num_chunks - 1 - jj
-        tok = bos + j * C + rows
-        valid = tok < eos
-        last = tl.minimum(bos + j * C + C, eos) - 1
+        tok, valid, b, b_last = sequence_chunk(b_ptr + i_h, bos, eos, j, H, C, HAS_G)
         chunk_head = (first_chunk + j) * HS + i_hs
         store_state(dstates_ptr + chunk_head * K * V, dstate, kcols, vcols, K, V)
-        if HAS_G:
-            b = tl.load(b_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0)
-            b_last = tl.load(b_ptr + last.to(tl.int64) * H + i_h)
-        else:
-            b = tl.zeros((C,), dtype=tl.float32)
-            b_last = tl.sum(b, 0)  # 0.0 as a float32 scalar
         m = load_tile(m_ptr + i_h * C, tok, valid, H * C, rows, C).to(dt)  # (C, C)
         do = load_tile(do_ptr + i_h * V, tok, valid, H * V, vcols, V)  # (C, BV)
         k = load_tile(k_ptr + i_h * K, tok, valid, H * K, kcols, K)  # (C, BK)

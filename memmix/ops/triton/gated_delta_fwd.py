@@ -214,8 +214,11 @@ def wy_recompute_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, w_ptr, u0_ptr, 
 
 
 @triton.jit
-def sequence_program(seq_order_ptr, HS: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """(sequence, head of the pass, V tile) of a sequential kernel's program on its 1-D grid of N x HS x V tiles.
+def sequence_program(seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H: tl.constexpr, HS: tl.constexpr,
+                     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WY_LOCAL: tl.constexpr):
+    """A sequential kernel's program on its 1-D grid of N x HS x V tiles: (sequence i_n, head of the pass i_hs,
+    head i_h = head0 + i_hs, W/U0 head i_wy (i_hs when WY_LOCAL), row nh = i_n * H + i_h, tokens [bos, eos), the
+    sequence's first chunk, the state tile's rows kcols and columns vcols).
 
     The grid walks the sequences longest first (seq_order), all heads and V tiles of one sequence together: the
     GPU starts programs in grid order, so the longest chains start first (no long chain left for the last wave)
@@ -225,7 +228,29 @@ def sequence_program(seq_order_ptr, HS: tl.constexpr, V: tl.constexpr, BV: tl.co
     i_v = pid % VT
     i_hs = (pid // VT) % HS
     i_n = tl.load(seq_order_ptr + pid // (VT * HS))
-    return i_n, i_hs, i_v
+    i_h = head0 + i_hs
+    i_wy = i_hs if WY_LOCAL else i_h
+    bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int32)
+    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
+    kcols = tl.arange(0, BK)
+    vcols = i_v * BV + tl.arange(0, BV)
+    return i_n, i_hs, i_h, i_wy, i_n * H + i_h, bos, eos, first_chunk, kcols, vcols
+
+
+@triton.jit
+def sequence_chunk(b_ptr, bos, eos, j, H, C: tl.constexpr, HAS_G: tl.constexpr):
+    """Chunk j of a sequence [bos, eos): its tokens (C,), which are valid, its cumulative log decay b (C,) as
+    wy_prepare_kernel stored it (b_ptr offset to the head) and b at its last valid token (0 without g)."""
+    tok = bos + j * C + tl.arange(0, C)
+    valid = tok < eos
+    b = load_log_decay_stored(b_ptr, tok, valid, H, HAS_G)
+    if HAS_G:
+        last = tl.minimum(bos + j * C + C, eos) - 1
+        b_last = tl.load(b_ptr + last.to(tl.int64) * H)
+    else:
+        b_last = tl.sum(b, 0)  # 0.0 as a float32 scalar
+    return tok, valid, b, b_last
 
 
 @triton.jit
@@ -240,26 +265,17 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
     Heads head0 .. head0 + HS - 1 (the program's head i_hs is head head0 + i_hs): the stored states and U
     hold these HS heads only, so a backward pass over a few heads at a time needs scratch for those only;
     so do W and U0 when WY_LOCAL (recomputed for those heads by wy_recompute_kernel)."""
-    i_n, i_hs, i_v = sequence_program(seq_order_ptr, HS, V, BV)
-    i_h = head0 + i_hs
-    i_wy = i_hs if WY_LOCAL else i_h
+    i_n, i_hs, i_h, i_wy, nh, bos, eos, first_chunk, kcols, vcols = sequence_program(
+        seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H, HS, V, BK, BV, WY_LOCAL)
     WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
-    bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens_ptr + i_n + 1).to(tl.int32)
-    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
     rows = tl.arange(0, C)
-    kcols = tl.arange(0, BK)
-    vcols = i_v * BV + tl.arange(0, BV)
-    nh = i_n * H + i_h
     state = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_H0:
         state = load_state(h0_ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
 
     for j in range(0, tl.cdiv(eos - bos, C)):
-        tok = bos + j * C + rows
-        valid = tok < eos
-        last = tl.minimum(bos + j * C + C, eos) - 1
+        tok, valid, b, b_last = sequence_chunk(b_ptr + i_h, bos, eos, j, H, C, HAS_G)
         if STORE_STATES:
             chunk_head = (first_chunk + j) * HS + i_hs
             store_state(states_ptr + chunk_head * K * V, state, kcols, vcols, K, V)
@@ -268,12 +284,6 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
         u = u0 - tl.dot(w, state.to(dt), input_precision=PREC)  # (C, BV)
         if STORE_STATES:
             store_tile(u_ptr + i_hs * V, u, tok, valid, HS * V, vcols, V)
-        if HAS_G:
-            b = tl.load(b_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0)
-            b_last = tl.load(b_ptr + last.to(tl.int64) * H + i_h)
-        else:
-            b = tl.zeros((C,), dtype=tl.float32)
-            b_last = tl.sum(b, 0)  # 0.0 as a float32 scalar
         if OUTPUT:
             q = load_tile(q_ptr + i_h * K, tok, valid, H * K, kcols, K).to(dt)
             m = load_tile(m_ptr + i_h * C, tok, valid, H * C, rows, C)
