@@ -18,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memmix.ops.triton.gated_delta_fwd import (chunk_decay, load_state, load_tile, sequence_chunk, sequence_program,
-                                              store_state, store_tile)
+from memmix.ops.triton.gated_delta_fwd import (chunk_decay, chunk_rows, load_state, load_state_or_zeros, load_tile,
+                                              sequence_chunk, sequence_program, store_state, store_tile)
 
 
 @triton.jit
@@ -35,9 +35,7 @@ def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr
     WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
     rows = tl.arange(0, C)
-    dstate = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_DHT:
-        dstate = load_state(dht_ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
+    dstate = load_state_or_zeros(dht_ptr, nh, kcols, vcols, K, V, BK, BV, HAS_DHT)
 
     num_chunks = tl.cdiv(eos - bos, C)
     for jj in range(0, num_chunks):
@@ -72,14 +70,10 @@ def chunk_grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, u_ptr, du
     (U, dU, S, dS' hold the HS heads from head0 on, as state_pass_kernel stores them)."""
     i_c, i_hs = tl.program_id(0), tl.program_id(1)
     i_h = head0 + i_hs
-    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
-    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    bos, eos, rows, tok, valid = chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
     if eos <= bos:
         return
     dt = k_ptr.dtype.element_ty
-    rows = tl.arange(0, C)
-    tok = bos + rows
-    valid = rows < eos - bos
     chunk_head = i_c.to(tl.int64) * HS + i_hs
     beta = tl.load(beta_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0).to(tl.float32)
     if HAS_G:

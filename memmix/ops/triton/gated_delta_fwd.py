@@ -86,6 +86,16 @@ def load_log_decay(g_ptr, tok, valid, H, HAS_G: tl.constexpr):
 
 
 @triton.jit
+def chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C: tl.constexpr):
+    """Chunk i_c of the packed token axis: its tokens [bos, eos), row numbers (C,), tokens (C,) and which are
+    valid. A chunk of the grid's upper bound that holds no tokens has eos <= bos (its program returns)."""
+    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
+    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    rows = tl.arange(0, C)
+    return bos, eos, rows, bos + rows, rows < eos - bos
+
+
+@triton.jit
 def load_log_decay_stored(b_ptr, tok, valid, H, HAS_G: tl.constexpr):
     """(C,) b as wy_prepare_kernel stored it (0 without g)."""
     if HAS_G:
@@ -134,14 +144,10 @@ def wy_prepare_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, b_ptr, tinv_ptr, m_p
                       PREC: tl.constexpr):
     """One chunk and head: b, T = (I + A)^-1, M, and (STORE_WY) W = T diag(beta exp(b)) K, U0 = T diag(beta) V."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
-    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    bos, eos, rows, tok, valid = chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
     if eos <= bos:
         return
     dt = k_ptr.dtype.element_ty
-    rows = tl.arange(0, C)
-    tok = bos + rows
-    valid = rows < eos - bos
     beta = tl.load(beta_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0).to(tl.float32)
     b = load_log_decay(g_ptr + i_h, tok, valid, H, HAS_G)
     if HAS_G:
@@ -199,13 +205,9 @@ def wy_recompute_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, w_ptr, u0_ptr, 
     HS heads at a time instead of saving them for all heads)."""
     i_c, i_hs = tl.program_id(0), tl.program_id(1)
     i_h = head0 + i_hs
-    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
-    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    bos, eos, rows, tok, valid = chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
     if eos <= bos:
         return
-    rows = tl.arange(0, C)
-    tok = bos + rows
-    valid = rows < eos - bos
     beta = tl.load(beta_ptr + tok.to(tl.int64) * H + i_h, mask=valid, other=0.0).to(tl.float32)
     b = load_log_decay_stored(b_ptr + i_h, tok, valid, H, HAS_G)
     tinv = load_tile(tinv_ptr + i_h * C, tok, valid, H * C, rows, C)
@@ -236,6 +238,16 @@ def sequence_program(seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H:
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
     return i_n, i_hs, i_h, i_wy, i_n * H + i_h, bos, eos, first_chunk, kcols, vcols
+
+
+@triton.jit
+def load_state_or_zeros(ptr, nh, kcols, vcols, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, LOAD: tl.constexpr):
+    """The (BK, BV) float32 tile of row nh's (K, V) state at ptr when LOAD, else zeros."""
+    if LOAD:
+        return load_state(ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
+    else:
+        return tl.zeros((BK, BV), dtype=tl.float32)
 
 
 @triton.jit
@@ -270,9 +282,7 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
     WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
     rows = tl.arange(0, C)
-    state = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_H0:
-        state = load_state(h0_ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
+    state = load_state_or_zeros(h0_ptr, nh, kcols, vcols, K, V, BK, BV, HAS_H0)
 
     for j in range(0, tl.cdiv(eos - bos, C)):
         tok, valid, b, b_last = sequence_chunk(b_ptr + i_h, bos, eos, j, H, C, HAS_G)
@@ -307,14 +317,10 @@ def chunk_output_kernel(q_ptr, b_ptr, m_ptr, states_ptr, u_ptr, o_ptr, chunk_sta
     U, which hold the HS heads of the pass."""
     i_c, i_hs, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = head0 + i_hs
-    bos = tl.load(chunk_start_ptr + i_c).to(tl.int32)
-    eos = tl.load(chunk_end_ptr + i_c).to(tl.int32)
+    bos, eos, rows, tok, valid = chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
     if eos <= bos:
         return
     dt = q_ptr.dtype.element_ty
-    rows = tl.arange(0, C)
-    tok = bos + rows
-    valid = rows < eos - bos
     vcols = i_v * BV + tl.arange(0, BV)
     chunk_head = i_c.to(tl.int64) * HS + i_hs
     b = load_log_decay_stored(b_ptr + i_h, tok, valid, H, HAS_G)

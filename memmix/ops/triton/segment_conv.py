@@ -21,6 +21,16 @@ from memmix.ops.triton import runtime
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _program_tile(n, width, B: tl.constexpr, BC: tl.constexpr):
+    """A program of a (row or token tiles, heads) grid: its tile number, head, B indices and which are < n, and
+    the head's BC channel columns, which are < width, with their channels head * width + cols."""
+    pid, head = tl.program_id(0), tl.program_id(1)
+    idx = pid * B + tl.arange(0, B)
+    cols = tl.arange(0, BC)
+    return pid, head, idx, idx < n, cols, cols < width, head * width + cols
+
+
+@triton.jit
 def _tail_tap(tails_ptr, tails_seg_stride, tails_row_stride, pos, seg, rvalid, ch, cvalid, j, num_segments,
               W: tl.constexpr):
     """(BR, BC) float32 tail part of tap j: the segment's tail input for rows with pos < j, zero otherwise."""
@@ -54,12 +64,7 @@ def segment_conv_fwd_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_ptr, t
                             W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, CONV: tl.constexpr,
                             NORM: tl.constexpr, HAS_TAILS: tl.constexpr):
     """Rows tile x one head (width channels): out = l2norm?(silu(conv(gathered rows))) or the gathered rows."""
-    pid_r, head = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    rvalid = rows < L
-    cols = tl.arange(0, BC)
-    cvalid = cols < width
-    ch = head * width + cols  # channel inside this feature group
+    pid_r, head, rows, rvalid, cols, cvalid, ch = _program_tile(L, width, BR, BC)
     pos = tl.load(row_pos_ptr + rows, mask=rvalid, other=0)
     seg = tl.load(row_seg_ptr + rows, mask=rvalid, other=0)
     if CONV:
@@ -89,12 +94,7 @@ def segment_conv_bwd_rows_kernel(src_ptr, tok_stride, mem_stride, w_ptr, tails_p
     """Back through norm and SiLU to the convolution's pre-activation: dacc (rows, channels), and (with tails)
     this row tile's share of the weight gradient from the tail inputs, dw_part[tile, channel, tap]; the
     gathered rows' share is taken by segment_conv_bwd_scatter_kernel / segment_conv_bwd_tokens_kernel."""
-    pid_r, head = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    rvalid = rows < L
-    cols = tl.arange(0, BC)
-    cvalid = cols < width
-    ch = head * width + cols
+    pid_r, head, rows, rvalid, cols, cvalid, ch = _program_tile(L, width, BR, BC)
     pos = tl.load(row_pos_ptr + rows, mask=rvalid, other=0)
     seg = tl.load(row_seg_ptr + rows, mask=rvalid, other=0)
     acc = tl.zeros((BR, BC), dtype=tl.float32)
@@ -131,12 +131,7 @@ def segment_conv_bwd_tokens_kernel(dacc_ptr, w_ptr, src_ptr, src_tok_stride, dsr
     token-major: dx[t] = sum over t's S rows r of sum_j w[W-1-j] dacc[r + j] (row r's input feeds rows
     r .. r + W - 1 of its segment), and (CONV) the weight gradient's share of this token tile,
     dw_part[tile, channel, W-1-j] = sum_r x[r] dacc[r + j]."""
-    pid_t, head = tl.program_id(0), tl.program_id(1)
-    toks = pid_t * BT + tl.arange(0, BT)
-    tvalid = toks < num_tokens
-    cols = tl.arange(0, BC)
-    cvalid = cols < width
-    ch = head * width + cols
+    pid_t, head, toks, tvalid, cols, cvalid, ch = _program_tile(num_tokens, width, BT, BC)
     dacc_stride = tl.num_programs(1) * width
     dw = tl.zeros((WP, BC), dtype=tl.float32)  # [tap, channel]
     x = tl.load(src_ptr + toks.to(tl.int64)[:, None] * src_tok_stride + ch[None, :],
@@ -164,12 +159,7 @@ def segment_conv_bwd_scatter_kernel(dacc_ptr, w_ptr, src_ptr, tok_stride, mem_st
     rows r .. r + W - 1 of its segment, so dx[r] = sum_j w[W-1-j] dacc[r + j] (contiguous rows) is stored at
     that (token, memory) -- each exactly once, rows and picked (token, memory) pairs being a bijection; the
     caller zero-fills the rest. CONV: dw_part[tile, channel, W-1-j] = sum_r x[r] dacc[r + j] of this row tile."""
-    pid_r, head = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    rvalid = rows < L
-    cols = tl.arange(0, BC)
-    cvalid = cols < width
-    ch = head * width + cols
+    pid_r, head, rows, rvalid, cols, cvalid, ch = _program_tile(L, width, BR, BC)
     mask = rvalid[:, None] & cvalid[None, :]
     dacc_stride = tl.num_programs(1) * width
     tok = tl.load(row_tok_ptr + rows, mask=rvalid, other=0).to(tl.int64)
