@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from memmix import ops
 from memmix.checks import is_int
-from memmix.layers.gates import init_decay_parameters
+from memmix.layers.gates import head_gate_projections, init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import check_hidden_states, compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
@@ -142,15 +142,8 @@ class BMojo(nn.Module):
         self.conv1d = nn.Conv1d(3 * self.inner_dim, 3 * self.inner_dim, conv_size, groups=3 * self.inner_dim,
                                 padding=conv_size - 1, bias=False)  # weight holder, applied functionally
         rule = get_rule(fading_rule)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False) if rule.uses_beta else None
-        if rule.uses_gate:
-            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            self.A_log = nn.Parameter(torch.empty(num_heads))
-            self.dt_bias = nn.Parameter(torch.empty(num_heads))
-            self.A_log._no_weight_decay = True
-            self.dt_bias._no_weight_decay = True
-        else:
-            self.a_proj = self.A_log = self.dt_bias = None
+        self.b_proj, self.a_proj, self.A_log, self.dt_bias = head_gate_projections(
+            hidden_size, num_heads, rule.uses_beta, rule.uses_gate)
         self.fading_norm = RMSNorm(head_dim, eps=norm_eps)
         self.fading_k_proj = nn.Linear(self.inner_dim, self.inner_dim, bias=False)
         self.fading_v_proj = nn.Linear(self.inner_dim, self.inner_dim, bias=False)

@@ -36,7 +36,7 @@ from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
 from memmix.ops.short_conv import short_conv, short_conv_step
 from memmix.layers.attention import apply_rope
-from memmix.layers.gates import init_decay_parameters
+from memmix.layers.gates import head_gate_projections, init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import check_hidden_states, compact_rows, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
@@ -101,15 +101,8 @@ class FadingMixer(nn.Module):
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (
             nn.Conv1d(self.inner_dim, self.inner_dim, conv_size, groups=self.inner_dim, padding=conv_size - 1,
                       bias=False) for _ in range(3))  # weight holders, applied functionally
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False) if uses_beta else None
-        if uses_decay:
-            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            self.A_log = nn.Parameter(torch.empty(num_heads))
-            self.dt_bias = nn.Parameter(torch.empty(num_heads))
-            self.A_log._no_weight_decay = True
-            self.dt_bias._no_weight_decay = True
-        else:
-            self.a_proj = self.A_log = self.dt_bias = None
+        self.b_proj, self.a_proj, self.A_log, self.dt_bias = head_gate_projections(
+            hidden_size, num_heads, uses_beta, uses_decay)
         self.g_proj = nn.Linear(hidden_size, self.inner_dim, bias=False)
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.inner_dim, hidden_size, bias=False)

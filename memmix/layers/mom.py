@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
-from memmix.layers.gates import init_decay_parameters
+from memmix.layers.gates import decay_parameters, init_decay_parameters
 from memmix.layers.masks import check_hidden_states, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 from memmix.ops.common import compute_dtype
@@ -186,10 +186,7 @@ class MixtureOfMemories(nn.Module):
         rule = get_rule(self.memory_rule)
         self.b_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_beta else None
         self.a_proj = nn.Parameter(torch.empty(rows, num_heads, hidden_size)) if rule.uses_gate else None
-        self.A_log = nn.Parameter(torch.empty(num_heads))
-        self.dt_bias = nn.Parameter(torch.empty(num_heads))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        self.A_log, self.dt_bias = decay_parameters(num_heads)
         self.q_conv1d = _depthwise_conv(self.key_dim, conv_size)
         self.k_conv1d = _depthwise_conv(self.key_dim, conv_size)
         self.v_conv1d = _depthwise_conv(self.value_dim, conv_size)
