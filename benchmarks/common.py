@@ -1,9 +1,11 @@
-"""Pieces every benchmark script shares: CPU timing and the atomic JSON write (memmix.files).
+"""Pieces every benchmark script shares: CPU timing, the device's name, `--only` selection and the atomic JSON write
+(memmix.files).
 
 The scripts run as `python benchmarks/NAME.py`, so this folder is on sys.path and `from common import ...` works.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -20,3 +22,20 @@ def cpu_median_ms(fn, warmup: int, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for "cuda", else "CPU (N cores)": every results file says what measured it."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def only_matching(named: dict, only: str) -> dict:
+    """The entries of `named` whose names contain one of the comma-separated substrings of `only` (all if empty)."""
+    if not only:
+        return named
+    keep = [s.strip() for s in only.split(",")]
+    return {name: value for name, value in named.items() if any(s in name for s in keep)}

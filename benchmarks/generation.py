@@ -15,7 +15,6 @@ Prompts with batch x prompt above --max-prefill-tokens are skipped (printed), si
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import atomic_write_json  # noqa: E402
+from common import atomic_write_json, device_name, only_matching  # noqa: E402
 from memmix import MoMConfig, MoMForCausalLM  # noqa: E402
 
 
@@ -131,10 +130,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     models, notes = build_models(args)
-    if args.only:
-        keep = [s.strip() for s in args.only.split(",")]
-        models = {n: v for n, v in models.items() if any(s in n for s in keep)}
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    models = only_matching(models, args.only)
+    gpu_or_cpu = device_name(args.device)
     rows = []
     print(f"{'model':<26} {'batch':>5} {'prompt':>6} {'decode tok/s':>13} {'ms/step':>8} {'generate s':>10} "
           f"{'peak MiB':>9} {'cache MiB':>9}")
@@ -155,11 +152,11 @@ def main(argv=None) -> int:
                 rows.append(row)
                 _print_row(row)
                 # rewritten after every row: a run stopped at a time limit keeps what it measured
-                atomic_write_json(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
+                atomic_write_json(args.json, {"device": gpu_or_cpu, "torch": torch.__version__, "args": vars(args),
                                               "notes": notes, "rows": rows})
     for note in notes:
         print("note:", note)
-    print(f"device: {device_name}; wrote {args.json}")
+    print(f"device: {gpu_or_cpu}; wrote {args.json}")
     return 0
 
 

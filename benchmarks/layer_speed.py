@@ -18,7 +18,6 @@ the forward and a backward from a fixed random output gradient.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cpu_median_ms, atomic_write_json  # noqa: E402
+from common import atomic_write_json, cpu_median_ms, device_name, only_matching  # noqa: E402
 from memmix.layers import BMojo, BMojoF, MixtureOfMemories  # noqa: E402
 from memmix.layers.attention import CausalSelfAttention  # noqa: E402
 
@@ -222,10 +221,8 @@ def main(argv=None) -> int:
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     torch.manual_seed(0)
     layers, notes = build_layers(args)
-    if args.only:
-        keep = [s.strip() for s in args.only.split(",")]
-        layers = {n: v for n, v in layers.items() if any(s in n for s in keep)}
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    layers = only_matching(layers, args.only)
+    gpu_or_cpu = device_name(args.device)
     rows = []
     for T in seq_lens:
         B = max(args.tokens // T, 1)
@@ -242,14 +239,14 @@ def main(argv=None) -> int:
             rows.append({"layer": name, "batch": B, "seq_len": T, "tokens": B * T, **result})
             _print_row(rows[-1])
             # rewritten after every row: a run stopped at a time limit keeps what it measured
-            atomic_write_json(args.json, {"device": device_name, "torch": torch.__version__, "args": vars(args),
+            atomic_write_json(args.json, {"device": gpu_or_cpu, "torch": torch.__version__, "args": vars(args),
                                           "notes": notes, "rows": rows, "scaling": scaling(rows)})
     for layer, ratios in scaling(rows).items():
         print(f"per-token fwd+bwd time vs T={seq_lens[0]}, {layer}: "
               + ", ".join(f"T={T} {r:.2f}x" for T, r in ratios.items()))
     for note in notes:
         print("note:", note)
-    print(f"device: {device_name}; wrote {args.json}")
+    print(f"device: {gpu_or_cpu}; wrote {args.json}")
     return 0
 
 

@@ -6,7 +6,18 @@ import contextlib
 import json
 from typing import Any, Callable, Iterator, Optional
 
+import pytest
 import torch
+
+
+def check_bad_masks_raise(layer, x: torch.Tensor) -> None:
+    """The token mixers' shared calling convention: an attention_mask narrower than the new tokens, and cu_seqlens
+    with a batch of more than one row, are ValueErrors naming the argument. x: (B > 1, T, D)."""
+    batch, length = x.shape[:2]
+    with pytest.raises(ValueError, match="attention_mask"):
+        layer(x, attention_mask=torch.ones(batch, length - 1))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, cu_seqlens=torch.tensor([0, length]))
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from memmix.layers import BMojo, BMojoState
 from memmix.ops import l2norm
 
-from helpers import rel_err
+from helpers import check_bad_masks_raise, rel_err
 
 
 def make_layer(seed: int = 0, **overrides) -> BMojo:
@@ -254,10 +254,7 @@ def test_bad_arguments_raise(bad):
 def test_bad_inputs_raise():
     layer = make_layer()
     x = torch.randn(2, 4, 24, dtype=torch.float64)
-    with pytest.raises(ValueError, match="attention_mask"):
-        layer(x, attention_mask=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        layer(x, cu_seqlens=torch.tensor([0, 4]))
+    check_bad_masks_raise(layer, x)
     state = layer(x, use_cache=True).state
     with pytest.raises(ValueError, match="state holds"):
         layer(x[:1], state=state)

@@ -11,7 +11,7 @@ from memmix.layers import BMojoF, BMojoFState, bmojo_f_reference
 from memmix.layers import bmojo_f as bmojo_f_module
 from memmix.layers.attention import CausalSelfAttention
 
-from helpers import rel_err
+from helpers import check_bad_masks_raise, rel_err
 
 D = 16
 TOL = 1e-10
@@ -290,8 +290,7 @@ def test_bad_arguments_name_themselves(kwargs, match):
 def test_bad_inputs_raise_clear_errors():
     layer = make_layer()
     x = torch.randn(2, 5, D, dtype=torch.float64)
-    with pytest.raises(ValueError, match="attention_mask"):
-        layer(x, attention_mask=torch.ones(2, 3))
+    check_bad_masks_raise(layer, x)
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(x[:1], cu_seqlens=torch.tensor([0, 2, 4]))
     with pytest.raises(ValueError, match="cu_seqlens"):

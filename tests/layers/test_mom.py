@@ -12,7 +12,7 @@ from memmix.layers import MixtureOfMemories
 from memmix.layers import mom as mom_module
 from memmix.ops.mom import MoMWeights, naive_mom
 
-from helpers import rel_err
+from helpers import check_bad_masks_raise, rel_err
 
 
 def router_conv_by_hand(layer: MixtureOfMemories, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -221,10 +221,7 @@ def test_bad_arguments(kw, match):
 def test_bad_inputs():
     layer = make_layer()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    with pytest.raises(ValueError, match="attention_mask"):
-        layer(x, attention_mask=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        layer(x, cu_seqlens=torch.tensor([0, 2, 5]))
+    check_bad_masks_raise(layer, x)
     with pytest.raises(ValueError, match="state"):
         layer(x, state=layer.init_state(3, dtype=torch.float64))
 

@@ -57,6 +57,24 @@ def tiny_bmojo(seed: int = 0, **overrides) -> BMojoForCausalLM:
     return model
 
 
+def tiny_f(seed: int = 0, **overrides) -> BMojoForCausalLM:
+    """A random 2-layer B'MOJO-F model in float64 and eval mode, window 3 (fading band [3, 6)); weights scaled
+    up (conv filters kept) and norms moved off 1, so that attention is far from uniform and every weight shows."""
+    kwargs = dict(variant="f", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, intermediate_size=24,
+                  num_heads=2, head_dim=4, window_size=3, conv_size=3, pad_token_id=0, bos_token_id=None,
+                  eos_token_id=None)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = BMojoForCausalLM(BMojoConfig(**kwargs)).double().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.2 * torch.randn_like(param))
+            elif param.dim() >= 2 and "conv" not in name:
+                param.mul_(10.0)
+    return model
+
+
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """(batch, length) int64 token ids in [1, VOCAB) (0 is the pad id)."""
     generator = torch.Generator().manual_seed(seed)

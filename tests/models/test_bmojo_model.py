@@ -11,7 +11,7 @@ from memmix.models.configuration_bmojo import BMojoConfig
 from memmix.models.modeling_bmojo import BMojoForCausalLM, BMojoModel
 from memmix.models.presets import BMOJO_PRESETS, bmojo_recall_config, build_model
 
-from models_helpers import random_ids, step_by_step, tiny_bmojo
+from models_helpers import random_ids, step_by_step, tiny_bmojo, tiny_f
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -115,8 +115,9 @@ def test_cache_is_bounded_and_matches_the_size_helper():
     assert sizes[0] == sizes[1] == model.recurrent_state_size()
 
 
-def test_cache_select_follows_the_batch():
-    model = tiny_bmojo(seed=18)
+@pytest.mark.parametrize("build", [tiny_bmojo, tiny_f], ids=["store", "f"])
+def test_cache_select_follows_the_batch(build):
+    model = build(seed=18)
     ids = random_ids(3, 8, seed=19)
     with torch.no_grad():
         cache = model(ids, use_cache=True).cache
