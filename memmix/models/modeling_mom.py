@@ -237,9 +237,9 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         loss_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoMCausalLMOutput | tuple:
-        """As MoMModel.forward, plus labels, logits_to_keep and loss_positions as in MemmixForCausalLM.forward;
-        in training the loss adds the routers' auxiliary losses (aux_loss_scale, router_z_loss,
-        ffn_aux_router_loss_scale)."""
+        """As MoMModel (MemmixModel.forward and its own keywords), plus labels, logits_to_keep and loss_positions
+        as in MemmixForCausalLM.forward; in training the loss adds the routers' auxiliary losses (aux_loss_scale,
+        router_z_loss, ffn_aux_router_loss_scale)."""
         cache = one_cache(past_key_values, cache)
         flags = dict(labels=labels, inputs_embeds=inputs_embeds, cu_seqlens=cu_seqlens, use_cache=use_cache,
                      output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
