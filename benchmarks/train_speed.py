@@ -70,7 +70,7 @@ ATTENTION_IMPLS = {"attn-mask": "mask", "attn-flex": "flex", "attn-varlen": "var
 # baseline before/after its packed kernel, each preset today and with the cheap fixes, the graphed step, fla.
 CORE = [
     ("attention-340m", "base+attn-mask"),  # the dense T x T mask path
-    ("attention-340m", "base"),  # packed_impl auto = flex
+    ("attention-340m", "base+attn-flex"),  # the packed kernel that auto is to become (auto = mask today)
     ("gdn-340m", "base"),
     ("mom-340m", "base"),
     ("fla-gdn-340m", "base"),
