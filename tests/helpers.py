@@ -32,47 +32,27 @@ def print_case_results(run_case: Callable[[str, int], dict], cases: dict) -> Non
     print(json.dumps({name: run_case(name, seed) for seed, name in enumerate(cases)}))
 
 
-@contextlib.contextmanager
-def forced_sequence_form(form: Optional[str]) -> Iterator[None]:
-    """Inside the block memmix.ops.triton runs the delta rules on one form of its kernels: "chunked" or "recurrent"
-    (None: its own choice by head size). Needs Triton."""
-    import memmix.ops.triton as backend
+def forced_sequence_form(form: Optional[str]):
+    """memmix.ops.triton.forced_form: inside the block the delta rules run on one form of the kernels ("chunked" or
+    "recurrent"; None: their own choice by head size). Needs Triton."""
+    from memmix.ops.triton import forced_form
 
-    default = backend.RECURRENT_MAX_K
-    backend.RECURRENT_MAX_K = {None: default, "chunked": 0, "recurrent": backend.RECURRENT_KERNEL_MAX_K}[form]
-    try:
-        yield
-    finally:
-        backend.RECURRENT_MAX_K = default
+    return forced_form(form)
 
 
 @contextlib.contextmanager
 def count_recurrence_passes() -> Iterator[dict]:
-    """{"forward": n, "backward": n}, filled inside the block: passes of the delta-rule kernels over their heads.
+    """{"forward": n, "backward": n}, filled when the block ends: passes of the delta-rule kernels over their heads.
     Chunked form: launches of its output kernel (one per forward head group; none when every sequence fits one
     chunk) and of its backward sequential kernel (one per backward head group). Recurrent form: its forward and
     backward launches (all heads each). Needs Triton."""
-    from memmix.ops.triton import gated_delta_rule as kernels, recurrent_delta_rule as recurrent
+    from memmix.ops.triton import runtime
 
-    originals = kernels._output, kernels._state_grad, recurrent._launch
     passes = {"forward": 0, "backward": 0}
-
-    def counted(direction, launch):
-        def run(*args, **kwargs):
-            passes[direction] += 1
-            return launch(*args, **kwargs)
-        return run
-
-    def recurrent_launch(kernel, *args, **kwargs):
-        passes["backward" if kernel is recurrent.recurrent_bwd_kernel else "forward"] += 1
-        return originals[2](kernel, *args, **kwargs)
-
-    kernels._output, kernels._state_grad = counted("forward", originals[0]), counted("backward", originals[1])
-    recurrent._launch = recurrent_launch
-    try:
+    with runtime.count_launches() as launches:
         yield passes
-    finally:
-        kernels._output, kernels._state_grad, recurrent._launch = originals
+    passes["forward"] = launches["chunk_output_kernel"] + launches["recurrent_fwd_kernel"]
+    passes["backward"] = launches["state_grad_kernel"] + launches["recurrent_bwd_kernel"]
 
 
 class EmulatedGraph:

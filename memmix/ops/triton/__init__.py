@@ -8,8 +8,11 @@ imports Triton: the kernels load on first use.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
+from typing import Iterator, Optional
 
 import torch
 
@@ -22,6 +25,8 @@ RECURRENT_MAX_K = 64  # heads up to this q/k width take the fused recurrent kern
 RECURRENT_KERNEL_MAX_K = 128  # the widest q/k head the recurrent kernels take (its whole K sits in registers)
 STEP_MAX_K = 256  # the largest q/k head dim of recurrent_step (it holds the whole K of a state tile)
 NORM_MAX_DIM = 4096  # the widest row of gated_rms_norm (one tile per row)
+SEQUENCE_FORMS = ("chunked", "recurrent")
+_FORCED_FORM: contextvars.ContextVar = contextvars.ContextVar("memmix_forced_sequence_form", default=None)
 
 
 def triton_importable() -> bool:
@@ -63,8 +68,23 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
 def sequence_form(head_k_dim: int) -> str:
     """"recurrent" (state in registers, O(T K V)) for q/k heads of at most RECURRENT_MAX_K, else "chunked" (WY form
-    on the tensor cores, which pays for its per-chunk (C x C) algebra only at wide heads)."""
-    return "recurrent" if head_k_dim <= RECURRENT_MAX_K else "chunked"
+    on the tensor cores, which pays for its per-chunk (C x C) algebra only at wide heads); inside forced_form, the
+    form it names (the recurrent one only up to RECURRENT_KERNEL_MAX_K)."""
+    limit = {None: RECURRENT_MAX_K, "chunked": 0, "recurrent": RECURRENT_KERNEL_MAX_K}[_FORCED_FORM.get()]
+    return "recurrent" if head_k_dim <= limit else "chunked"
+
+
+@contextlib.contextmanager
+def forced_form(form: Optional[str]) -> Iterator[None]:
+    """Inside the block the delta rules run on one form of the kernels, "chunked" or "recurrent" (None: chosen by
+    head width, as outside), to test or time a form at head widths the choice would not give it."""
+    if form is not None and form not in SEQUENCE_FORMS:
+        raise ValueError(f"form must be None or one of {SEQUENCE_FORMS}, got {form!r}")
+    token = _FORCED_FORM.set(form)
+    try:
+        yield
+    finally:
+        _FORCED_FORM.reset(token)
 
 
 def _recurrent_step(q, k, v, g, beta, bank, index, keep, scale):

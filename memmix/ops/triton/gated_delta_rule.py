@@ -92,17 +92,13 @@ def _wy_prepare_config(K: int, V: int) -> dict:
     return dict(_chunk_config(K, V), num_warps=4, num_stages=1)
 
 
-def _fallbacks(config: dict) -> list[dict]:
-    """The config, then lighter ones to try when it needs more shared memory or registers than the GPU has."""
-    lighter = [config, dict(config, num_stages=1)]
+def _lighter(config: dict) -> list[dict]:
+    """Lighter configs than `config`, to try in turn when it needs more shared memory or registers than the GPU has
+    (runtime.launch's fallbacks)."""
+    lighter = [dict(config, num_stages=1)]
     if config.get("BV", MIN_TILE) > MIN_TILE:
         lighter.append(dict(config, num_stages=1, BV=config["BV"] // 2))
     return lighter
-
-
-def _launch(kernel, grid, args: tuple, constants: dict, config: dict) -> None:
-    """runtime.launch with this module's lighter configs (_fallbacks) to step down to on OutOfResources."""
-    runtime.launch(kernel, grid, args, constants, config, _fallbacks(config)[1:])
 
 
 # --------------------------------------------------------------------------- chunk layout
@@ -201,12 +197,12 @@ def _prepare(q, k, v, g, beta, scale, layout, store_wy=True):
     m = torch.empty_like(tinv)
     w, u0 = (torch.empty_like(k), torch.empty_like(v)) if store_wy else (None, None)
     if layout.num_chunks > 0:
-        _launch(wy_prepare_kernel, lambda cfg: (layout.num_chunks, H),
+        runtime.launch(wy_prepare_kernel, lambda cfg: (layout.num_chunks, H),
                 (q, k, v, g if g is not None else beta, beta, b, tinv, m, k if w is None else w,
                  v if u0 is None else u0, layout.chunk_start, layout.chunk_end, scale),
                 dict(H=H, K=K, V=V, C=CHUNK_SIZE, HAS_G=g is not None, STORE_WY=store_wy,
                      PREC=_dot_precision(k.dtype)),
-                _wy_prepare_config(K, V))  # no pipelining: see wy_prepare_kernel's K loop
+                _wy_prepare_config(K, V), _lighter)  # no pipelining: see wy_prepare_kernel's K loop
     return b, tinv, m, w, u0
 
 
@@ -215,10 +211,10 @@ def _recompute_wy(k, v, beta, b, tinv, w, u0, layout, *, has_g, head0):
     num_tokens, H, K = k.shape
     V, heads = v.shape[-1], w.shape[1]
     if layout.num_chunks > 0:
-        _launch(wy_recompute_kernel, lambda cfg: (layout.num_chunks, heads),
+        runtime.launch(wy_recompute_kernel, lambda cfg: (layout.num_chunks, heads),
                 (k, v, beta, b if has_g else beta, tinv, w, u0, layout.chunk_start, layout.chunk_end, head0),
                 dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(k.dtype)),
-                _chunk_config(K, V))
+                _chunk_config(K, V), _lighter)
 
 
 def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, store_final, sms, scratch=None,
@@ -243,7 +239,7 @@ def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, 
     if store_final and ht is None:
         ht = k.new_empty(N, H, K, V, dtype=torch.float32)
     dummy = u0
-    _launch(state_pass_kernel, lambda cfg: (N * heads * triton.cdiv(V, cfg["BV"]),),
+    runtime.launch(state_pass_kernel, lambda cfg: (N * heads * triton.cdiv(V, cfg["BV"]),),
             (q, k, w, u0, b, m, h0 if h0 is not None else dummy, o if o is not None else dummy,
              states if states is not None else dummy, u if u is not None else dummy,
              ht if ht is not None else dummy, layout.cu_seqlens, layout.chunk_offsets, layout.seq_order, scale,
@@ -251,7 +247,7 @@ def _state_pass(q, k, w, u0, b, m, h0, scale, layout, *, has_g, output_in_loop, 
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_H0=h0 is not None, STORE_FINAL=store_final,
                  OUTPUT=output_in_loop, STORE_STATES=not output_in_loop, WY_LOCAL=wy_local,
                  PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype, N * heads, sms))
+            _state_config(K, V, k.dtype, N * heads, sms), _lighter)
     return o, states, u, ht
 
 
@@ -263,10 +259,10 @@ def _output(q, b, m, states, u, scale, layout, *, has_g, o=None, head0=0):
     if o is None:
         o = u.new_empty(num_tokens, H, V)
     if layout.num_chunks > 0:
-        _launch(chunk_output_kernel, lambda cfg: (layout.num_chunks, heads, triton.cdiv(V, cfg["BV"])),
+        runtime.launch(chunk_output_kernel, lambda cfg: (layout.num_chunks, heads, triton.cdiv(V, cfg["BV"])),
                 (q, b, m, states, u, o, layout.chunk_start, layout.chunk_end, scale, head0),
                 dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(q.dtype)),
-                _chunk_config(K, V))
+                _chunk_config(K, V), _lighter)
     return o
 
 
@@ -303,12 +299,12 @@ def _state_grad(q, k, w, b, m, do, dht, dh0, scale, layout, du, dstates, *, has_
     num_tokens, H, K = k.shape
     V = do.shape[-1]
     N, heads = layout.num_seqs, du.shape[1]
-    _launch(state_grad_kernel, lambda cfg: (N * heads * triton.cdiv(V, cfg["BV"]),),
+    runtime.launch(state_grad_kernel, lambda cfg: (N * heads * triton.cdiv(V, cfg["BV"]),),
             (q, k, w, b, m, do, dht if dht is not None else do, du, dstates, dh0 if dh0 is not None else do,
              layout.cu_seqlens, layout.chunk_offsets, layout.seq_order, scale, head0),
             dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, HAS_DHT=dht is not None,
                  STORE_DH0=dh0 is not None, WY_LOCAL=wy_local, PREC=_dot_precision(k.dtype)),
-            _state_config(K, V, k.dtype, N * heads, sms))
+            _state_config(K, V, k.dtype, N * heads, sms), _lighter)
 
 
 def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layout, grads, *, has_g, head0):
@@ -318,11 +314,11 @@ def _chunk_grads(q, k, v, beta, b, tinv, u, du, do, states, dstates, scale, layo
     V, heads = v.shape[-1], u.shape[1]
     dq, dk, dv, dbeta, dg = grads
     if layout.num_chunks > 0:
-        _launch(chunk_grads_kernel, lambda cfg: (layout.num_chunks, heads),
+        runtime.launch(chunk_grads_kernel, lambda cfg: (layout.num_chunks, heads),
                 (q, k, v, beta, b, tinv, u, du, do, states, dstates, dq, dk, dv, dbeta,
                  dg if dg is not None else dbeta, layout.chunk_start, layout.chunk_end, scale, head0),
                 dict(H=H, HS=heads, K=K, V=V, C=CHUNK_SIZE, HAS_G=has_g, PREC=_dot_precision(k.dtype)),
-                _chunk_config(K, V))
+                _chunk_config(K, V), _lighter)
 
 
 def heads_per_backward_pass(num_seqs: int, H: int, K: int, V: int, dtype: torch.dtype,

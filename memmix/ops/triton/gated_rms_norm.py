@@ -63,7 +63,7 @@ def gated_rms_norm_bwd_kernel(x_ptr, gate_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, 
 
 
 def _options(D: int) -> dict:
-    return {} if runtime.INTERPRET else {"num_warps": 4 if D <= 256 else 8}
+    return {"num_warps": 4 if D <= 256 else 8}
 
 
 class GatedRMSNormFunction(torch.autograd.Function):
@@ -74,11 +74,11 @@ class GatedRMSNormFunction(torch.autograd.Function):
         num_rows, D = x.shape
         y = torch.empty_like(x)
         rstd = torch.empty(num_rows, device=x.device, dtype=torch.float32)
-        block_d = triton.next_power_of_2(D)
+        block_d = runtime.tile(D, floor=1)
         rows = _rows_per_program(block_d)
         if num_rows > 0:
-            gated_rms_norm_fwd_kernel[(triton.cdiv(num_rows, rows),)](
-                x, gate, weight, y, rstd, num_rows, D, eps, BR=rows, BD=block_d, **_options(D))
+            runtime.launch(gated_rms_norm_fwd_kernel, (triton.cdiv(num_rows, rows),),
+                           (x, gate, weight, y, rstd, num_rows, D, eps), dict(BR=rows, BD=block_d), _options(D))
         ctx.save_for_backward(x, gate, weight, rstd)
         return y
 
@@ -87,15 +87,15 @@ class GatedRMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, gate, weight, rstd = ctx.saved_tensors
         num_rows, D = x.shape
-        block_d = triton.next_power_of_2(D)
+        block_d = runtime.tile(D, floor=1)
         rows = _rows_per_program(block_d)
         tiles = triton.cdiv(num_rows, rows)
         dx, dgate = torch.empty_like(x), torch.empty_like(gate)
         dw_part = torch.empty(tiles, D, device=x.device, dtype=torch.float32)
         if num_rows > 0:
-            gated_rms_norm_bwd_kernel[(tiles,)](
-                x, gate, weight, rstd, dy.contiguous(), dx, dgate, dw_part, num_rows, D,
-                BR=rows, BD=block_d, **_options(D))
+            runtime.launch(gated_rms_norm_bwd_kernel, (tiles,),
+                           (x, gate, weight, rstd, dy.contiguous(), dx, dgate, dw_part, num_rows, D),
+                           dict(BR=rows, BD=block_d), _options(D))
         return dx, dgate, dw_part.sum(0).to(weight.dtype), None
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from memmix.ops.triton.gated_delta_fwd import load_state_or_zeros
+
 
 @triton.jit
 def load_token(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t, live, i_h, kcols, vcols,
@@ -70,9 +72,7 @@ def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ck
     """Grid (V tiles, N x H): one sequence, head and V tile; o, the checkpoints and the final state."""
     i_v, i_nh, i_n, i_h, bos, eos, kcols, vcols, state_mask, state_offs = program_tile(cu_seqlens_ptr, H, K, V, BK,
                                                                                          BV)
-    S = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_H0:
-        S = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    S = load_state_or_zeros(h0_ptr, i_nh, kcols, vcols, K, V, BK, BV, HAS_H0)
     first_ckpt = tl.load(ckpt_offsets_ptr + i_n).to(tl.int64)
 
     q, k, v, beta, decay = load_token(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, bos, bos < eos, i_h, kcols, vcols,
@@ -112,9 +112,7 @@ def recurrent_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, ckpt_ptr, do_ptr,
     scratch = scratch_ptr + (i_nh.to(tl.int64) * tl.num_programs(0) + i_v) * (CK * BK * BV)
     scratch_offs = kcols[:, None] * BV + tl.arange(0, BV)[None, :]
     part = i_v.to(tl.int64) * num_tokens  # this V tile's rows of the (VT, tokens, ...) buffers
-    dS = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_DHT:
-        dS = tl.load(dht_ptr + i_nh.to(tl.int64) * K * V + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    dS = load_state_or_zeros(dht_ptr, i_nh, kcols, vcols, K, V, BK, BV, HAS_DHT)
     first_ckpt = tl.load(ckpt_offsets_ptr + i_n).to(tl.int64)
 
     num_blocks = tl.cdiv(eos - bos, CK)

@@ -36,11 +36,7 @@ CONFIGS = ((16, RecurrentConfig(4, 1)), (64, RecurrentConfig(32, 2)), (128, Recu
 def default_config(K: int, V: int) -> RecurrentConfig:
     """The measured config of the narrowest CONFIGS row that covers K (V tiles never wider than V's power of two)."""
     config = next(c for k_max, c in CONFIGS if K <= k_max)
-    return RecurrentConfig(min(config.block_v, max(4, triton.next_power_of_2(V))), config.num_warps)
-
-
-def _launch(kernel, grid: tuple, args, constants: dict, num_warps: int) -> None:
-    runtime.launch(kernel, lambda config: grid, args, constants, {"num_warps": num_warps})
+    return RecurrentConfig(runtime.tile(V, config.block_v, floor=4), config.num_warps)
 
 
 class RecurrentDeltaRuleFunction(torch.autograd.Function):
@@ -51,18 +47,19 @@ class RecurrentDeltaRuleFunction(torch.autograd.Function):
         num_tokens, H, K = k.shape
         V = v.shape[-1]
         N = layout.num_seqs
-        BK, BV = max(16, triton.next_power_of_2(K)), config.block_v
+        BK, BV = runtime.tile(K), config.block_v
         o = torch.empty_like(v)
         f32 = dict(device=k.device, dtype=torch.float32)
         ckpt = torch.empty(layout.num_chunks, H, K, V, **f32) if needs_grad else o
         ht = torch.empty(N, H, K, V, **f32) if output_final_state else o
         if N > 0:
-            _launch(recurrent_fwd_kernel, (triton.cdiv(V, BV), N * H),
-                    (q, k, v, beta if g is None else g, beta, o if initial_state is None else initial_state, o, ckpt,
-                     ht, layout.cu_seqlens, layout.chunk_offsets, scale),
-                    dict(H=H, K=K, V=V, BK=BK, BV=BV, CK=layout.chunk_size, HAS_G=g is not None,
-                         HAS_H0=initial_state is not None, STORE_CKPT=needs_grad, STORE_FINAL=output_final_state),
-                    config.num_warps)
+            runtime.launch(
+                recurrent_fwd_kernel, (triton.cdiv(V, BV), N * H),
+                (q, k, v, beta if g is None else g, beta, o if initial_state is None else initial_state, o, ckpt, ht,
+                 layout.cu_seqlens, layout.chunk_offsets, scale),
+                dict(H=H, K=K, V=V, BK=BK, BV=BV, CK=layout.chunk_size, HAS_G=g is not None,
+                     HAS_H0=initial_state is not None, STORE_CKPT=needs_grad, STORE_FINAL=output_final_state),
+                {"num_warps": config.num_warps})
         ctx.save_for_backward(q, k, v, g, beta, ckpt)
         ctx.scale, ctx.layout, ctx.config = scale, layout, config
         ctx.has_h0 = initial_state is not None
@@ -75,7 +72,7 @@ class RecurrentDeltaRuleFunction(torch.autograd.Function):
         layout, config = ctx.layout, ctx.config
         num_tokens, H, K = k.shape
         V, N = v.shape[-1], layout.num_seqs
-        BK, BV = max(16, triton.next_power_of_2(K)), config.block_v
+        BK, BV = runtime.tile(K), config.block_v
         VT = triton.cdiv(V, BV)
         f32 = dict(device=k.device, dtype=torch.float32)
         do = do.contiguous()
@@ -87,12 +84,13 @@ class RecurrentDeltaRuleFunction(torch.autograd.Function):
         dh0 = torch.empty(N, H, K, V, **f32) if ctx.has_h0 else dv
         scratch = torch.empty(N * H * VT * layout.chunk_size * BK * BV, **f32)
         if N > 0:
-            _launch(recurrent_bwd_kernel, (VT, N * H),
-                    (q, k, v, beta if g is None else g, beta, ckpt, do, do if dht is None else dht, dq, dk, dv, dbeta,
-                     dg, dh0, scratch, layout.cu_seqlens, layout.chunk_offsets, ctx.scale, num_tokens),
-                    dict(H=H, K=K, V=V, BK=BK, BV=BV, CK=layout.chunk_size, HAS_G=g is not None,
-                         HAS_DHT=dht is not None, STORE_DH0=ctx.has_h0),
-                    config.num_warps)
+            runtime.launch(
+                recurrent_bwd_kernel, (VT, N * H),
+                (q, k, v, beta if g is None else g, beta, ckpt, do, do if dht is None else dht, dq, dk, dv, dbeta, dg,
+                 dh0, scratch, layout.cu_seqlens, layout.chunk_offsets, ctx.scale, num_tokens),
+                dict(H=H, K=K, V=V, BK=BK, BV=BV, CK=layout.chunk_size, HAS_G=g is not None, HAS_DHT=dht is not None,
+                     STORE_DH0=ctx.has_h0),
+                {"num_warps": config.num_warps})
         dq, dk, dbeta = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dbeta.sum(0).to(beta.dtype)
         dg = None if g is None else dg.sum(0).to(g.dtype)
         dh0 = dh0.to(ctx.h0_dtype) if ctx.has_h0 else None

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from memmix.ops.normalize import L2NORM_EPS
-from memmix.ops.triton import STEP_MAX_K
+from memmix.ops.triton import STEP_MAX_K, runtime
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def recurrent_step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, bank_ptr, index_
 
 def _block_v(K: int, V: int) -> int:
     """Columns per program: the K x BV float32 tile stays within 8K elements (64 registers a thread at 4 warps)."""
-    return min(max(16, triton.next_power_of_2(V)), 64 if K <= 128 else 32)
+    return runtime.tile(V, 64 if K <= 128 else 32)
 
 
 def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, beta, bank: torch.Tensor,
@@ -83,12 +83,12 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, beta, b
     o = torch.empty(N, H, V, device=q.device, dtype=q.dtype)
     if N == 0:
         return o
-    block_k, block_v = max(16, triton.next_power_of_2(K)), _block_v(K, V)
+    block_k, block_v = runtime.tile(K), _block_v(K, V)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = None if g is None else g.contiguous()
     beta = None if beta is None else beta.contiguous()
-    recurrent_step_kernel[(N, H, triton.cdiv(V, block_v))](
-        q, k, v, g if g is not None else q, beta if beta is not None else q, bank, index.contiguous(),
-        keep.contiguous().view(torch.uint8), o, float(scale), L2NORM_EPS, H, K, V, *bank.stride(),
-        BK=block_k, BV=block_v, HAS_G=g is not None, HAS_BETA=beta is not None, num_warps=4)
+    runtime.launch(recurrent_step_kernel, (N, H, triton.cdiv(V, block_v)),
+                   (q, k, v, g if g is not None else q, beta if beta is not None else q, bank, index.contiguous(),
+                    keep.contiguous().view(torch.uint8), o, float(scale), L2NORM_EPS, H, K, V, *bank.stride()),
+                   dict(BK=block_k, BV=block_v, HAS_G=g is not None, HAS_BETA=beta is not None), {"num_warps": 4})
     return o

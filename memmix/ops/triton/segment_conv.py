@@ -240,16 +240,12 @@ def segment_combine_bwd_kernel(rows_ptr, slot_row_ptr, weight_ptr, dout_ptr, dro
 
 # --------------------------------------------------------------------------- launch helpers
 
-def _launch(kernel, grid, *args, num_warps: int = 4, **constants) -> None:
-    runtime.launch(kernel, lambda config: grid, args, constants, {"num_warps": num_warps})
+def _warps(width: int) -> dict:
+    """The launch config of a kernel over `width` channels of a head."""
+    return {"num_warps": 8 if width > 128 else 4}
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def _warps(width: int) -> int:
-    return 8 if width > 128 else 4
+FOUR_WARPS = {"num_warps": 4}
 
 
 ROWS_PER_PROGRAM = 32
@@ -284,12 +280,12 @@ class SegmentConvFunction(torch.autograd.Function):
             out = q_src.new_empty(L, heads * width)
             t_ptr, t_seg, t_row = _tails_args(tails, woff, out)
             if L > 0 and width > 0:
-                _launch(segment_conv_fwd_kernel, (triton.cdiv(L, ROWS_PER_PROGRAM), heads),
-                        src, tok_stride, mem_stride, weight[woff:] if conv else weight, t_ptr, t_seg, t_row, out,
-                        tables.row_token, tables.row_memory, tables.row_segment, tables.row_position,
-                        L, tables.num_segments, width, L2NORM_EPS,
-                        W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), CONV=conv, NORM=norm, HAS_TAILS=tails is not None,
-                        num_warps=_warps(width))
+                runtime.launch(segment_conv_fwd_kernel, (triton.cdiv(L, ROWS_PER_PROGRAM), heads),
+                               (src, tok_stride, mem_stride, weight[woff:] if conv else weight, t_ptr, t_seg, t_row,
+                                out, tables.row_token, tables.row_memory, tables.row_segment, tables.row_position,
+                                L, tables.num_segments, width, L2NORM_EPS),
+                               dict(W=W, BR=ROWS_PER_PROGRAM, BC=runtime.tile(width), CONV=conv, NORM=norm,
+                                    HAS_TAILS=tails is not None), _warps(width))
             outs.append(out)
         ctx.rebuild = kv_x is not None
         ctx.kv_shape = kv_src.shape
@@ -340,28 +336,30 @@ class SegmentConvFunction(torch.autograd.Function):
             if conv and L > 0:
                 dacc = torch.empty_like(dout)
                 t_ptr, t_seg, t_row = _tails_args(tails, woff, dout)
-                _launch(segment_conv_bwd_rows_kernel, (row_tiles, heads),
-                        src, tok_stride, mem_stride, weight[woff:], t_ptr, t_seg, t_row, dout, dacc,
-                        dw_tails[:, woff:], dw_tails.stride(0), tables.row_token, tables.row_memory, tables.row_segment,
-                        tables.row_position, L, tables.num_segments, width, L2NORM_EPS,
-                        W=W, BR=ROWS_PER_PROGRAM, BC=_pow2(width), NORM=norm, HAS_TAILS=tails is not None,
-                        num_warps=_warps(width))
+                runtime.launch(segment_conv_bwd_rows_kernel, (row_tiles, heads),
+                               (src, tok_stride, mem_stride, weight[woff:], t_ptr, t_seg, t_row, dout, dacc,
+                                dw_tails[:, woff:], dw_tails.stride(0), tables.row_token, tables.row_memory,
+                                tables.row_segment, tables.row_position, L, tables.num_segments, width, L2NORM_EPS),
+                               dict(W=W, BR=ROWS_PER_PROGRAM, BC=runtime.tile(width), NORM=norm,
+                                    HAS_TAILS=tails is not None), _warps(width))
             else:
                 dacc = dout
             if offset is not None and per_memory:
                 if L > 0:
-                    _launch(segment_conv_bwd_scatter_kernel, (scatter_tiles, heads),
-                            dacc, weight[woff:] if conv else weight, src, tok_stride, mem_stride, dsrc, dtok_stride,
-                            dmem_stride, dw_rows[:, woff:] if conv else dw_rows, dw_rows.stride(0),
-                            tables.row_token, tables.row_memory, tables.row_segment, L, width,
-                            W=W, WP=triton.next_power_of_2(W), BR=SCATTER_ROWS_PER_PROGRAM, BC=_pow2(width),
-                            CONV=conv, num_warps=_warps(width))
+                    runtime.launch(segment_conv_bwd_scatter_kernel, (scatter_tiles, heads),
+                                   (dacc, weight[woff:] if conv else weight, src, tok_stride, mem_stride, dsrc,
+                                    dtok_stride, dmem_stride, dw_rows[:, woff:] if conv else dw_rows,
+                                    dw_rows.stride(0), tables.row_token, tables.row_memory, tables.row_segment, L,
+                                    width),
+                                   dict(W=W, WP=runtime.tile(W, floor=1), BR=SCATTER_ROWS_PER_PROGRAM,
+                                        BC=runtime.tile(width), CONV=conv), _warps(width))
             elif num_tokens > 0:
-                _launch(segment_conv_bwd_tokens_kernel, (token_tiles, heads),
-                        dacc, weight[woff:] if conv else weight, src, tok_stride, dsrc, dtok_stride,
-                        dw[:, woff:] if conv else dw, dw.stride(0), tables.slot_row, tables.row_segment,
-                        num_tokens, L, width,
-                        S=S, W=W, WP=triton.next_power_of_2(W), BT=TOKENS_PER_PROGRAM, BC=_pow2(width), CONV=conv)
+                runtime.launch(segment_conv_bwd_tokens_kernel, (token_tiles, heads),
+                               (dacc, weight[woff:] if conv else weight, src, tok_stride, dsrc, dtok_stride,
+                                dw[:, woff:] if conv else dw, dw.stride(0), tables.slot_row, tables.row_segment,
+                                num_tokens, L, width),
+                               dict(S=S, W=W, WP=runtime.tile(W, floor=1), BT=TOKENS_PER_PROGRAM,
+                                    BC=runtime.tile(width), CONV=conv), FOUR_WARPS)
             del dacc, src  # this group's scratch is freed before the next group's is made
             if offset is not None and ctx.rebuild:
                 kv.backward_group(offset, kv_weight, dsrc)
@@ -430,10 +428,12 @@ class SegmentCombineFunction(torch.autograd.Function):
         num_tokens, S = slot_row.shape
         C = rows.shape[1]
         out = rows.new_empty(num_tokens, C)
-        block = min(_pow2(C), 256)
+        block = runtime.tile(C, 256)
         if num_tokens > 0:
-            _launch(segment_combine_fwd_kernel, (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), triton.cdiv(C, block)),
-                    rows, slot_row, weight, out, num_tokens, C, S=S, BT=TOKENS_PER_PROGRAM, BC=block)
+            runtime.launch(segment_combine_fwd_kernel,
+                           (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), triton.cdiv(C, block)),
+                           (rows, slot_row, weight, out, num_tokens, C), dict(S=S, BT=TOKENS_PER_PROGRAM, BC=block),
+                           FOUR_WARPS)
         ctx.save_for_backward(rows, slot_row, weight)
         return out
 
@@ -443,12 +443,12 @@ class SegmentCombineFunction(torch.autograd.Function):
         rows, slot_row, weight = ctx.saved_tensors
         num_tokens, S = slot_row.shape
         C = rows.shape[1]
-        block = min(_pow2(C), 256)
+        block = runtime.tile(C, 256)
         col_tiles = triton.cdiv(C, block)
         drows = torch.empty_like(rows)
         dweight_part = torch.empty(col_tiles, num_tokens, S, device=rows.device, dtype=torch.float32)
         if num_tokens > 0:
-            _launch(segment_combine_bwd_kernel, (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), col_tiles),
-                    rows, slot_row, weight, dout.contiguous(), drows, dweight_part, num_tokens, C,
-                    S=S, BT=TOKENS_PER_PROGRAM, BC=block)
+            runtime.launch(segment_combine_bwd_kernel, (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), col_tiles),
+                           (rows, slot_row, weight, dout.contiguous(), drows, dweight_part, num_tokens, C),
+                           dict(S=S, BT=TOKENS_PER_PROGRAM, BC=block), FOUR_WARPS)
         return drows, None, dweight_part.sum(0).to(weight.dtype)
