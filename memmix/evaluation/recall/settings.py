@@ -20,6 +20,7 @@ import torch
 
 from memmix.checks import is_int
 from memmix.data.mqar import MQAR_STYLES, max_kv_pairs
+from memmix.evaluation.recall.models import RECALL_MODELS, UNAVAILABLE_MODELS
 from memmix.files import check_writable
 
 
@@ -245,8 +246,6 @@ def validate_settings(s: RecallSettings) -> None:
 
     Also checks, before any work, that the output paths can be written. Whether an existing results file at
     json_path can be continued is checked where it is read (memmix.evaluation.recall.results.check_resumable)."""
-    from memmix.evaluation.recall.models import RECALL_MODELS, UNAVAILABLE_MODELS
-
     unknown = [m for m in s.models if m not in RECALL_MODELS]
     if unknown and unknown[0] in UNAVAILABLE_MODELS:
         raise RecallSettingError("models", f"model {unknown[0]!r} cannot be built here: {UNAVAILABLE_MODELS[unknown[0]]}")
