@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU recall study of issue 17 (preset zoology), in parts that each fit one device call.
+# The GPU recall study (preset zoology: Zoology's MQAR protocol) in parts that each fit one device call.
 #
 #   bash benchmarks/recall_study.sh OUT_DIR [RESULTS_JSON]
 #

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import atomic_write_json  # noqa: E402
 from memmix.data.packing import pack_rows  # noqa: E402
 from memmix.files import atomic_write_text  # noqa: E402
+from memmix.labels import IGNORE_INDEX  # noqa: E402
 from memmix.layers.attention import CausalSelfAttention  # noqa: E402
 from memmix.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from memmix.training.optim import build_optimizer, cosine_schedule, split_decay_groups  # noqa: E402
@@ -270,7 +271,7 @@ def chunked_head_loss(model, batch):
                           return_dict=True)
     hidden = outputs.last_hidden_state[0, :-1]  # (T-1, D): position t predicts token t+1
     targets = input_ids[0, 1:].clone()
-    targets[cu_seqlens[1:-1] - 1] = -100  # never across a document boundary
+    targets[cu_seqlens[1:-1] - 1] = IGNORE_INDEX  # never across a document boundary
     weight = model.lm_head.weight
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else (
         hidden.dtype)

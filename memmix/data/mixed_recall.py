@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memmix.checks import is_int
 from memmix.data.mqar import generate_mqar, max_kv_pairs, split_seed
 from memmix.labels import IGNORE_INDEX
 
@@ -66,7 +67,7 @@ def validate_mixed_recall(seq_len: int, num_kv_pairs: int, vocab_size: int, num_
         raise ValueError(f"vocab_size must be >= 8 (two halves of >= 4 ids), got {vocab_size}")
     if seq_len < 8 or seq_len % 4:
         raise ValueError(f"seq_len must be a multiple of 4 and >= 8 (two even-length modality streams), got {seq_len}")
-    if not isinstance(num_segments, int) or not 1 <= num_segments <= seq_len // 4:
+    if not is_int(num_segments) or not 1 <= num_segments <= seq_len // 4:
         raise ValueError(
             f"num_segments must be in [1, seq_len // 4 = {seq_len // 4}] (segments of >= 2 tokens), got {num_segments}"
         )

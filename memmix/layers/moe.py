@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memmix.checks import is_int
 from memmix.routing import allowed_memories
 
 FFN_ROUTINGS = ("token_choice", "expert_choice")
@@ -46,7 +47,7 @@ class ModalityMoE(nn.Module):
         super().__init__()
         if routing not in FFN_ROUTINGS:
             raise ValueError(f"routing must be one of {FFN_ROUTINGS}, got {routing!r}")
-        if not expert_groups or any(not isinstance(n, int) or n < 1 for n in expert_groups):
+        if not expert_groups or any(not is_int(n) or n < 1 for n in expert_groups):
             raise ValueError(f"expert_groups must be a non-empty list of positive expert counts, got {expert_groups!r}")
         if not 1 <= topk <= min(expert_groups):
             raise ValueError(f"topk must be in [1, smallest expert group={min(expert_groups)}], got {topk!r}")

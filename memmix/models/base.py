@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from memmix.checks import check_binary_mask, check_token_ids
+from memmix.labels import IGNORE_INDEX
 from memmix.layers.norms import RMSNorm
 from memmix.models.cache import LayerStateCache
 from memmix.models.loss import causal_lm_loss, check_loss_positions, fused_lm_loss, gather_positions
@@ -313,7 +314,7 @@ class MemmixForCausalLM(MemmixPreTrainedModel, GenerationMixin):
         if labels is not None and labels.shape != (batch_size, seq_len):
             raise ValueError(f"labels must have shape (B, T) = {(batch_size, seq_len)}, got {tuple(labels.shape)}")
         if labels is not None:
-            check_token_ids("labels", labels, self.config.vocab_size, ignore_index=-100)
+            check_token_ids("labels", labels, self.config.vocab_size, ignore_index=IGNORE_INDEX)
         if loss_positions is not None:
             if logits_to_keep:
                 raise ValueError("pass loss_positions or logits_to_keep, not both")

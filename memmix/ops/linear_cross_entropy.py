@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memmix.checks import is_int
 from memmix.labels import IGNORE_INDEX
 from memmix.ops.common import compute_dtype
 
@@ -44,7 +45,7 @@ def _check(hidden, weight, labels, chunk_size) -> None:
     if labels.shape != hidden.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"linear_cross_entropy: labels must be int64 of shape (N,) = ({hidden.shape[0]},), got "
                          f"{labels.dtype} {tuple(labels.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 

@@ -74,6 +74,7 @@ def test_splits_mix_pair_counts_and_keep_test_rows_out_of_train():
     (dict(vocab_size=6), "vocab_size must be >= 8"),
     (dict(num_segments=9), r"num_segments must be in \[1, seq_len // 4 = 8\]"),
     (dict(num_segments=0), "num_segments"),
+    (dict(num_segments=True), "num_segments"),  # a bool is no count
     (dict(num_kv_pairs=4), r"num_kv_pairs must be in \[1, 3\]"),
 ])
 def test_bad_settings_name_the_argument(args, match):

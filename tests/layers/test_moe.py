@@ -95,7 +95,8 @@ def test_expert_choice_inference_is_causal():
 
 
 @pytest.mark.parametrize("kw, match", [(dict(routing="hash"), "routing"), (dict(topk=3), "topk"),
-                                       (dict(capacity_factor=0), "capacity_factor")])
+                                       (dict(capacity_factor=0), "capacity_factor"),
+                                       (dict(expert_groups=[2, True]), "expert_groups")])  # a bool is no count
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
-        ModalityMoE(8, 16, GROUPS, **kw)
+        ModalityMoE(8, 16, **(dict(expert_groups=GROUPS) | kw))

@@ -5,7 +5,7 @@ Each is our MoMForCausalLM built from the same config as its twin (embeddings, n
 load-balancing loss from the router logits), with every memory layer's mixer swapped for an `FlaMixer` around the fla
 layer of the same heads, head width, value width, memories, top-k, shared memory, conv size and norm eps. If fla's
 layer learns where ours does not at equal settings, ours has a defect; if neither learns, the budget or the protocol
-is the reason (issue 25).
+is the reason.
 
 fla runs only on CUDA (its kernels are Triton) and is imported only when a row is built; `fla_unavailable(device)`
 says in one line why a row cannot run here (the missing package, or no CUDA device). The swapped layers get the

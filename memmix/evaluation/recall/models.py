@@ -129,7 +129,7 @@ register_model(_mom_family("mom", "MoM: 4 gated-delta memories, top-2 routing, +
 register_model(_mom_family("gdn", "Gated DeltaNet: the same block with one memory", **GDN))
 register_model(_mom_family("gdn-wide", f"Gated DeltaNet with {MOM_STATES}x the heads: one memory, MoM's total state",
                            heads_factor=MOM_STATES, **GDN))
-# Head width as a setting (issue 25): state per head, K x V, bounds what one head can store; at d_model 128 heads of
+# Head width as a setting: state per head, K x V, bounds what one head can store; at d_model 128 heads of
 # 64 are 2 heads of 64 x 64 against 8 heads of 16 x 16 (4x the memory floats, 2x the conv-tail floats).
 register_model(_mom_family("mom-h64", "MoM with heads of 64 (whatever head_dim says)", head_dim=64, **MOM))
 register_model(_mom_family("gdn-h64", "Gated DeltaNet with heads of 64 (whatever head_dim says)", head_dim=64, **GDN))

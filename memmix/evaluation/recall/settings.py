@@ -20,6 +20,7 @@ import torch
 
 from memmix.checks import is_int
 from memmix.data.mqar import MQAR_STYLES, max_kv_pairs
+from memmix.evaluation.recall.models import RECALL_MODELS, UNAVAILABLE_MODELS
 from memmix.files import check_writable
 
 
@@ -135,13 +136,13 @@ _ZOOLOGY_ABLATIONS = dict(_ZOOLOGY, d_models=[128], models=[
     "mom", "gdn", "mom-k1", "mom-m2", "mom-m8", "mom-noshared", "mom-lb0", "mom-lb0.1", "mom-conv-whole",
     "mom-route-conv", "mom-zloss", "mom-temp"])
 
-# Issue 25's first answer: d_model 128 only; heads of 16 and of 64 for gdn and mom; gdn-wide (MoM's state, one
+# The zoology protocol at d_model 128 only: heads of 16 and of 64 for gdn and mom; gdn-wide (MoM's state, one
 # memory); fla's own layers in the same harness (fla-gdn, fla-mom: CUDA with flash-linear-attention installed).
 # Seed 0 sweeps the learning rates; `--seeds 3` on a later call adds seeds 1 and 2 of each row's best rate only.
 _ZOOLOGY_D128 = dict(_ZOOLOGY, d_models=[128], seeds=1, models=[
     "attention", "gdn", "gdn-h64", "gdn-wide", "mom", "mom-h64", "fla-gdn", "fla-mom"])
 
-# The CPU counterpart (issue 25, item 5): does each recurrent model learn MQAR at a large vocabulary at all? Short
+# The CPU counterpart of zoology-d128: does each recurrent model learn MQAR at a large vocabulary at all? Short
 # sequences (64 tokens, 4 pairs: Zoology's easiest setting), Zoology's data, the LM head at the queries only; about
 # 15 min on 2 cores (docs/recall.md has the measurement that chose the vocabulary). Apart from the CPU demo.
 _CPU_VOCAB: dict[str, Any] = {
@@ -245,8 +246,6 @@ def validate_settings(s: RecallSettings) -> None:
 
     Also checks, before any work, that the output paths can be written. Whether an existing results file at
     json_path can be continued is checked where it is read (memmix.evaluation.recall.results.check_resumable)."""
-    from memmix.evaluation.recall.models import RECALL_MODELS, UNAVAILABLE_MODELS
-
     unknown = [m for m in s.models if m not in RECALL_MODELS]
     if unknown and unknown[0] in UNAVAILABLE_MODELS:
         raise RecallSettingError("models", f"model {unknown[0]!r} cannot be built here: {UNAVAILABLE_MODELS[unknown[0]]}")

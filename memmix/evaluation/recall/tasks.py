@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from memmix.data.mqar import MQARData, make_mqar_grid_splits, query_positions
+from memmix.evaluation.recall.settings import fast_path, settings_grid, trained_settings, training_sets
 from memmix.labels import IGNORE_INDEX
 
 
@@ -103,12 +104,6 @@ class MQARTask:
                 s.num_test, s.seed, s.data_style)
 
     def make_splits(self) -> Splits:
-        from memmix.evaluation.recall.settings import (
-            settings_grid,
-            trained_settings,
-            training_sets,
-        )
-
         s = self.s
         if s.train_grid is not None:
             train_sets = {key: (key[0], [key[1]]) for key in training_sets(s)}
@@ -127,8 +122,6 @@ class MQARTask:
 
     def _counts(self, model: nn.Module, data: MQARData) -> tuple:
         """query_counts under the run's fast-path settings (query-only head, bf16 autocast)."""
-        from memmix.evaluation.recall.settings import fast_path
-
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast_path(self.s, "bf16")):
             return query_counts(model, data, self.s.eval_batch_size, self.inputs, fast_path(self.s, "query_head"))
 
