@@ -62,9 +62,9 @@ def _error(capsys, argv, status: int = 2) -> str:
 
 
 def _standin_train(corpus: str, out_dir, *extra: str) -> list[str]:
-    from standin_model import register
+    from training_helpers import register_standin
 
-    return ["train", "--model", register(), "--data", corpus, "--seq-len", "16", "--micro-batch-size", "2",
+    return ["train", "--model", register_standin(), "--data", corpus, "--seq-len", "16", "--micro-batch-size", "2",
             "--max-steps", "2", "--save-every", "2", "--warmup-steps", "1", "--lr", "3e-3", "--log-every", "1",
             "--out-dir", str(out_dir), "--no-progress", "--no-tensorboard", "--no-save-hf", "--no-plot", *extra]
 
