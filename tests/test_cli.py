@@ -1,5 +1,5 @@
-"""The `memmix` command as a new user meets it (issue 21): every bad input is one line and exit status 2 before any
-work starts, Ctrl-C is one line and exit status 130, no work is lost. `test_item_N_...` covers case N of the issue."""
+"""The `memmix` command as a new user meets it: every bad input is one line and exit status 2 before any work starts,
+Ctrl-C is one line and exit status 130, no work is lost."""
 from __future__ import annotations
 
 import io
@@ -29,12 +29,11 @@ def a_file(tmp_path) -> str:
     return str(path)
 
 
-# ----------------------------------------------------------------------------------------------- 1. devices
+# ----------------------------------------------------------------------------------------------- devices
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "train", "recall"])
-def test_item_1_unavailable_or_unknown_device_is_one_line_in_every_command(command, run, tmp_path, capsys,
-                                                                           monkeypatch):
+def test_unavailable_or_unknown_device_is_one_line_in_every_command(command, run, tmp_path, capsys, monkeypatch):
     out_dir, held_out = run
     argv = {"eval": ["eval", "ppl", "--model", out_dir, "--data", held_out],
             "generate": ["generate", "--model", out_dir, "--prompt", "hi"],
@@ -47,10 +46,10 @@ def test_item_1_unavailable_or_unknown_device_is_one_line_in_every_command(comma
     assert "argument --device: 'cuda' requested but no CUDA GPU is visible" in line
 
 
-# ----------------------------------------------------------------------------------------------- 2. outputs
+# ----------------------------------------------------------------------------------------------- outputs
 
 
-def test_item_2_unwritable_outputs_fail_before_the_work(run, tmp_path, a_file, capsys, monkeypatch):
+def test_unwritable_outputs_fail_before_the_work(run, tmp_path, a_file, capsys, monkeypatch):
     out_dir, held_out = run
     import memmix.evaluation.perplexity as ppl_lib
     import memmix.evaluation.recall as recall_lib
@@ -72,15 +71,14 @@ def test_item_2_unwritable_outputs_fail_before_the_work(run, tmp_path, a_file, c
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
-def test_item_2_read_only_out_dir_fails_before_training(tmp_path, capsys):
+def test_read_only_out_dir_fails_before_training(tmp_path, capsys):
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o555)
     line = cli_error(capsys, standin_train_argv(write_corpus(tmp_path / "c.jsonl"), tmp_path / "ro" / "run"))
     assert "argument --out-dir:" in line and "not writable" in line
 
 
-def test_item_2_a_result_that_cannot_be_written_at_the_end_goes_to_a_fallback_file(run, tmp_path, capsys,
-                                                                                   monkeypatch):
+def test_a_result_that_cannot_be_written_at_the_end_goes_to_a_fallback_file(run, tmp_path, capsys, monkeypatch):
     """The check passed, but the write failed after the work: the results are printed and saved elsewhere."""
     import memmix.files
 
@@ -104,7 +102,7 @@ def test_item_2_a_result_that_cannot_be_written_at_the_end_goes_to_a_fallback_fi
     os.remove(fallback)
 
 
-# ----------------------------------------------------------------------------------------------- 3. Ctrl-C
+# ----------------------------------------------------------------------------------------------- Ctrl-C
 
 
 def _interrupt(*args, **kwargs):
@@ -116,8 +114,7 @@ def _interrupt(*args, **kwargs):
     ("eval ppl", "memmix.evaluation.perplexity.perplexity"), ("generate", "memmix.evaluation.generate.generate_text"),
     ("recall", "memmix.evaluation.recall.run_recall"), ("convert", "memmix.convert.convert_checkpoint"),
     ("eval lm-eval", "memmix.evaluation.lm_eval.main")])
-def test_item_3_ctrl_c_is_one_line_and_exit_130_in_every_command(command, target, run, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_ctrl_c_is_one_line_and_exit_130_in_every_command(command, target, run, tmp_path, capsys, monkeypatch):
     import importlib
 
     out_dir, held_out = run
@@ -133,7 +130,7 @@ def test_item_3_ctrl_c_is_one_line_and_exit_130_in_every_command(command, target
     assert line.startswith(f"memmix {command}: interrupted")
 
 
-def test_item_3_sigint_stops_a_training_run_with_one_line_and_no_cursor_codes_in_its_log(tmp_path):
+def test_sigint_stops_a_training_run_with_one_line_and_no_cursor_codes_in_its_log(tmp_path):
     """A real Ctrl-C (SIGINT) on `python -m memmix train`; stderr is a pipe, so the progress shows as plain lines."""
     corpus = write_corpus(tmp_path / "c.jsonl", num_docs=200)
     out_dir = tmp_path / "run"
@@ -154,12 +151,12 @@ def test_item_3_sigint_stops_a_training_run_with_one_line_and_no_cursor_codes_in
     assert CheckpointDir(str(out_dir)).latest() in last
 
 
-# ----------------------------------------------------------------------------------------------- 4. encodings
+# ----------------------------------------------------------------------------------------------- encodings
 
 
 @pytest.mark.parametrize("name, content, offset", [("bad.txt", b"fine text\n\xff\xfe more", 10),
                                                    ("bad.jsonl", b'{"text": "ok"}\n{"text": "x\xc3"}\n', 26)])
-def test_item_4_bytes_that_are_not_utf8_are_one_error_in_every_format(name, content, offset, tmp_path, capsys):
+def test_bytes_that_are_not_utf8_are_one_error_in_every_format(name, content, offset, tmp_path, capsys):
     path = tmp_path / name
     path.write_bytes(content)
     for argv in (["prepare", str(path), "--out", str(tmp_path / "s")],
@@ -171,7 +168,7 @@ def test_item_4_bytes_that_are_not_utf8_are_one_error_in_every_format(name, cont
                        "--no-progress"], capsys)[0] == 0
 
 
-def test_item_4_binary_stdin_prompt_is_an_error_before_loading(run, capsys, monkeypatch):
+def test_binary_stdin_prompt_is_an_error_before_loading(run, capsys, monkeypatch):
     import memmix.evaluation.loading as loading
 
     monkeypatch.setattr(loading, "load_model_and_tokenizer", must_not_start)
@@ -180,17 +177,17 @@ def test_item_4_binary_stdin_prompt_is_an_error_before_loading(run, capsys, monk
     assert "argument --encoding-errors: stdin is not valid UTF-8 at byte 3" in line
 
 
-def test_item_4_replace_policy_generates_from_a_binary_prompt(run, capsys, monkeypatch):
+def test_replace_policy_generates_from_a_binary_prompt(run, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok \xff")))
     code, out, _ = memmix_cli(["generate", "--model", run[0], "--prompt", "-", "--encoding-errors", "replace",
                                "--max-new-tokens", "3", "--temperature", "0"], capsys)
     assert code == 0 and out.startswith("ok \ufffd")
 
 
-# ----------------------------------------------------------------------------------------------- 5. shards
+# ----------------------------------------------------------------------------------------------- shards
 
 
-def test_item_5_damaged_unverified_shards_give_the_verified_path_s_error(tmp_path, capsys):
+def test_damaged_unverified_shards_give_the_verified_path_s_error(tmp_path, capsys):
     from memmix.data.shards import HEADER_BYTES
 
     text = tmp_path / "a.txt"
@@ -208,10 +205,10 @@ def test_item_5_damaged_unverified_shards_give_the_verified_path_s_error(tmp_pat
     assert "re-run `memmix prepare`" in line
 
 
-# ----------------------------------------------------------------------------------------------- 6. overrides
+# ----------------------------------------------------------------------------------------------- overrides
 
 
-def test_item_6_unknown_model_override_is_refused_with_did_you_mean(tmp_path, capsys):
+def test_unknown_model_override_is_refused_with_did_you_mean(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     base = ["train", "--model", "tiny", "--data", corpus, "--out-dir", str(tmp_path / "r"), "--max-steps", "1",
             "--seq-len", "16", "--no-progress"]
@@ -225,10 +222,10 @@ def test_item_6_unknown_model_override_is_refused_with_did_you_mean(tmp_path, ca
     assert not (tmp_path / "r").exists()
 
 
-# ----------------------------------------------------------------------------------------------- 7. resume
+# ----------------------------------------------------------------------------------------------- resume
 
 
-def test_item_7_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     assert memmix_cli(standin_train_argv(corpus, tmp_path / "r"), capsys)[0] == 0
     before = folder_files(tmp_path / "r")
@@ -237,7 +234,7 @@ def test_item_7_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     assert folder_files(tmp_path / "r") == before
 
 
-def test_item_7_resume_refuses_a_new_data_stream_and_records_new_optimiser_settings(tmp_path, capsys):
+def test_resume_refuses_a_new_data_stream_and_records_new_optimiser_settings(tmp_path, capsys):
     from memmix.training.checkpoint import load_checkpoint
     from memmix.training.optim import cosine_schedule
 
@@ -263,10 +260,10 @@ def test_item_7_resume_refuses_a_new_data_stream_and_records_new_optimiser_setti
     assert json.loads((run_dir / "train_config.json").read_text())["lr"] == 6e-3
 
 
-# ----------------------------------------------------------------------------------------------- 8. --resume PATH
+# ----------------------------------------------------------------------------------------------- --resume PATH
 
 
-def test_item_8_a_damaged_latest_checkpoint_names_an_older_one_that_resume_path_takes(tmp_path, capsys):
+def test_a_damaged_latest_checkpoint_names_an_older_one_that_resume_path_takes(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     six = ["--max-steps", "6", "--save-every", "2"]
     assert memmix_cli(standin_train_argv(corpus, tmp_path / "full", *six), capsys)[0] == 0
@@ -282,10 +279,10 @@ def test_item_8_a_damaged_latest_checkpoint_names_an_older_one_that_resume_path_
     assert curve == [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "full"))]
 
 
-# ----------------------------------------------------------------------------------------------- 9. ignored args
+# ----------------------------------------------------------------------------------------------- ignored args
 
 
-def test_item_9_arguments_that_would_be_ignored_are_errors_or_warnings(run, tmp_path, capsys, monkeypatch):
+def test_arguments_that_would_be_ignored_are_errors_or_warnings(run, tmp_path, capsys, monkeypatch):
     out_dir, held_out = run
     ppl = ["eval", "ppl", "--model", out_dir, "--data", held_out]
     assert "argument --stride: must be >= 1, got 0" in cli_error(capsys, ppl + ["--mode", "sliding", "--stride", "0"])
@@ -301,7 +298,7 @@ def test_item_9_arguments_that_would_be_ignored_are_errors_or_warnings(run, tmp_
     assert code == 0 and "warning: val_data is set but eval_every is 0, so it is never evaluated" in err
 
 
-# ----------------------------------------------------------------------------------------------- 10. generate
+# ----------------------------------------------------------------------------------------------- generate
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -309,7 +306,7 @@ def test_item_9_arguments_that_would_be_ignored_are_errors_or_warnings(run, tmp_
     (["--top-p", "0"], "argument --top-p: must be in (0, 1], got 0.0"),
     (["--top-p", "2"], "argument --top-p: must be in (0, 1], got 2.0"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1")])
-def test_item_10_generate_checks_its_arguments_before_loading_or_echoing(argv, message, run, capsys, monkeypatch):
+def test_generate_checks_its_arguments_before_loading_or_echoing(argv, message, run, capsys, monkeypatch):
     import memmix.evaluation.loading as loading
 
     monkeypatch.setattr(loading, "load_model_and_tokenizer", must_not_start)
@@ -317,10 +314,10 @@ def test_item_10_generate_checks_its_arguments_before_loading_or_echoing(argv, m
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
 
 
-# ----------------------------------------------------------------------------------------------- 11. recall
+# ----------------------------------------------------------------------------------------------- recall
 
 
-def test_item_11_recall_unknown_options_and_gpu_presets_on_the_cpu(capsys, monkeypatch):
+def test_recall_refuses_unknown_options_and_gpu_presets_on_the_cpu(capsys, monkeypatch):
     import memmix.evaluation.recall as recall_lib
 
     assert cli_error(capsys, ["recall", "--bogus"]) == \

@@ -1,5 +1,6 @@
-"""Nothing a user gives memmix destroys their data, crashes it, or passes silently (issue 28). `test_item_N_...`
-covers item N of the issue; `test_traceback_...`, `test_words_...` and `test_api_...` its three lists."""
+"""Nothing a user gives memmix destroys their data, crashes it, or passes silently: outputs that are inputs, interrupted
+or failed writes, locks, bad data and settings; inputs that once ended in a traceback; error messages that blame the
+right thing; the Python API's checks of its arguments (`test_api_...`)."""
 from __future__ import annotations
 
 import errno
@@ -35,10 +36,10 @@ def _text_corpus(folder, num_docs: int = 60, seed: int = 0):
     return folder
 
 
-# ----------------------------------------------------------------------------------------------- 1. outputs
+# ----------------------------------------------------------------------------------------------- outputs
 
 
-def test_item_1_eval_json_equal_to_an_input_is_refused_before_the_work(run, tmp_path, capsys, monkeypatch):
+def test_eval_json_equal_to_an_input_is_refused_before_the_work(run, tmp_path, capsys, monkeypatch):
     import memmix.evaluation.perplexity as ppl_lib
 
     out_dir, held_out = run
@@ -61,7 +62,7 @@ def test_item_1_eval_json_equal_to_an_input_is_refused_before_the_work(run, tmp_
     assert "lies inside the input --model" in line
 
 
-def test_item_1_an_output_equal_to_an_input_is_refused_in_every_command(run, tmp_path, capsys, monkeypatch):
+def test_an_output_equal_to_an_input_is_refused_in_every_command(run, tmp_path, capsys, monkeypatch):
     import memmix.convert
     import memmix.data.prepare
     import memmix.training.trainer as trainer
@@ -86,10 +87,10 @@ def test_item_1_an_output_equal_to_an_input_is_refused_in_every_command(run, tmp
     assert folder_files(texts) == before
 
 
-# ----------------------------------------------------------------------------------------------- 2. convert
+# ----------------------------------------------------------------------------------------------- convert
 
 
-def test_item_2_convert_into_its_source_is_refused_and_the_source_is_kept(run, capsys):
+def test_convert_into_its_source_is_refused_and_the_source_is_kept(run, capsys):
     final = os.path.join(run[0], "final")
     before = folder_files(final)
     line = cli_error(capsys, ["convert", final, final])
@@ -127,7 +128,7 @@ def _fla_checkpoint(folder) -> str:
     return str(folder)
 
 
-def test_item_2_convert_replaces_a_model_folder_whole_and_refuses_other_files(tmp_path, capsys):
+def test_convert_replaces_a_model_folder_whole_and_refuses_other_files(tmp_path, capsys):
     src = _fla_checkpoint(tmp_path / "fla")
     dst = tmp_path / "ours"
     dst.mkdir()
@@ -141,7 +142,7 @@ def test_item_2_convert_replaces_a_model_folder_whole_and_refuses_other_files(tm
     assert not (dst / "stale.bin").exists() and (dst / "model.safetensors").exists()
 
 
-# ----------------------------------------------------------------------------------------------- 3. prepare
+# -------------------------------------------------------------------------------------- prepare, and interrupted writes
 
 
 def _prepare(data, out, *extra) -> list[str]:
@@ -164,7 +165,7 @@ def _stop_after(monkeypatch, documents: int, error: BaseException):
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
-def test_item_3_an_interrupted_or_failed_overwrite_leaves_the_old_shards(error, tmp_path, capsys, monkeypatch):
+def test_an_interrupted_or_failed_overwrite_leaves_the_old_shards(error, tmp_path, capsys, monkeypatch):
     old, new = _text_corpus(tmp_path / "old", 30, seed=1), _text_corpus(tmp_path / "new", 60, seed=2)
     out = tmp_path / "shards"
     assert memmix_cli(_prepare(old, out), capsys)[0] == 0
@@ -177,7 +178,7 @@ def test_item_3_an_interrupted_or_failed_overwrite_leaves_the_old_shards(error, 
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".shards.")]  # no staging folder left
 
 
-def test_item_3_a_utf8_error_in_the_middle_leaves_the_old_shards(tmp_path, capsys):
+def test_a_utf8_error_in_the_middle_leaves_the_old_shards(tmp_path, capsys):
     old, new = _text_corpus(tmp_path / "old", 30, seed=1), _text_corpus(tmp_path / "new", 60, seed=2)
     (new / "doc_040.txt").write_bytes(b"fine \xff\xfe broken")
     out = tmp_path / "shards"
@@ -188,14 +189,14 @@ def test_item_3_a_utf8_error_in_the_middle_leaves_the_old_shards(tmp_path, capsy
     assert folder_files(out) == before
 
 
-def test_item_3_an_interrupted_fresh_run_leaves_no_folder(tmp_path, capsys, monkeypatch):
+def test_an_interrupted_fresh_run_leaves_no_folder(tmp_path, capsys, monkeypatch):
     data = _text_corpus(tmp_path / "texts", 60)
     _stop_after(monkeypatch, 40, KeyboardInterrupt())
     assert memmix_cli(_prepare(data, tmp_path / "shards"), capsys)[0] == 130
     assert not (tmp_path / "shards").exists()
 
 
-def test_item_3_readers_refuse_a_folder_without_its_completion_record(tmp_path, capsys):
+def test_readers_refuse_a_folder_without_its_completion_record(tmp_path, capsys):
     from memmix.data.shards import RECORD_NAME
 
     data = _text_corpus(tmp_path / "texts", 30)
@@ -212,7 +213,7 @@ def test_item_3_readers_refuse_a_folder_without_its_completion_record(tmp_path, 
     assert "re-run `memmix prepare`" in line
 
 
-def test_item_3_prepare_refuses_an_out_folder_of_other_files(tmp_path, capsys):
+def test_prepare_refuses_an_out_folder_of_other_files(tmp_path, capsys):
     data = _text_corpus(tmp_path / "texts", 5)
     out = tmp_path / "mine"
     out.mkdir()
@@ -271,12 +272,12 @@ def _prepare_killed(tmp_path, capsys, moments):
             before = folder_files(out)
 
 
-def test_item_3_prepare_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_prepare_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _prepare_killed(tmp_path, capsys, INTERRUPTS)
 
 
 @pytest.mark.slow
-def test_item_3_prepare_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_prepare_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _prepare_killed(tmp_path, capsys, MORE_INTERRUPTS)
 
 
@@ -298,12 +299,12 @@ def _convert_killed(tmp_path, capsys, moments):
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst.")], os.listdir(tmp_path)
 
 
-def test_item_2_convert_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_convert_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _convert_killed(tmp_path, capsys, [(signal.SIGKILL, 2.5), (signal.SIGINT, 4.0)])
 
 
 @pytest.mark.slow
-def test_item_2_convert_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_convert_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _convert_killed(tmp_path, capsys, [(sig, d) for sig in (signal.SIGINT, signal.SIGKILL) for d in (1, 3, 4, 5, 6)])
 
 
@@ -327,19 +328,19 @@ def _train_killed(tmp_path, moments):
             assert (out_dir / "final" / "model.safetensors").exists() and (out_dir / "final" / "config.json").exists()
 
 
-def test_item_3_train_interrupted_at_two_moments_leaves_whole_checkpoints(tmp_path):
+def test_train_interrupted_at_two_moments_leaves_whole_checkpoints(tmp_path):
     _train_killed(tmp_path, [(signal.SIGKILL, 6.0), (signal.SIGINT, 7.0)])
 
 
 @pytest.mark.slow
-def test_item_3_train_interrupted_at_many_moments_leaves_whole_checkpoints(tmp_path):
+def test_train_interrupted_at_many_moments_leaves_whole_checkpoints(tmp_path):
     _train_killed(tmp_path, [(sig, d) for d in (2, 5, 6, 7, 8, 10) for sig in (signal.SIGINT, signal.SIGKILL)])
 
 
-# ----------------------------------------------------------------------------------------------- 4. locks
+# ----------------------------------------------------------------------------------------------- locks
 
 
-def test_item_4_a_second_train_into_a_busy_out_dir_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
+def test_a_second_train_into_a_busy_out_dir_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
     from memmix.files import exclusive_lock
 
     import memmix.training.trainer as trainer
@@ -353,7 +354,7 @@ def test_item_4_a_second_train_into_a_busy_out_dir_is_refused_naming_the_holder(
     assert memmix_cli(standin_train_argv(corpus, tmp_path / "r"), capsys)[0] == 0  # free again once the holder ended
 
 
-def test_item_4_a_second_recall_onto_a_busy_json_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
+def test_a_second_recall_onto_a_busy_json_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
     import memmix.evaluation.recall as recall_lib
     from memmix.files import exclusive_lock
 
@@ -364,7 +365,7 @@ def test_item_4_a_second_recall_onto_a_busy_json_is_refused_naming_the_holder(tm
     assert f"argument --json: '{path}' is in use by another memmix process (pid {os.getpid()})" in line
 
 
-def test_item_4_two_train_processes_on_one_out_dir(tmp_path):
+def test_a_second_train_process_on_a_busy_out_dir_stops_with_one_line(tmp_path):
     """Real processes: while one trains, a second one into the same --out-dir stops with one line."""
     corpus = write_corpus(tmp_path / "c.jsonl", num_docs=200)
     out_dir = tmp_path / "run"
@@ -386,10 +387,10 @@ def test_item_4_two_train_processes_on_one_out_dir(tmp_path):
         first.communicate()
 
 
-# ----------------------------------------------------------------------------------------------- 5. metrics
+# ----------------------------------------------------------------------------------------------- metrics
 
 
-def test_item_5_a_restart_before_the_first_checkpoint_drops_the_killed_run_s_lines(tmp_path):
+def test_a_restart_before_the_first_checkpoint_drops_the_killed_run_s_lines(tmp_path):
     from memmix.training.trainer import train
 
     corpus = write_corpus(tmp_path / "c.jsonl")
@@ -408,12 +409,12 @@ def test_item_5_a_restart_before_the_first_checkpoint_drops_the_killed_run_s_lin
     assert len(read_metrics(str(tmp_path / "r"), "start")) == 1
 
 
-# ----------------------------------------------------------------------------------------------- 6. Ctrl-C
+# ----------------------------------------------------------------------------------------------- Ctrl-C
 
 
 @pytest.mark.parametrize("delay", [0.3, 1.0, pytest.param(0.2, marks=pytest.mark.slow),
                                    *(pytest.param(d, marks=pytest.mark.slow) for d in (0.5, 0.8, 1.5, 2.0, 3.0))])
-def test_item_6_ctrl_c_at_any_moment_of_train_start_up_is_one_line_and_exit_130(delay, tmp_path):
+def test_ctrl_c_at_any_moment_of_train_start_up_is_one_line_and_exit_130(delay, tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl")
     proc = subprocess.Popen([PYTHON, "-m", "memmix", "train", "--model", "tiny", "--model-overrides",
                              json.dumps(TINY_MOM), "--data", corpus, "--seq-len", "16", "--max-steps", "100000",
@@ -427,10 +428,10 @@ def test_item_6_ctrl_c_at_any_moment_of_train_start_up_is_one_line_and_exit_130(
     assert len(lines) == 1 and lines[0].startswith("memmix train: interrupted"), err[-3000:]
 
 
-# ----------------------------------------------------------------------------------------------- 7. micro-batch
+# ----------------------------------------------------------------------------------------------- micro-batch
 
 
-def test_item_7_a_micro_batch_larger_than_the_data_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+def test_a_micro_batch_larger_than_the_data_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
     import memmix.training.trainer as trainer
 
     monkeypatch.setattr(trainer, "build_model", must_not_start)
@@ -440,10 +441,10 @@ def test_item_7_a_micro_batch_larger_than_the_data_is_refused_before_allocating(
     assert not (tmp_path / "r").exists()
 
 
-# ----------------------------------------------------------------------------------------------- 8. config/weights
+# ----------------------------------------------------------------------------------------------- config/weights
 
 
-def test_item_8_a_config_of_another_architecture_than_the_weights_is_an_error(run, tmp_path, capsys):
+def test_a_config_of_another_architecture_than_the_weights_is_an_error(run, tmp_path, capsys):
     out_dir, held_out = run
     swapped = tmp_path / "swapped"
     shutil.copytree(os.path.join(out_dir, "final"), swapped)
@@ -456,7 +457,7 @@ def test_item_8_a_config_of_another_architecture_than_the_weights_is_an_error(ru
         assert f"argument --model: the weights in '{swapped}' do not fit the model its config.json describes" in line
 
 
-def test_item_8_missing_or_unexpected_weights_are_an_error_naming_the_folder(run, tmp_path, capsys):
+def test_missing_or_unexpected_weights_are_an_error_naming_the_folder(run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     out_dir, held_out = run
@@ -474,7 +475,7 @@ def test_item_8_missing_or_unexpected_weights_are_an_error_naming_the_folder(run
         assert ("are missing (e.g. 'model.norm.weight')" if change == "missing" else "model.extra.weight") in line
 
 
-# ----------------------------------------------------------------------------------------------- 9. diverged recall
+# ----------------------------------------------------------------------------------------------- diverged recall
 
 
 def _strict_json(path):
@@ -484,7 +485,7 @@ def _strict_json(path):
     return json.loads(open(path).read(), parse_constant=refuse)
 
 
-def test_item_9_a_diverged_recall_run_is_reported_and_its_json_is_valid(tmp_path, capsys, monkeypatch):
+def test_a_diverged_recall_run_is_reported_and_its_json_is_valid(tmp_path, capsys, monkeypatch):
     import memmix.evaluation.recall.run as recall_run
 
     train_steps = recall_run.train_steps
@@ -507,18 +508,18 @@ def test_item_9_a_diverged_recall_run_is_reported_and_its_json_is_valid(tmp_path
     assert code == 0 and "linear diverged" in out.splitlines()[-1]
 
 
-def test_item_9_every_json_writer_writes_null_for_non_finite_numbers(tmp_path):
+def test_every_json_writer_writes_null_for_non_finite_numbers(tmp_path):
     from memmix.files import atomic_write_json
 
     atomic_write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5], "c": (float("-inf"),)})
     assert _strict_json(tmp_path / "x.json") == {"a": None, "b": [None, 1.5], "c": [None]}
 
 
-# ----------------------------------------------------------------------------------------------- 10. JSONL text
+# ----------------------------------------------------------------------------------------------- JSONL text
 
 
 @pytest.mark.parametrize("value, kind", [(["a", "b"], "list"), ({"x": "y"}, "dict"), (3.5, "float"), (7, "int")])
-def test_item_10_a_jsonl_text_that_is_not_a_string_is_an_error(value, kind, tmp_path, capsys):
+def test_a_jsonl_text_that_is_not_a_string_is_an_error(value, kind, tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n")
     line = cli_error(capsys, ["prepare", path, "--out", tmp_path / "s"])
@@ -526,10 +527,10 @@ def test_item_10_a_jsonl_text_that_is_not_a_string_is_an_error(value, kind, tmp_
     assert not (tmp_path / "s").exists()
 
 
-# ----------------------------------------------------------------------------------------------- 11. train data
+# ----------------------------------------------------------------------------------------------- train data
 
 
-def test_item_11_eval_batches_beyond_the_validation_set_are_refused(tmp_path, capsys, monkeypatch):
+def test_eval_batches_beyond_the_validation_set_are_refused(tmp_path, capsys, monkeypatch):
     import memmix.training.trainer as trainer
 
     monkeypatch.setattr(trainer, "build_model", must_not_start)
@@ -540,7 +541,7 @@ def test_item_11_eval_batches_beyond_the_validation_set_are_refused(tmp_path, ca
     assert "argument --eval-batches: is 100000 but the validation data" in line and "use at most" in line
 
 
-def test_item_11_a_resume_after_the_data_changed_at_the_same_path_says_so(tmp_path, capsys):
+def test_a_resume_after_the_data_changed_at_the_same_path_says_so(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     run_dir = tmp_path / "r"
     assert memmix_cli(standin_train_argv(corpus, run_dir), capsys)[0] == 0
@@ -553,24 +554,24 @@ def test_item_11_a_resume_after_the_data_changed_at_the_same_path_says_so(tmp_pa
     assert "data_content" in read_metrics(str(run_dir), "start")[-1]["changed_settings"]
 
 
-def test_item_11_out_dir_equal_to_the_data_folder_is_refused(tmp_path, capsys):
+def test_out_dir_equal_to_the_data_folder_is_refused(tmp_path, capsys):
     texts = _text_corpus(tmp_path / "texts", 5)
     line = cli_error(capsys, standin_train_argv(texts, texts))
     assert f"argument --out-dir: '{texts}' is also the input --data" in line
     assert sorted(os.listdir(texts)) == [f"doc_{i:03d}.txt" for i in range(5)]
 
 
-# ----------------------------------------------------------------------------------------------- tracebacks
+# -------------------------------------------------------------------------------- inputs that once ended in a traceback
 
 
-def test_traceback_a_dangling_symlink_in_a_data_folder(tmp_path, capsys):
+def test_a_dangling_symlink_in_a_data_folder_is_an_error_naming_it(tmp_path, capsys):
     texts = _text_corpus(tmp_path / "texts", 3)
     os.symlink(tmp_path / "gone.txt", texts / "link.txt")
     line = cli_error(capsys, ["prepare", texts, "--out", tmp_path / "s"])
     assert f"data file '{texts / 'link.txt'}' cannot be read (a symbolic link to a missing file)" in line
 
 
-def test_traceback_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
+def test_disk_full_while_saving_a_checkpoint_is_an_error_naming_the_step(tmp_path, capsys, monkeypatch):
     import memmix.training.checkpoint as checkpoint
 
     def full(obj, path):
@@ -586,7 +587,7 @@ def test_traceback_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeyp
 @pytest.mark.parametrize("overrides, message", [
     ('{"vocab_size": 10}', "argument --model-overrides: 'vocab_size' is set by memmix train (pass --vocab-size"),
     ('{"eos_token_id": 3}', "argument --model-overrides: 'eos_token_id' is set by memmix train")])
-def test_traceback_model_overrides_of_what_the_command_sets(overrides, message, tmp_path, capsys):
+def test_model_overrides_of_what_train_sets_are_refused(overrides, message, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     line = cli_error(capsys, ["train", "--model", "tiny", "--data", corpus, "--out-dir", tmp_path / "r",
                               "--model-overrides", overrides])
@@ -594,7 +595,7 @@ def test_traceback_model_overrides_of_what_the_command_sets(overrides, message, 
 
 
 @pytest.mark.parametrize("text", ["max_steps: .inf\n", "max_steps: 1e400\n", "lr: 1e400\n", b"lr: 0.1 \xff\n"])
-def test_traceback_config_files_with_infinite_or_non_utf8_values(text, tmp_path, capsys):
+def test_config_files_with_infinite_or_non_utf8_values_are_refused(text, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     line = cli_error(capsys, ["train", "--config", path, "--data", write_corpus(tmp_path / "c.jsonl"), "--out-dir",
@@ -604,7 +605,7 @@ def test_traceback_config_files_with_infinite_or_non_utf8_values(text, tmp_path,
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
-def test_traceback_seeds_out_of_range_in_train(seed, tmp_path, capsys):
+def test_train_refuses_seeds_out_of_range(seed, tmp_path, capsys):
     line = cli_error(capsys, standin_train_argv(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--seed", seed))
     assert f"argument --seed: must be an integer in [0, 2**32 - 1], got {seed}" in line
 
@@ -614,7 +615,7 @@ def test_traceback_seeds_out_of_range_in_train(seed, tmp_path, capsys):
     (["--seed", str(2**64)], "argument --seed: must be an integer in [0, 2**64 - 1]"),
     (["--temperature", "inf"], "argument --temperature: must be >= 0 and finite"),
     (["--temperature", "nan"], "argument --temperature: must be >= 0 and finite")])
-def test_traceback_generate_seed_and_temperature(argv, message, run, capsys, monkeypatch):
+def test_generate_refuses_seeds_out_of_range_and_non_finite_temperatures(argv, message, run, capsys, monkeypatch):
     import memmix.evaluation.loading as loading
 
     monkeypatch.setattr(loading, "load_model_and_tokenizer", must_not_start)
@@ -622,7 +623,7 @@ def test_traceback_generate_seed_and_temperature(argv, message, run, capsys, mon
 
 
 @pytest.mark.parametrize("damage", ["binary", "folder", "other name"])
-def test_traceback_a_damaged_latest_pointer_falls_back_to_the_step_files(damage, tmp_path, capsys):
+def test_a_damaged_latest_pointer_falls_back_to_the_step_files(damage, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     run_dir = tmp_path / "r"
     assert memmix_cli(standin_train_argv(corpus, run_dir), capsys)[0] == 0
@@ -639,7 +640,7 @@ def test_traceback_a_damaged_latest_pointer_falls_back_to_the_step_files(damage,
     assert code == 0 and "Traceback" not in err
 
 
-def test_traceback_convert_of_a_garbage_safetensors_file(tmp_path, capsys):
+def test_convert_of_a_garbage_safetensors_file_is_an_error_and_writes_nothing(tmp_path, capsys):
     src = _fla_checkpoint(tmp_path / "fla")
     with open(os.path.join(src, "model.safetensors"), "wb") as f:
         f.write(os.urandom(256))
@@ -648,7 +649,7 @@ def test_traceback_convert_of_a_garbage_safetensors_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_traceback_a_hand_made_checkpoint_with_only_the_format_marker(run, tmp_path, capsys):
+def test_a_hand_made_checkpoint_with_only_the_format_marker_is_called_incomplete(run, tmp_path, capsys):
     from memmix.training.checkpoint import FORMAT
 
     path = tmp_path / "step_00000001.pt"
@@ -657,23 +658,23 @@ def test_traceback_a_hand_made_checkpoint_with_only_the_format_marker(run, tmp_p
     assert f"argument --model: checkpoint '{path}' is incomplete (no model_spec, model)" in line
 
 
-# ----------------------------------------------------------------------------------------------- wrong words
+# ---------------------------------------------------------------------------------- messages that blame the right thing
 
 
-def test_words_weight_decay_times_lr_of_one_or_more_is_blamed_on_weight_decay(tmp_path, capsys):
+def test_weight_decay_times_lr_of_one_or_more_is_blamed_on_weight_decay(tmp_path, capsys):
     line = cli_error(capsys, standin_train_argv(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--weight-decay",
                                                 "1e30"))
     assert "argument --weight-decay: 1e+30 times lr 0.003 is >= 1" in line
 
 
-def test_words_a_diverged_run_without_a_checkpoint_does_not_claim_one_is_kept(tmp_path, capsys):
+def test_a_diverged_run_without_a_checkpoint_does_not_claim_one_is_kept(tmp_path, capsys):
     line = cli_error(capsys, standin_train_argv(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--lr", "1e30",
                                                 "--weight-decay", "0", "--grad-clip", "0"))
     assert "the run diverged" in line and "no checkpoint was written" in line
     assert "argument --lr" not in line and "is kept" not in line
 
 
-def test_words_a_cpu_recall_grid_is_blamed_on_the_option_that_sized_it(capsys, monkeypatch):
+def test_a_cpu_recall_grid_is_blamed_on_the_option_that_sized_it(capsys, monkeypatch):
     import memmix.evaluation.recall as recall_lib
 
     monkeypatch.setattr(recall_lib, "run_recall", must_not_start)
@@ -681,12 +682,12 @@ def test_words_a_cpu_recall_grid_is_blamed_on_the_option_that_sized_it(capsys, m
     assert "argument --num-train: this grid takes" in line
 
 
-def test_words_a_folder_given_to_config_is_called_a_folder(tmp_path, capsys):
+def test_a_folder_given_to_config_is_called_a_folder(tmp_path, capsys):
     line = cli_error(capsys, ["train", "--config", tmp_path, "--data", "x"])
     assert f"argument --config: '{tmp_path}' is a folder; pass a YAML or JSON file" in line
 
 
-def test_words_shards_format_on_a_text_file_never_advises_deleting_it(tmp_path, capsys):
+def test_shards_format_on_a_text_file_never_advises_deleting_it(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("precious words " * 400)
     line = cli_error(capsys, ["train", "--data", text, "--data-format", "shards", "--out-dir", tmp_path / "r",
@@ -699,7 +700,7 @@ def test_words_shards_format_on_a_text_file_never_advises_deleting_it(tmp_path, 
     (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
     (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
     (["--resume", "--overwrite"], "argument --overwrite: does not combine with resume")])
-def test_words_infinite_lr_and_resume_with_overwrite_are_refused(argv, message, tmp_path, capsys):
+def test_infinite_lr_and_resume_with_overwrite_are_refused(argv, message, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     assert memmix_cli(standin_train_argv(corpus, tmp_path / "r"), capsys)[0] == 0
     before = folder_files(tmp_path / "r")
@@ -707,7 +708,7 @@ def test_words_infinite_lr_and_resume_with_overwrite_are_refused(argv, message, 
     assert folder_files(tmp_path / "r") == before
 
 
-def test_words_train_checks_its_settings_before_torch_loads(tmp_path):
+def test_train_checks_its_settings_before_torch_loads(tmp_path):
     code = ("import sys; from memmix.cli import main\n"
             "try:\n    main(['train', '--lr', '0', '--data', 'x'])\nexcept SystemExit as e:\n    status = e.code\n"
             "print(status, 'torch' in sys.modules)")
@@ -716,7 +717,7 @@ def test_words_train_checks_its_settings_before_torch_loads(tmp_path):
     assert "argument --lr: must be > 0, got 0.0" in proc.stderr
 
 
-def test_words_saved_model_files_have_ordinary_permissions(run, tmp_path, capsys):
+def test_saved_model_files_have_ordinary_permissions(run, tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     final = os.path.join(run[0], "final")
