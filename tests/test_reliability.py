@@ -730,7 +730,8 @@ def test_saved_model_files_have_ordinary_permissions(run, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def mom_with_vocab_64():
+    """A float32 one-layer MoMForCausalLM of vocabulary 64 in eval mode (the bound the API's errors name)."""
     from memmix.models import MoMConfig, MoMForCausalLM
 
     torch.manual_seed(0)
@@ -743,29 +744,29 @@ def tiny_model():
     (lambda: torch.tensor([[1.0, 2.0]]), "input_ids must be an integer tensor of token ids"),
     (lambda: torch.tensor([[True, False]]), "input_ids must be an integer tensor of token ids"),
     (lambda: torch.zeros(2, 0, dtype=torch.long), r"input_ids must have shape \(B, T\) with T >= 1, got \(2, 0\)")])
-def test_api_bad_token_ids_are_a_value_error_naming_them(make, message, tiny_model):
+def test_api_bad_token_ids_are_a_value_error_naming_them(make, message, mom_with_vocab_64):
     with pytest.raises(ValueError, match=message):
-        tiny_model(input_ids=make())
+        mom_with_vocab_64(input_ids=make())
 
 
-def test_api_labels_outside_the_vocabulary_are_refused(tiny_model):
+def test_api_labels_outside_the_vocabulary_are_refused(mom_with_vocab_64):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match=r"labels must be token ids in \[0, 64\) or -100"):
-        tiny_model(input_ids=ids, labels=torch.tensor([[1, 64, 3]]))
-    assert torch.isfinite(tiny_model(input_ids=ids, labels=torch.tensor([[1, -100, 3]])).loss)
+        mom_with_vocab_64(input_ids=ids, labels=torch.tensor([[1, 64, 3]]))
+    assert torch.isfinite(mom_with_vocab_64(input_ids=ids, labels=torch.tensor([[1, -100, 3]])).loss)
 
 
-def test_api_generate_with_1d_ids_is_refused(tiny_model):
+def test_api_generate_with_1d_ids_is_refused(mom_with_vocab_64):
     with pytest.raises(ValueError, match=r"input_ids must have shape \(B, T\) with T >= 1, got \(3,\)"):
-        tiny_model.generate(torch.tensor([1, 2, 3]), max_new_tokens=2)
-    assert tiny_model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+        mom_with_vocab_64.generate(torch.tensor([1, 2, 3]), max_new_tokens=2)
+    assert mom_with_vocab_64.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 
-def test_api_an_attention_mask_of_other_values_than_0_and_1_is_refused(tiny_model):
+def test_api_an_attention_mask_of_other_values_than_0_and_1_is_refused(mom_with_vocab_64):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
-        tiny_model(input_ids=ids, attention_mask=torch.tensor([[1.0, 0.5, 1.0]]))
-    tiny_model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1]]))
+        mom_with_vocab_64(input_ids=ids, attention_mask=torch.tensor([[1.0, 0.5, 1.0]]))
+    mom_with_vocab_64(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1]]))
 
 
 def test_api_layers_refuse_the_wrong_hidden_size_or_a_2d_input():
