@@ -1,5 +1,6 @@
-"""Nothing a user gives memmix destroys their data, crashes it, or passes silently (issue 28). `test_item_N_...`
-covers item N of the issue; `test_traceback_...`, `test_words_...` and `test_api_...` its three lists."""
+"""Nothing a user gives memmix destroys their data, crashes it, or passes silently: outputs that are inputs, interrupted
+or failed writes, locks, bad data and settings; inputs that once ended in a traceback; error messages that blame the
+right thing; the Python API's checks of its arguments (`test_api_...`)."""
 from __future__ import annotations
 
 import errno
@@ -9,47 +10,21 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "training"))
+from cli_helpers import (PYTHON, RECALL_TINY, REPO, cli_error, folder_files, memmix_cli, must_not_start,
+                         run, standin_train_argv)  # noqa: F401 (run: a fixture)
+from training_helpers import TINY_MOM, tiny_train_config, write_corpus
 
-from training_helpers import TINY_MOM, tiny_train_config, train_tiny_mom, write_corpus  # noqa: E402
+from memmix.training.checkpoint import CheckpointDir
+from memmix.training.metrics import read_metrics
 
-from test_cli import _cli as _cli_strings, _error as _error_strings, _never, _standin_train  # noqa: E402
-from memmix.training.checkpoint import CheckpointDir  # noqa: E402
-from memmix.training.metrics import read_metrics  # noqa: E402
-
-PYTHON = sys.executable
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-RECALL_TINY = ["--models", "linear", "--seq-len", "16", "--num-kv-pairs", "2", "--d-model", "16", "--layers", "1",
-               "--head-dim", "8", "--steps", "2", "--batch-size", "4", "--vocab-size", "16", "--num-train", "8",
-               "--num-test", "4", "--no-progress", "--workers", "1"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(out_dir of a 4-step tiny MoM run with checkpoints and final/, held-out text)."""
-    return train_tiny_mom(tmp_path_factory.mktemp("reliability_run"))
-
-
-def _cli(argv, capsys):
-    return _cli_strings([str(a) for a in argv], capsys)
-
-
-def _error(capsys, argv, status: int = 2) -> str:
-    return _error_strings(capsys, [str(a) for a in argv], status)
-
-
-def _files(folder) -> dict[str, bytes]:
-    """Every file under `folder` (relative path -> bytes), the lock file left out."""
-    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
-            for root, _, files in os.walk(folder) for f in files if f != ".memmix.lock"}
+RECALL_IN_PROCESS = [*RECALL_TINY, "--workers", "1"]  # one worker: the runs stay where monkeypatch reaches them
 
 
 def _text_corpus(folder, num_docs: int = 60, seed: int = 0):
@@ -61,68 +36,68 @@ def _text_corpus(folder, num_docs: int = 60, seed: int = 0):
     return folder
 
 
-# ----------------------------------------------------------------------------------------------- 1. outputs
+# ----------------------------------------------------------------------------------------------- outputs
 
 
-def test_item_1_eval_json_equal_to_an_input_is_refused_before_the_work(run, tmp_path, capsys, monkeypatch):
+def test_eval_json_equal_to_an_input_is_refused_before_the_work(run, tmp_path, capsys, monkeypatch):
     import memmix.evaluation.perplexity as ppl_lib
 
     out_dir, held_out = run
-    monkeypatch.setattr(ppl_lib, "perplexity", _never)
+    monkeypatch.setattr(ppl_lib, "perplexity", must_not_start)
     data = tmp_path / "held.txt"
     shutil.copy(held_out, data)
     before = data.read_bytes()
-    line = _error(capsys, ["eval", "ppl", "--model", out_dir, "--data", data, "--json", data])
+    line = cli_error(capsys, ["eval", "ppl", "--model", out_dir, "--data", data, "--json", data])
     assert f"argument --json: '{data}' is also the input --data" in line
     assert data.read_bytes() == before
     checkpoint = CheckpointDir(out_dir).latest()
     saved = open(checkpoint, "rb").read()
     for model in (checkpoint, out_dir):  # the checkpoint itself, or the run folder whose latest it is
-        line = _error(capsys, ["eval", "ppl", "--model", model, "--data", held_out, "--json", checkpoint])
+        line = cli_error(capsys, ["eval", "ppl", "--model", model, "--data", held_out, "--json", checkpoint])
         assert "argument --json:" in line and "is also the input --model" in line
     assert open(checkpoint, "rb").read() == saved
     final = os.path.join(out_dir, "final")
-    line = _error(capsys, ["eval", "ppl", "--model", final, "--data", held_out, "--json",
-                           os.path.join(final, "config.json")])
+    line = cli_error(capsys, ["eval", "ppl", "--model", final, "--data", held_out, "--json",
+                              os.path.join(final, "config.json")])
     assert "lies inside the input --model" in line
 
 
-def test_item_1_an_output_equal_to_an_input_is_refused_in_every_command(run, tmp_path, capsys, monkeypatch):
+def test_an_output_equal_to_an_input_is_refused_in_every_command(run, tmp_path, capsys, monkeypatch):
     import memmix.convert
     import memmix.data.prepare
     import memmix.training.trainer as trainer
 
     out_dir, held_out = run
-    monkeypatch.setattr(trainer, "build_model", _never)
-    monkeypatch.setattr(memmix.data.prepare, "iter_documents", _never)
-    monkeypatch.setattr(memmix.convert, "load_state_dict", _never)
+    monkeypatch.setattr(trainer, "build_model", must_not_start)
+    monkeypatch.setattr(memmix.data.prepare, "iter_documents", must_not_start)
+    monkeypatch.setattr(memmix.convert, "load_state_dict", must_not_start)
     texts = _text_corpus(tmp_path / "texts", num_docs=3)
-    before = _files(texts)
+    before = folder_files(texts)
     final = os.path.join(out_dir, "final")
     cases = {
         "prepare --out": (["prepare", texts, "--out", texts], "argument --out: "),
         "prepare --out holding DATA": (["prepare", texts / "doc_000.txt", "--out", texts], "argument --out: "),
-        "train --out-dir": (_standin_train(texts, texts), "argument --out-dir: "),
-        "train --out-dir in --data": (_standin_train(texts, texts / "run"), "argument --out-dir: "),
+        "train --out-dir": (standin_train_argv(texts, texts), "argument --out-dir: "),
+        "train --out-dir in --data": (standin_train_argv(texts, texts / "run"), "argument --out-dir: "),
         "convert": (["convert", final, final], "argument DST: "),
     }
     for name, (argv, flag) in cases.items():
-        line = _error(capsys, argv)
+        line = cli_error(capsys, argv)
         assert flag in line and ("is also the input" in line or "the input" in line), (name, line)
-    assert _files(texts) == before
+    assert folder_files(texts) == before
 
 
-# ----------------------------------------------------------------------------------------------- 2. convert
+# ----------------------------------------------------------------------------------------------- convert
 
 
-def test_item_2_convert_into_its_source_is_refused_and_the_source_is_kept(run, capsys):
+def test_convert_into_its_source_is_refused_and_the_source_is_kept(run, capsys):
     final = os.path.join(run[0], "final")
-    before = _files(final)
-    line = _error(capsys, ["convert", final, final])
+    before = folder_files(final)
+    line = cli_error(capsys, ["convert", final, final])
     assert f"argument DST: '{final}' is also the input SRC" in line
-    line = _error(capsys, ["convert", final, os.path.join(final, "sub")])
+    line = cli_error(capsys, ["convert", final, os.path.join(final, "sub")])
     assert "lies inside the input SRC" in line
-    assert _files(final) == before
+    assert folder_files(final) == before
 
 
 def _fla_checkpoint(folder) -> str:
@@ -153,21 +128,21 @@ def _fla_checkpoint(folder) -> str:
     return str(folder)
 
 
-def test_item_2_convert_replaces_a_model_folder_whole_and_refuses_other_files(tmp_path, capsys):
+def test_convert_replaces_a_model_folder_whole_and_refuses_other_files(tmp_path, capsys):
     src = _fla_checkpoint(tmp_path / "fla")
     dst = tmp_path / "ours"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    line = _error(capsys, ["convert", src, dst])
+    line = cli_error(capsys, ["convert", src, dst])
     assert "argument DST:" in line and "holds other files" in line and (dst / "notes.txt").exists()
     (dst / "notes.txt").unlink()
-    assert _cli(["convert", src, dst], capsys)[0] == 0
+    assert memmix_cli(["convert", src, dst], capsys)[0] == 0
     (dst / "stale.bin").write_bytes(b"old")  # a file of the folder it replaces
-    assert _cli(["convert", src, dst], capsys)[0] == 0
+    assert memmix_cli(["convert", src, dst], capsys)[0] == 0
     assert not (dst / "stale.bin").exists() and (dst / "model.safetensors").exists()
 
 
-# ----------------------------------------------------------------------------------------------- 3. prepare
+# -------------------------------------------------------------------------------------- prepare, and interrupted writes
 
 
 def _prepare(data, out, *extra) -> list[str]:
@@ -190,60 +165,60 @@ def _stop_after(monkeypatch, documents: int, error: BaseException):
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
-def test_item_3_an_interrupted_or_failed_overwrite_leaves_the_old_shards(error, tmp_path, capsys, monkeypatch):
+def test_an_interrupted_or_failed_overwrite_leaves_the_old_shards(error, tmp_path, capsys, monkeypatch):
     old, new = _text_corpus(tmp_path / "old", 30, seed=1), _text_corpus(tmp_path / "new", 60, seed=2)
     out = tmp_path / "shards"
-    assert _cli(_prepare(old, out), capsys)[0] == 0
-    before = _files(out)
+    assert memmix_cli(_prepare(old, out), capsys)[0] == 0
+    before = folder_files(out)
     assert len([n for n in before if n.endswith(".mmtok")]) > 2
     _stop_after(monkeypatch, 45, error)
-    code, _, err = _cli(_prepare(new, out, "--overwrite"), capsys)
+    code, _, err = memmix_cli(_prepare(new, out, "--overwrite"), capsys)
     assert code == (130 if isinstance(error, KeyboardInterrupt) else 2) and len(err.strip().splitlines()) == 1, err
-    assert _files(out) == before
+    assert folder_files(out) == before
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".shards.")]  # no staging folder left
 
 
-def test_item_3_a_utf8_error_in_the_middle_leaves_the_old_shards(tmp_path, capsys):
+def test_a_utf8_error_in_the_middle_leaves_the_old_shards(tmp_path, capsys):
     old, new = _text_corpus(tmp_path / "old", 30, seed=1), _text_corpus(tmp_path / "new", 60, seed=2)
     (new / "doc_040.txt").write_bytes(b"fine \xff\xfe broken")
     out = tmp_path / "shards"
-    assert _cli(_prepare(old, out), capsys)[0] == 0
-    before = _files(out)
-    line = _error(capsys, _prepare(new, out, "--overwrite"))
+    assert memmix_cli(_prepare(old, out), capsys)[0] == 0
+    before = folder_files(out)
+    line = cli_error(capsys, _prepare(new, out, "--overwrite"))
     assert "is not valid UTF-8" in line
-    assert _files(out) == before
+    assert folder_files(out) == before
 
 
-def test_item_3_an_interrupted_fresh_run_leaves_no_folder(tmp_path, capsys, monkeypatch):
+def test_an_interrupted_fresh_run_leaves_no_folder(tmp_path, capsys, monkeypatch):
     data = _text_corpus(tmp_path / "texts", 60)
     _stop_after(monkeypatch, 40, KeyboardInterrupt())
-    assert _cli(_prepare(data, tmp_path / "shards"), capsys)[0] == 130
+    assert memmix_cli(_prepare(data, tmp_path / "shards"), capsys)[0] == 130
     assert not (tmp_path / "shards").exists()
 
 
-def test_item_3_readers_refuse_a_folder_without_its_completion_record(tmp_path, capsys):
+def test_readers_refuse_a_folder_without_its_completion_record(tmp_path, capsys):
     from memmix.data.shards import RECORD_NAME
 
     data = _text_corpus(tmp_path / "texts", 30)
     out = tmp_path / "shards"
-    assert _cli(_prepare(data, out), capsys)[0] == 0
+    assert memmix_cli(_prepare(data, out), capsys)[0] == 0
     record = json.loads((out / RECORD_NAME).read_text())
     assert [s["name"] for s in record["shards"]] == sorted(n for n in os.listdir(out) if n.endswith(".mmtok"))
     (out / "shard_00001.mmtok").unlink()  # a folder that lost a shard
-    line = _error(capsys, _standin_train(out, tmp_path / "r1"))
+    line = cli_error(capsys, standin_train_argv(out, tmp_path / "r1"))
     assert f"the shards in '{out}' are not the ones `memmix prepare` wrote" in line and "is missing" in line
     (out / RECORD_NAME).unlink()  # an interrupted (or older) prepare: no record
-    line = _error(capsys, _standin_train(out, tmp_path / "r2"))
+    line = cli_error(capsys, standin_train_argv(out, tmp_path / "r2"))
     assert f"'{out}' holds shards but no completion record (prepared.json)" in line
     assert "re-run `memmix prepare`" in line
 
 
-def test_item_3_prepare_refuses_an_out_folder_of_other_files(tmp_path, capsys):
+def test_prepare_refuses_an_out_folder_of_other_files(tmp_path, capsys):
     data = _text_corpus(tmp_path / "texts", 5)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("do not delete")
-    line = _error(capsys, _prepare(data, out, "--overwrite"))
+    line = cli_error(capsys, _prepare(data, out, "--overwrite"))
     assert "argument --out:" in line and "holds other files (e.g. 'thesis.tex')" in line
     assert (out / "thesis.tex").read_text() == "do not delete"
 
@@ -254,7 +229,7 @@ def _old_or_complete_new(out, before: dict, expected_tokens: int) -> str:
 
     if not os.path.exists(out):
         return "none"
-    if _files(out) == before:
+    if folder_files(out) == before:
         return "old"
     shards = open_shards(str(out))
     assert sum(int(s.meta["num_tokens"]) for s in shards) == expected_tokens
@@ -283,26 +258,26 @@ MORE_INTERRUPTS = [(sig, delay) for sig in (signal.SIGINT, signal.SIGKILL) for d
 def _prepare_killed(tmp_path, capsys, moments):
     old, new = _text_corpus(tmp_path / "old", 20, seed=1), _text_corpus(tmp_path / "new", 400, seed=2)
     out, reference = tmp_path / "shards", tmp_path / "reference"
-    assert _cli(_prepare(old, out), capsys)[0] == 0
-    assert _cli(_prepare(new, reference, "--shard-tokens", "100"), capsys)[0] == 0
+    assert memmix_cli(_prepare(old, out), capsys)[0] == 0
+    assert memmix_cli(_prepare(new, reference, "--shard-tokens", "100"), capsys)[0] == 0
     expected = sum(int(s["num_tokens"]) for s in json.loads((reference / "prepared.json").read_text())["shards"])
-    before = _files(out)
+    before = folder_files(out)
     for sig, delay in moments:
         _kill_at(_prepare(new, out, "--overwrite", "--shard-tokens", "100"), sig, delay)
         state = _old_or_complete_new(out, before, expected)
         assert state in ("old", "new"), (sig, delay, state)
         if state == "new":  # start again from the old folder
             shutil.rmtree(out)
-            assert _cli(_prepare(old, out), capsys)[0] == 0
-            before = _files(out)
+            assert memmix_cli(_prepare(old, out), capsys)[0] == 0
+            before = folder_files(out)
 
 
-def test_item_3_prepare_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_prepare_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _prepare_killed(tmp_path, capsys, INTERRUPTS)
 
 
 @pytest.mark.slow
-def test_item_3_prepare_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_prepare_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _prepare_killed(tmp_path, capsys, MORE_INTERRUPTS)
 
 
@@ -311,25 +286,25 @@ def _convert_killed(tmp_path, capsys, moments):
 
     old_src, new_src = _fla_checkpoint(tmp_path / "a"), _fla_checkpoint(tmp_path / "b")
     dst, reference = tmp_path / "dst", tmp_path / "reference"
-    assert _cli(["convert", new_src, reference], capsys)[0] == 0
+    assert memmix_cli(["convert", new_src, reference], capsys)[0] == 0
     expected = MoMForCausalLM.from_pretrained(reference).state_dict()
     for sig, delay in moments:
         shutil.rmtree(dst, ignore_errors=True)
-        assert _cli(["convert", old_src, dst], capsys)[0] == 0
-        before = _files(dst)
+        assert memmix_cli(["convert", old_src, dst], capsys)[0] == 0
+        before = folder_files(dst)
         _kill_at(["convert", new_src, dst], sig, delay)
-        if _files(dst) != before:  # the complete new folder
+        if folder_files(dst) != before:  # the complete new folder
             state = MoMForCausalLM.from_pretrained(dst).state_dict()
             assert all(torch.equal(state[k], expected[k]) for k in expected)
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst.")], os.listdir(tmp_path)
 
 
-def test_item_2_convert_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_convert_interrupted_at_two_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _convert_killed(tmp_path, capsys, [(signal.SIGKILL, 2.5), (signal.SIGINT, 4.0)])
 
 
 @pytest.mark.slow
-def test_item_2_convert_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
+def test_convert_interrupted_at_many_moments_leaves_the_old_or_the_complete_new_folder(tmp_path, capsys):
     _convert_killed(tmp_path, capsys, [(sig, d) for sig in (signal.SIGINT, signal.SIGKILL) for d in (1, 3, 4, 5, 6)])
 
 
@@ -353,44 +328,44 @@ def _train_killed(tmp_path, moments):
             assert (out_dir / "final" / "model.safetensors").exists() and (out_dir / "final" / "config.json").exists()
 
 
-def test_item_3_train_interrupted_at_two_moments_leaves_whole_checkpoints(tmp_path):
+def test_train_interrupted_at_two_moments_leaves_whole_checkpoints(tmp_path):
     _train_killed(tmp_path, [(signal.SIGKILL, 6.0), (signal.SIGINT, 7.0)])
 
 
 @pytest.mark.slow
-def test_item_3_train_interrupted_at_many_moments_leaves_whole_checkpoints(tmp_path):
+def test_train_interrupted_at_many_moments_leaves_whole_checkpoints(tmp_path):
     _train_killed(tmp_path, [(sig, d) for d in (2, 5, 6, 7, 8, 10) for sig in (signal.SIGINT, signal.SIGKILL)])
 
 
-# ----------------------------------------------------------------------------------------------- 4. locks
+# ----------------------------------------------------------------------------------------------- locks
 
 
-def test_item_4_a_second_train_into_a_busy_out_dir_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
+def test_a_second_train_into_a_busy_out_dir_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
     from memmix.files import exclusive_lock
 
     import memmix.training.trainer as trainer
 
     corpus = write_corpus(tmp_path / "c.jsonl")
     with exclusive_lock(tmp_path / "r", "out_dir", is_dir=True):
-        monkeypatch.setattr(trainer, "build_model", _never)
-        line = _error(capsys, _standin_train(corpus, tmp_path / "r"))
+        monkeypatch.setattr(trainer, "build_model", must_not_start)
+        line = cli_error(capsys, standin_train_argv(corpus, tmp_path / "r"))
     assert f"argument --out-dir: '{tmp_path / 'r'}' is in use by another memmix process (pid {os.getpid()})" in line
     monkeypatch.undo()
-    assert _cli(_standin_train(corpus, tmp_path / "r"), capsys)[0] == 0  # free again once the holder ended
+    assert memmix_cli(standin_train_argv(corpus, tmp_path / "r"), capsys)[0] == 0  # free again once the holder ended
 
 
-def test_item_4_a_second_recall_onto_a_busy_json_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
+def test_a_second_recall_onto_a_busy_json_is_refused_naming_the_holder(tmp_path, capsys, monkeypatch):
     import memmix.evaluation.recall as recall_lib
     from memmix.files import exclusive_lock
 
     path = tmp_path / "recall.json"
-    monkeypatch.setattr(recall_lib, "run_recall", _never)
+    monkeypatch.setattr(recall_lib, "run_recall", must_not_start)
     with exclusive_lock(path, "--json"):
-        line = _error(capsys, ["recall", *RECALL_TINY, "--json", path])
+        line = cli_error(capsys, ["recall", *RECALL_IN_PROCESS, "--json", path])
     assert f"argument --json: '{path}' is in use by another memmix process (pid {os.getpid()})" in line
 
 
-def test_item_4_two_train_processes_on_one_out_dir(tmp_path):
+def test_a_second_train_process_on_a_busy_out_dir_stops_with_one_line(tmp_path):
     """Real processes: while one trains, a second one into the same --out-dir stops with one line."""
     corpus = write_corpus(tmp_path / "c.jsonl", num_docs=200)
     out_dir = tmp_path / "run"
@@ -412,10 +387,10 @@ def test_item_4_two_train_processes_on_one_out_dir(tmp_path):
         first.communicate()
 
 
-# ----------------------------------------------------------------------------------------------- 5. metrics
+# ----------------------------------------------------------------------------------------------- metrics
 
 
-def test_item_5_a_restart_before_the_first_checkpoint_drops_the_killed_run_s_lines(tmp_path):
+def test_a_restart_before_the_first_checkpoint_drops_the_killed_run_s_lines(tmp_path):
     from memmix.training.trainer import train
 
     corpus = write_corpus(tmp_path / "c.jsonl")
@@ -434,12 +409,12 @@ def test_item_5_a_restart_before_the_first_checkpoint_drops_the_killed_run_s_lin
     assert len(read_metrics(str(tmp_path / "r"), "start")) == 1
 
 
-# ----------------------------------------------------------------------------------------------- 6. Ctrl-C
+# ----------------------------------------------------------------------------------------------- Ctrl-C
 
 
 @pytest.mark.parametrize("delay", [0.3, 1.0, pytest.param(0.2, marks=pytest.mark.slow),
                                    *(pytest.param(d, marks=pytest.mark.slow) for d in (0.5, 0.8, 1.5, 2.0, 3.0))])
-def test_item_6_ctrl_c_at_any_moment_of_train_start_up_is_one_line_and_exit_130(delay, tmp_path):
+def test_ctrl_c_at_any_moment_of_train_start_up_is_one_line_and_exit_130(delay, tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl")
     proc = subprocess.Popen([PYTHON, "-m", "memmix", "train", "--model", "tiny", "--model-overrides",
                              json.dumps(TINY_MOM), "--data", corpus, "--seq-len", "16", "--max-steps", "100000",
@@ -453,23 +428,23 @@ def test_item_6_ctrl_c_at_any_moment_of_train_start_up_is_one_line_and_exit_130(
     assert len(lines) == 1 and lines[0].startswith("memmix train: interrupted"), err[-3000:]
 
 
-# ----------------------------------------------------------------------------------------------- 7. micro-batch
+# ----------------------------------------------------------------------------------------------- micro-batch
 
 
-def test_item_7_a_micro_batch_larger_than_the_data_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+def test_a_micro_batch_larger_than_the_data_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
     import memmix.training.trainer as trainer
 
-    monkeypatch.setattr(trainer, "build_model", _never)
+    monkeypatch.setattr(trainer, "build_model", must_not_start)
     corpus = write_corpus(tmp_path / "c.jsonl")
-    line = _error(capsys, _standin_train(corpus, tmp_path / "r", "--micro-batch-size", "1000000"))
+    line = cli_error(capsys, standin_train_argv(corpus, tmp_path / "r", "--micro-batch-size", "1000000"))
     assert "argument --micro-batch-size: is 1000000 but the data" in line and "use at most" in line
     assert not (tmp_path / "r").exists()
 
 
-# ----------------------------------------------------------------------------------------------- 8. config/weights
+# ----------------------------------------------------------------------------------------------- config/weights
 
 
-def test_item_8_a_config_of_another_architecture_than_the_weights_is_an_error(run, tmp_path, capsys):
+def test_a_config_of_another_architecture_than_the_weights_is_an_error(run, tmp_path, capsys):
     out_dir, held_out = run
     swapped = tmp_path / "swapped"
     shutil.copytree(os.path.join(out_dir, "final"), swapped)
@@ -478,11 +453,11 @@ def test_item_8_a_config_of_another_architecture_than_the_weights_is_an_error(ru
     (swapped / "config.json").write_text(json.dumps(config))
     for argv in (["eval", "ppl", "--model", swapped, "--data", held_out, "--seq-len", "16"],
                  ["generate", "--model", swapped, "--prompt", "hi", "--max-new-tokens", "2"]):
-        line = _error(capsys, argv)
+        line = cli_error(capsys, argv)
         assert f"argument --model: the weights in '{swapped}' do not fit the model its config.json describes" in line
 
 
-def test_item_8_missing_or_unexpected_weights_are_an_error_naming_the_folder(run, tmp_path, capsys):
+def test_missing_or_unexpected_weights_are_an_error_naming_the_folder(run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     out_dir, held_out = run
@@ -495,12 +470,12 @@ def test_item_8_missing_or_unexpected_weights_are_an_error_naming_the_folder(run
         else:
             state["model.extra.weight"] = torch.zeros(2)
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        line = _error(capsys, ["eval", "ppl", "--model", folder, "--data", held_out, "--seq-len", "16"])
+        line = cli_error(capsys, ["eval", "ppl", "--model", folder, "--data", held_out, "--seq-len", "16"])
         assert f"the weights in '{folder}' do not fit" in line
         assert ("are missing (e.g. 'model.norm.weight')" if change == "missing" else "model.extra.weight") in line
 
 
-# ----------------------------------------------------------------------------------------------- 9. diverged recall
+# ----------------------------------------------------------------------------------------------- diverged recall
 
 
 def _strict_json(path):
@@ -510,7 +485,7 @@ def _strict_json(path):
     return json.loads(open(path).read(), parse_constant=refuse)
 
 
-def test_item_9_a_diverged_recall_run_is_reported_and_its_json_is_valid(tmp_path, capsys, monkeypatch):
+def test_a_diverged_recall_run_is_reported_and_its_json_is_valid(tmp_path, capsys, monkeypatch):
     import memmix.evaluation.recall.run as recall_run
 
     train_steps = recall_run.train_steps
@@ -522,81 +497,81 @@ def test_item_9_a_diverged_recall_run_is_reported_and_its_json_is_valid(tmp_path
 
     monkeypatch.setattr(recall_run, "train_steps", diverging)
     path = tmp_path / "recall.json"
-    code, out, err = _cli(["recall", *RECALL_TINY, "--json", path], capsys)
+    code, out, err = memmix_cli(["recall", *RECALL_IN_PROCESS, "--json", path], capsys)
     assert code == 0
     assert "diverged" in out.splitlines()[2] and "linear diverged" in out.splitlines()[-1]
     assert "run linear d=16 lr=" in err and "diverged (training loss nan)" in err
     payload = _strict_json(path)
     assert payload["runs"][0]["final_loss"] is None and payload["runs"][0]["diverged"] is True
     assert payload["results"][0]["diverged"] is True
-    code, out, _ = _cli(["recall", *RECALL_TINY, "--json", path], capsys)  # read back and continued
+    code, out, _ = memmix_cli(["recall", *RECALL_IN_PROCESS, "--json", path], capsys)  # read back and continued
     assert code == 0 and "linear diverged" in out.splitlines()[-1]
 
 
-def test_item_9_every_json_writer_writes_null_for_non_finite_numbers(tmp_path):
+def test_every_json_writer_writes_null_for_non_finite_numbers(tmp_path):
     from memmix.files import atomic_write_json
 
     atomic_write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5], "c": (float("-inf"),)})
     assert _strict_json(tmp_path / "x.json") == {"a": None, "b": [None, 1.5], "c": [None]}
 
 
-# ----------------------------------------------------------------------------------------------- 10. JSONL text
+# ----------------------------------------------------------------------------------------------- JSONL text
 
 
 @pytest.mark.parametrize("value, kind", [(["a", "b"], "list"), ({"x": "y"}, "dict"), (3.5, "float"), (7, "int")])
-def test_item_10_a_jsonl_text_that_is_not_a_string_is_an_error(value, kind, tmp_path, capsys):
+def test_a_jsonl_text_that_is_not_a_string_is_an_error(value, kind, tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n")
-    line = _error(capsys, ["prepare", path, "--out", tmp_path / "s"])
+    line = cli_error(capsys, ["prepare", path, "--out", tmp_path / "s"])
     assert f"argument --text-field: {path}:2: field 'text' is a {kind}, not a string" in line
     assert not (tmp_path / "s").exists()
 
 
-# ----------------------------------------------------------------------------------------------- 11. train data
+# ----------------------------------------------------------------------------------------------- train data
 
 
-def test_item_11_eval_batches_beyond_the_validation_set_are_refused(tmp_path, capsys, monkeypatch):
+def test_eval_batches_beyond_the_validation_set_are_refused(tmp_path, capsys, monkeypatch):
     import memmix.training.trainer as trainer
 
-    monkeypatch.setattr(trainer, "build_model", _never)
+    monkeypatch.setattr(trainer, "build_model", must_not_start)
     corpus = write_corpus(tmp_path / "c.jsonl")
     held = write_corpus(tmp_path / "v.jsonl", num_docs=4, seed=1)
-    line = _error(capsys, _standin_train(corpus, tmp_path / "r", "--val-data", held, "--eval-every", "1",
-                                         "--eval-batches", "100000"))
+    line = cli_error(capsys, standin_train_argv(corpus, tmp_path / "r", "--val-data", held, "--eval-every", "1",
+                                                "--eval-batches", "100000"))
     assert "argument --eval-batches: is 100000 but the validation data" in line and "use at most" in line
 
 
-def test_item_11_a_resume_after_the_data_changed_at_the_same_path_says_so(tmp_path, capsys):
+def test_a_resume_after_the_data_changed_at_the_same_path_says_so(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     run_dir = tmp_path / "r"
-    assert _cli(_standin_train(corpus, run_dir), capsys)[0] == 0
-    code, _, err = _cli(_standin_train(corpus, run_dir, "--resume", "--max-steps", "3"), capsys)
+    assert memmix_cli(standin_train_argv(corpus, run_dir), capsys)[0] == 0
+    code, _, err = memmix_cli(standin_train_argv(corpus, run_dir, "--resume", "--max-steps", "3"), capsys)
     assert code == 0 and "changed" not in err  # the same data: nothing to say
     write_corpus(tmp_path / "c.jsonl", seed=5)  # other text at the same path
-    code, _, err = _cli(_standin_train(corpus, run_dir, "--resume", "--max-steps", "4"), capsys)
+    code, _, err = memmix_cli(standin_train_argv(corpus, run_dir, "--resume", "--max-steps", "4"), capsys)
     assert code == 0
     assert f"warning: the data at '{corpus}' changed since the run's step 3" in err
     assert "data_content" in read_metrics(str(run_dir), "start")[-1]["changed_settings"]
 
 
-def test_item_11_out_dir_equal_to_the_data_folder_is_refused(tmp_path, capsys):
+def test_out_dir_equal_to_the_data_folder_is_refused(tmp_path, capsys):
     texts = _text_corpus(tmp_path / "texts", 5)
-    line = _error(capsys, _standin_train(texts, texts))
+    line = cli_error(capsys, standin_train_argv(texts, texts))
     assert f"argument --out-dir: '{texts}' is also the input --data" in line
     assert sorted(os.listdir(texts)) == [f"doc_{i:03d}.txt" for i in range(5)]
 
 
-# ----------------------------------------------------------------------------------------------- tracebacks
+# -------------------------------------------------------------------------------- inputs that once ended in a traceback
 
 
-def test_traceback_a_dangling_symlink_in_a_data_folder(tmp_path, capsys):
+def test_a_dangling_symlink_in_a_data_folder_is_an_error_naming_it(tmp_path, capsys):
     texts = _text_corpus(tmp_path / "texts", 3)
     os.symlink(tmp_path / "gone.txt", texts / "link.txt")
-    line = _error(capsys, ["prepare", texts, "--out", tmp_path / "s"])
+    line = cli_error(capsys, ["prepare", texts, "--out", tmp_path / "s"])
     assert f"data file '{texts / 'link.txt'}' cannot be read (a symbolic link to a missing file)" in line
 
 
-def test_traceback_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch):
+def test_disk_full_while_saving_a_checkpoint_is_an_error_naming_the_step(tmp_path, capsys, monkeypatch):
     import memmix.training.checkpoint as checkpoint
 
     def full(obj, path):
@@ -604,7 +579,7 @@ def test_traceback_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeyp
 
     corpus = write_corpus(tmp_path / "c.jsonl")
     monkeypatch.setattr(checkpoint, "atomic_save", full)
-    line = _error(capsys, _standin_train(corpus, tmp_path / "r"))
+    line = cli_error(capsys, standin_train_argv(corpus, tmp_path / "r"))
     assert "argument --out-dir: could not write the checkpoint of step 2 (No space left on device); no checkpoint " \
            "was written" in line
 
@@ -612,26 +587,26 @@ def test_traceback_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeyp
 @pytest.mark.parametrize("overrides, message", [
     ('{"vocab_size": 10}', "argument --model-overrides: 'vocab_size' is set by memmix train (pass --vocab-size"),
     ('{"eos_token_id": 3}', "argument --model-overrides: 'eos_token_id' is set by memmix train")])
-def test_traceback_model_overrides_of_what_the_command_sets(overrides, message, tmp_path, capsys):
+def test_model_overrides_of_what_train_sets_are_refused(overrides, message, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
-    line = _error(capsys, ["train", "--model", "tiny", "--data", corpus, "--out-dir", tmp_path / "r",
-                           "--model-overrides", overrides])
+    line = cli_error(capsys, ["train", "--model", "tiny", "--data", corpus, "--out-dir", tmp_path / "r",
+                              "--model-overrides", overrides])
     assert message in line
 
 
 @pytest.mark.parametrize("text", ["max_steps: .inf\n", "max_steps: 1e400\n", "lr: 1e400\n", b"lr: 0.1 \xff\n"])
-def test_traceback_config_files_with_infinite_or_non_utf8_values(text, tmp_path, capsys):
+def test_config_files_with_infinite_or_non_utf8_values_are_refused(text, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    line = _error(capsys, ["train", "--config", path, "--data", write_corpus(tmp_path / "c.jsonl"), "--out-dir",
-                           tmp_path / "r"])
+    line = cli_error(capsys, ["train", "--config", path, "--data", write_corpus(tmp_path / "c.jsonl"), "--out-dir",
+                              tmp_path / "r"])
     assert ("is not UTF-8 text" in line if isinstance(text, bytes) else
             "must be a int" in line or "must be a finite number" in line), line
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
-def test_traceback_seeds_out_of_range_in_train(seed, tmp_path, capsys):
-    line = _error(capsys, _standin_train(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--seed", seed))
+def test_train_refuses_seeds_out_of_range(seed, tmp_path, capsys):
+    line = cli_error(capsys, standin_train_argv(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--seed", seed))
     assert f"argument --seed: must be an integer in [0, 2**32 - 1], got {seed}" in line
 
 
@@ -640,18 +615,18 @@ def test_traceback_seeds_out_of_range_in_train(seed, tmp_path, capsys):
     (["--seed", str(2**64)], "argument --seed: must be an integer in [0, 2**64 - 1]"),
     (["--temperature", "inf"], "argument --temperature: must be >= 0 and finite"),
     (["--temperature", "nan"], "argument --temperature: must be >= 0 and finite")])
-def test_traceback_generate_seed_and_temperature(argv, message, run, capsys, monkeypatch):
+def test_generate_refuses_seeds_out_of_range_and_non_finite_temperatures(argv, message, run, capsys, monkeypatch):
     import memmix.evaluation.loading as loading
 
-    monkeypatch.setattr(loading, "load_model_and_tokenizer", _never)
-    assert message in _error(capsys, ["generate", "--model", run[0], "--prompt", "hi", *argv])
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", must_not_start)
+    assert message in cli_error(capsys, ["generate", "--model", run[0], "--prompt", "hi", *argv])
 
 
 @pytest.mark.parametrize("damage", ["binary", "folder", "other name"])
-def test_traceback_a_damaged_latest_pointer_falls_back_to_the_step_files(damage, tmp_path, capsys):
+def test_a_damaged_latest_pointer_falls_back_to_the_step_files(damage, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
     run_dir = tmp_path / "r"
-    assert _cli(_standin_train(corpus, run_dir), capsys)[0] == 0
+    assert memmix_cli(standin_train_argv(corpus, run_dir), capsys)[0] == 0
     pointer = run_dir / "checkpoints" / "latest"
     pointer.unlink()
     if damage == "binary":
@@ -661,62 +636,62 @@ def test_traceback_a_damaged_latest_pointer_falls_back_to_the_step_files(damage,
     else:
         pointer.write_text("../../c.jsonl\n")
     assert CheckpointDir(str(run_dir)).latest() == str(run_dir / "checkpoints" / "step_00000002.pt")
-    code, _, err = _cli(_standin_train(corpus, run_dir, "--resume", "--max-steps", "3"), capsys)
+    code, _, err = memmix_cli(standin_train_argv(corpus, run_dir, "--resume", "--max-steps", "3"), capsys)
     assert code == 0 and "Traceback" not in err
 
 
-def test_traceback_convert_of_a_garbage_safetensors_file(tmp_path, capsys):
+def test_convert_of_a_garbage_safetensors_file_is_an_error_and_writes_nothing(tmp_path, capsys):
     src = _fla_checkpoint(tmp_path / "fla")
     with open(os.path.join(src, "model.safetensors"), "wb") as f:
         f.write(os.urandom(256))
-    line = _error(capsys, ["convert", src, tmp_path / "out"])
+    line = cli_error(capsys, ["convert", src, tmp_path / "out"])
     assert f"cannot convert '{src}':" in line and "model.safetensors' could not be read" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_traceback_a_hand_made_checkpoint_with_only_the_format_marker(run, tmp_path, capsys):
+def test_a_hand_made_checkpoint_with_only_the_format_marker_is_called_incomplete(run, tmp_path, capsys):
     from memmix.training.checkpoint import FORMAT
 
     path = tmp_path / "step_00000001.pt"
     torch.save({"format": FORMAT}, path)
-    line = _error(capsys, ["eval", "ppl", "--model", path, "--data", run[1]])
+    line = cli_error(capsys, ["eval", "ppl", "--model", path, "--data", run[1]])
     assert f"argument --model: checkpoint '{path}' is incomplete (no model_spec, model)" in line
 
 
-# ----------------------------------------------------------------------------------------------- wrong words
+# ---------------------------------------------------------------------------------- messages that blame the right thing
 
 
-def test_words_weight_decay_times_lr_of_one_or_more_is_blamed_on_weight_decay(tmp_path, capsys):
-    line = _error(capsys, _standin_train(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--weight-decay",
-                                         "1e30"))
+def test_weight_decay_times_lr_of_one_or_more_is_blamed_on_weight_decay(tmp_path, capsys):
+    line = cli_error(capsys, standin_train_argv(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--weight-decay",
+                                                "1e30"))
     assert "argument --weight-decay: 1e+30 times lr 0.003 is >= 1" in line
 
 
-def test_words_a_diverged_run_without_a_checkpoint_does_not_claim_one_is_kept(tmp_path, capsys):
-    line = _error(capsys, _standin_train(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--lr", "1e30",
-                                         "--weight-decay", "0", "--grad-clip", "0"))
+def test_a_diverged_run_without_a_checkpoint_does_not_claim_one_is_kept(tmp_path, capsys):
+    line = cli_error(capsys, standin_train_argv(write_corpus(tmp_path / "c.jsonl"), tmp_path / "r", "--lr", "1e30",
+                                                "--weight-decay", "0", "--grad-clip", "0"))
     assert "the run diverged" in line and "no checkpoint was written" in line
     assert "argument --lr" not in line and "is kept" not in line
 
 
-def test_words_a_cpu_recall_grid_is_blamed_on_the_option_that_sized_it(capsys, monkeypatch):
+def test_a_cpu_recall_grid_is_blamed_on_the_option_that_sized_it(capsys, monkeypatch):
     import memmix.evaluation.recall as recall_lib
 
-    monkeypatch.setattr(recall_lib, "run_recall", _never)
-    line = _error(capsys, ["recall", "--num-train", "1000000000", "--device", "cpu"])
+    monkeypatch.setattr(recall_lib, "run_recall", must_not_start)
+    line = cli_error(capsys, ["recall", "--num-train", "1000000000", "--device", "cpu"])
     assert "argument --num-train: this grid takes" in line
 
 
-def test_words_a_folder_given_to_config_is_called_a_folder(tmp_path, capsys):
-    line = _error(capsys, ["train", "--config", tmp_path, "--data", "x"])
+def test_a_folder_given_to_config_is_called_a_folder(tmp_path, capsys):
+    line = cli_error(capsys, ["train", "--config", tmp_path, "--data", "x"])
     assert f"argument --config: '{tmp_path}' is a folder; pass a YAML or JSON file" in line
 
 
-def test_words_shards_format_on_a_text_file_never_advises_deleting_it(tmp_path, capsys):
+def test_shards_format_on_a_text_file_never_advises_deleting_it(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("precious words " * 400)
-    line = _error(capsys, ["train", "--data", text, "--data-format", "shards", "--out-dir", tmp_path / "r",
-                           "--model", "tiny"])
+    line = cli_error(capsys, ["train", "--data", text, "--data-format", "shards", "--out-dir", tmp_path / "r",
+                              "--model", "tiny"])
     assert "is not a memmix token shard" in line and "delete" not in line
     assert text.exists()
 
@@ -725,15 +700,15 @@ def test_words_shards_format_on_a_text_file_never_advises_deleting_it(tmp_path, 
     (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
     (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
     (["--resume", "--overwrite"], "argument --overwrite: does not combine with resume")])
-def test_words_infinite_lr_and_resume_with_overwrite_are_refused(argv, message, tmp_path, capsys):
+def test_infinite_lr_and_resume_with_overwrite_are_refused(argv, message, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.jsonl")
-    assert _cli(_standin_train(corpus, tmp_path / "r"), capsys)[0] == 0
-    before = _files(tmp_path / "r")
-    assert message in _error(capsys, _standin_train(corpus, tmp_path / "r", *argv))
-    assert _files(tmp_path / "r") == before
+    assert memmix_cli(standin_train_argv(corpus, tmp_path / "r"), capsys)[0] == 0
+    before = folder_files(tmp_path / "r")
+    assert message in cli_error(capsys, standin_train_argv(corpus, tmp_path / "r", *argv))
+    assert folder_files(tmp_path / "r") == before
 
 
-def test_words_train_checks_its_settings_before_torch_loads(tmp_path):
+def test_train_checks_its_settings_before_torch_loads(tmp_path):
     code = ("import sys; from memmix.cli import main\n"
             "try:\n    main(['train', '--lr', '0', '--data', 'x'])\nexcept SystemExit as e:\n    status = e.code\n"
             "print(status, 'torch' in sys.modules)")
@@ -742,7 +717,7 @@ def test_words_train_checks_its_settings_before_torch_loads(tmp_path):
     assert "argument --lr: must be > 0, got 0.0" in proc.stderr
 
 
-def test_words_saved_model_files_have_ordinary_permissions(run, tmp_path, capsys):
+def test_saved_model_files_have_ordinary_permissions(run, tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     final = os.path.join(run[0], "final")
@@ -755,7 +730,8 @@ def test_words_saved_model_files_have_ordinary_permissions(run, tmp_path, capsys
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def mom_with_vocab_64():
+    """A float32 one-layer MoMForCausalLM of vocabulary 64 in eval mode (the bound the API's errors name)."""
     from memmix.models import MoMConfig, MoMForCausalLM
 
     torch.manual_seed(0)
@@ -768,29 +744,29 @@ def tiny_model():
     (lambda: torch.tensor([[1.0, 2.0]]), "input_ids must be an integer tensor of token ids"),
     (lambda: torch.tensor([[True, False]]), "input_ids must be an integer tensor of token ids"),
     (lambda: torch.zeros(2, 0, dtype=torch.long), r"input_ids must have shape \(B, T\) with T >= 1, got \(2, 0\)")])
-def test_api_bad_token_ids_are_a_value_error_naming_them(make, message, tiny_model):
+def test_api_bad_token_ids_are_a_value_error_naming_them(make, message, mom_with_vocab_64):
     with pytest.raises(ValueError, match=message):
-        tiny_model(input_ids=make())
+        mom_with_vocab_64(input_ids=make())
 
 
-def test_api_labels_outside_the_vocabulary_are_refused(tiny_model):
+def test_api_labels_outside_the_vocabulary_are_refused(mom_with_vocab_64):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match=r"labels must be token ids in \[0, 64\) or -100"):
-        tiny_model(input_ids=ids, labels=torch.tensor([[1, 64, 3]]))
-    assert torch.isfinite(tiny_model(input_ids=ids, labels=torch.tensor([[1, -100, 3]])).loss)
+        mom_with_vocab_64(input_ids=ids, labels=torch.tensor([[1, 64, 3]]))
+    assert torch.isfinite(mom_with_vocab_64(input_ids=ids, labels=torch.tensor([[1, -100, 3]])).loss)
 
 
-def test_api_generate_with_1d_ids_is_refused(tiny_model):
+def test_api_generate_with_1d_ids_is_refused(mom_with_vocab_64):
     with pytest.raises(ValueError, match=r"input_ids must have shape \(B, T\) with T >= 1, got \(3,\)"):
-        tiny_model.generate(torch.tensor([1, 2, 3]), max_new_tokens=2)
-    assert tiny_model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+        mom_with_vocab_64.generate(torch.tensor([1, 2, 3]), max_new_tokens=2)
+    assert mom_with_vocab_64.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
 
 
-def test_api_an_attention_mask_of_other_values_than_0_and_1_is_refused(tiny_model):
+def test_api_an_attention_mask_of_other_values_than_0_and_1_is_refused(mom_with_vocab_64):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
-        tiny_model(input_ids=ids, attention_mask=torch.tensor([[1.0, 0.5, 1.0]]))
-    tiny_model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1]]))
+        mom_with_vocab_64(input_ids=ids, attention_mask=torch.tensor([[1.0, 0.5, 1.0]]))
+    mom_with_vocab_64(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1]]))
 
 
 def test_api_layers_refuse_the_wrong_hidden_size_or_a_2d_input():

@@ -3,11 +3,17 @@ tests/ops/mom/test_mom_plan.py)."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 
-from memmix.routing import load_balancing_loss, route, router_z_loss
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
+
+from models_helpers import hand_z_loss  # noqa: E402
+
+from memmix.routing import load_balancing_loss, route, router_z_loss  # noqa: E402
 
 
 def test_route_picks_topk_and_renormalises():
@@ -113,16 +119,6 @@ def test_temperature_reaches_the_load_balancing_loss_through_the_logits():
     assert not torch.allclose(got, load_balancing_loss(logits, 4, 2))
 
 
-def _hand_z_loss(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over real tokens of (log sum_m exp(logit_m))^2, one token at a time."""
-    total, count = 0.0, 0
-    for row, keep in zip(logits.reshape(-1, logits.shape[-1]).tolist(), mask.reshape(-1).tolist()):
-        if keep:
-            total += math.log(sum(math.exp(v) for v in row)) ** 2
-            count += 1
-    return total / count
-
-
 @pytest.mark.parametrize("mode", ["global", "layerwise"])
 def test_z_loss_matches_a_hand_computation_and_ignores_padding(mode):
     logits = [2 * torch.randn(2, 7, 4), 2 * torch.randn(2, 7, 4) + 1]
@@ -131,10 +127,10 @@ def test_z_loss_matches_a_hand_computation_and_ignores_padding(mode):
     mask[1, 5] = 0
     got = router_z_loss(logits, attention_mask=mask, mode=mode)
     cols = mask[:, -7:]
-    want = (_hand_z_loss(logits[0], cols) + _hand_z_loss(logits[1], cols)) / 2  # every layer sees the same tokens
+    want = (hand_z_loss([logits[0]], cols) + hand_z_loss([logits[1]], cols)) / 2  # every layer sees the same tokens
     assert got.dtype == torch.float32 and got.dim() == 0
     assert got.item() == pytest.approx(want, rel=1e-5)
-    assert router_z_loss(logits[0]).item() == pytest.approx(_hand_z_loss(logits[0], torch.ones(2, 7)), rel=1e-5)
+    assert router_z_loss(logits[0]).item() == pytest.approx(hand_z_loss([logits[0]], torch.ones(2, 7)), rel=1e-5)
     noisy = [lg.clone() for lg in logits]
     noisy[1][0, :2] = 100 * torch.randn(2, 4)  # padded tokens' logits change nothing
     torch.testing.assert_close(router_z_loss(noisy, attention_mask=mask, mode=mode), got)
@@ -153,4 +149,4 @@ def test_z_loss_with_modality_groups_takes_each_tokens_own_group():
     got = router_z_loss(logits, memory_groups=[4, 2], modality_ids=modality)
     own = torch.where(modality.bool().unsqueeze(-1).expand(2, 9, 4), torch.nn.functional.pad(logits[..., 4:], (0, 2),
                       value=-float("inf")), logits[..., :4])  # each token's group logits, -inf padded to 4
-    assert got.item() == pytest.approx(_hand_z_loss(own, torch.ones(2, 9)), rel=1e-5)
+    assert got.item() == pytest.approx(hand_z_loss([own], torch.ones(2, 9)), rel=1e-5)

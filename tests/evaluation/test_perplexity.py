@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from standin_model import StandInLM
+from training_helpers import StandInLM
 
 from memmix.errors import InputError
 from memmix.evaluation.perplexity import perplexity, windows

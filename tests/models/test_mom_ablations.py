@@ -4,7 +4,6 @@ defaults staying the paper's MoM. The options against the naive reference: tests
 tests/ops/mom/test_mom_mixer.py; their errors: tests/models/test_configuration_mom.py."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -13,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from memmix.models import MoMConfig, MoMForCausalLM, causal_lm_loss
 
-from models_helpers import output_cache, random_ids, step_by_step, tiny_model
+from models_helpers import hand_z_loss, output_cache, random_ids, step_by_step, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 HYBRID = dict(num_hidden_layers=3, attn_layers=[1], attn_window_size=5, attn_num_kv_heads=1)
@@ -72,17 +71,6 @@ def test_state_size_counts_what_the_cache_holds(overrides):
     assert cache.num_floats() // 3 == model.recurrent_state_size()
 
 
-def _hand_z_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor) -> float:
-    """Mean over the real tokens of every layer of (log sum_m exp(logit))^2, one token at a time."""
-    total, count = 0.0, 0
-    for logits in router_logits:
-        for row, keep in zip(logits.reshape(-1, logits.shape[-1]).tolist(), mask.reshape(-1).tolist()):
-            if keep:
-                total += math.log(sum(math.exp(v) for v in row)) ** 2
-                count += 1
-    return total / count
-
-
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_z_loss_is_added_in_training_and_matches_a_hand_computation(temperature):
     model = tiny_model(seed=5, aux_loss_scale=0.1, router_z_loss=0.01, router_temperature=temperature,
@@ -94,7 +82,7 @@ def test_z_loss_is_added_in_training_and_matches_a_hand_computation(temperature)
     ce = causal_lm_loss(out.logits, ids, mask)
     torch.testing.assert_close(out.loss, ce + 0.1 * out.aux_loss + 0.01 * out.z_loss, **TOL)
     assert out.z_loss.dtype == torch.float32 and len(out.router_logits) == 2  # the two MoM layers
-    assert out.z_loss.item() == pytest.approx(_hand_z_loss(out.router_logits, mask), rel=1e-6)
+    assert out.z_loss.item() == pytest.approx(hand_z_loss(out.router_logits, mask), rel=1e-6)
     # the router_logits are the tempered softmax input: the gate's logits / temperature
     with torch.no_grad():
         layer = model.model.layers[0]

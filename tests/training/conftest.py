@@ -5,9 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import standin_model  # noqa: E402
-
-from training_helpers import write_corpus  # noqa: E402
+from training_helpers import register_standin, write_corpus  # noqa: E402
 
 
 @pytest.fixture
@@ -17,4 +15,4 @@ def corpus_path(tmp_path):
 
 @pytest.fixture
 def standin():
-    return standin_model.register()
+    return register_standin()

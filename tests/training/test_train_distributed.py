@@ -1,34 +1,21 @@
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from dist_worker import run_config
+from training_helpers import dist_run_config, run_torchrun
 
 from memmix.training.metrics import read_metrics
 from memmix.training.trainer import train
-
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 
 
 def _losses(out_dir):
     return [r["loss"] for r in read_metrics(str(out_dir))]
 
 
-def run_torchrun(args: list[str], nproc: int = 2) -> None:
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([torchrun, "--standalone", f"--nproc_per_node={nproc}", WORKER, *args],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_ddp_and_fsdp_on_two_processes_match_single_process_training(tmp_path, corpus_path, standin):
     """2 ranks x grad_accum 1 == 1 rank x grad_accum 2 (same rows per step, same averaged gradients).
     Checkpoints hold full state dicts, so they move between world sizes: a 1-process checkpoint resumes under
     2-rank FSDP, and a 2-rank FSDP checkpoint resumes in 1 process, both exactly like a 1-process resume."""
-    train(run_config(corpus_path, str(tmp_path / "none"), standin, {}, "none", 1))
+    train(dist_run_config(corpus_path, str(tmp_path / "none"), standin, {}, "none", 1))
     shutil.copytree(tmp_path / "none", tmp_path / "fsdp_resume")
     run_torchrun([corpus_path, str(tmp_path), standin, "{}", "ddp,fsdp,fsdp@resume"])
     single = _losses(tmp_path / "none")
@@ -39,7 +26,7 @@ def test_ddp_and_fsdp_on_two_processes_match_single_process_training(tmp_path, c
         assert (start["world_size"], start["parallel"]) == (2, mode)
 
     for name in ("none", "fsdp"):  # continue to step 6 in one process
-        resumed = run_config(corpus_path, str(tmp_path / name), standin, {}, "none", 1)
+        resumed = dist_run_config(corpus_path, str(tmp_path / name), standin, {}, "none", 1)
         resumed.max_steps, resumed.overwrite, resumed.resume = 6, False, True
         train(resumed)
     reference = _losses(tmp_path / "none")

@@ -4,8 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train_distributed import run_torchrun
-from training_helpers import TINY_MOM, tiny_train_config
+from training_helpers import TINY_MOM, dist_run_config, run_torchrun, tiny_train_config
 
 from memmix.data.packing import pack_rows
 from memmix.training.metrics import read_metrics
@@ -72,9 +71,7 @@ def test_gradient_checkpointing_run_matches_a_plain_run(tmp_path, corpus_path, m
 
 @pytest.mark.slow
 def test_mom_ddp_and_fsdp_match_single_process(tmp_path, corpus_path):
-    from dist_worker import run_config
-
-    train(run_config(corpus_path, str(tmp_path / "none"), "tiny", TINY_MOM, "none", 1))
+    train(dist_run_config(corpus_path, str(tmp_path / "none"), "tiny", TINY_MOM, "none", 1))
     run_torchrun([corpus_path, str(tmp_path), "tiny", json.dumps(TINY_MOM), "ddp,fsdp"])
     single = [r["loss"] for r in read_metrics(str(tmp_path / "none"))]
     for mode in ("ddp", "fsdp"):

@@ -1,4 +1,4 @@
-"""The fla reference rows on CUDA (issue 25): each builds, trains ten steps, reports its state size (equal to its
+"""The recall study's fla reference rows on CUDA: each builds, trains ten steps, reports its state size (equal to its
 twin's); with our mixer's weights copied in, fla's layer computes what ours does (forward, evaluation mode).
 
     pytest -m gpu tests/evaluation/recall/test_fla_reference_gpu.py      # needs CUDA and flash-linear-attention (fla)

@@ -1,5 +1,6 @@
-"""Issue 25 on the CPU: the fla reference rows' adapter and availability, the head-width rows, the zoology-d128 and
-cpu-vocab presets, and the budget warning. (The fla rows themselves run on CUDA: test_fla_reference_gpu.py.)"""
+"""The recall study's reference rows on the CPU: the fla rows' adapter and availability, the head-width rows, the
+zoology-d128 and cpu-vocab presets, and the budget warning. (The fla rows themselves run on CUDA:
+test_fla_reference_gpu.py.)"""
 from __future__ import annotations
 
 import dataclasses
