@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -18,6 +19,20 @@ def check_bad_masks_raise(layer, x: torch.Tensor) -> None:
         layer(x, attention_mask=torch.ones(batch, length - 1))
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(x, cu_seqlens=torch.tensor([0, length]))
+
+
+def hand_z_loss(router_logits, mask: torch.Tensor) -> float:
+    """Mean over the real tokens of every layer of (log sum_m exp(logit_m))^2, one token at a time.
+
+    router_logits: one (..., M) tensor per layer; mask: (...) matching each layer's leading dims, 0 at padding.
+    """
+    total, count = 0.0, 0
+    for logits in router_logits:
+        for row, keep in zip(logits.reshape(-1, logits.shape[-1]).tolist(), mask.reshape(-1).tolist()):
+            if keep:
+                total += math.log(sum(math.exp(v) for v in row)) ** 2
+                count += 1
+    return total / count
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

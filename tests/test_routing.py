@@ -3,17 +3,12 @@ tests/ops/mom/test_mom_plan.py)."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
-
-from models_helpers import hand_z_loss  # noqa: E402
-
-from memmix.routing import load_balancing_loss, route, router_z_loss  # noqa: E402
+from helpers import hand_z_loss
+from memmix.routing import load_balancing_loss, route, router_z_loss
 
 
 def test_route_picks_topk_and_renormalises():

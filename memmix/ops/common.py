@@ -17,7 +17,6 @@ to know about sequence lengths.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch

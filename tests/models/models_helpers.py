@@ -2,7 +2,6 @@
 tests/test_routing.py shares)."""
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -102,17 +101,3 @@ def step_by_step(model, ids: torch.Tensor, prefill: int = 0) -> torch.Tensor:
         logits.append(out.logits)
     assert isinstance(cache, LayerStateCache) and cache.get_seq_length() == ids.shape[1]
     return torch.cat(logits, dim=1)
-
-
-def hand_z_loss(router_logits, mask: torch.Tensor) -> float:
-    """Mean over the real tokens of every layer of (log sum_m exp(logit_m))^2, one token at a time.
-
-    router_logits: one (..., M) tensor per layer; mask: (...) matching each layer's leading dims, 0 at padding.
-    """
-    total, count = 0.0, 0
-    for logits in router_logits:
-        for row, keep in zip(logits.reshape(-1, logits.shape[-1]).tolist(), mask.reshape(-1).tolist()):
-            if keep:
-                total += math.log(sum(math.exp(v) for v in row)) ** 2
-                count += 1
-    return total / count

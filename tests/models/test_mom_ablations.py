@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from memmix.models import MoMConfig, MoMForCausalLM, causal_lm_loss
 
-from models_helpers import hand_z_loss, output_cache, random_ids, step_by_step, tiny_model
+from helpers import hand_z_loss
+from models_helpers import output_cache, random_ids, step_by_step, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-10)
 HYBRID = dict(num_hidden_layers=3, attn_layers=[1], attn_window_size=5, attn_num_kv_heads=1)

@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ops_helpers import RULES, make_step_inputs, naive_memory_step, rel_err
+from helpers import rel_err
+from ops_helpers import RULES, make_step_inputs, naive_memory_step
 from memmix.ops import decode, memory_step, registry
 from memmix.ops.registry import Kernel
 

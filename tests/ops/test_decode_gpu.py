@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_helpers import RULES, make_step_inputs, rel_err
+from helpers import rel_err
+from ops_helpers import RULES, make_step_inputs
 from memmix.ops import memory_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_helpers import RULES, call, grad_inputs, make_inputs, rel_err
+from helpers import rel_err
+from ops_helpers import RULES, call, grad_inputs, make_inputs
 
 ALL_RULES = list(RULES)
 # Varlen with empty segments (first, middle, last), a 1-token one, and lengths around the chunk size.

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_helpers import RULES, call, grad_inputs, make_inputs, rel_err
+from helpers import rel_err
+from ops_helpers import RULES, call, grad_inputs, make_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

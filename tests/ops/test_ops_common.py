@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_helpers import RULES, call, make_inputs, rel_err
+from helpers import rel_err
+from ops_helpers import RULES, call, make_inputs
 from memmix.ops import gated_delta_rule, l2norm
 from memmix.ops.common import resolve_impl
 from memmix.ops.registry import get_rule
