@@ -52,7 +52,8 @@ from memmix.progress import progress_bar, quiet_transformers_bars
 from memmix.training.metrics import MetricsLog, write_loss_plot
 from memmix.training.optim import build_optimizer, cosine_schedule
 from memmix.models import presets
-from memmix.training.step import GraphCaptureError, TrainStep
+from memmix.training.graph_capture import GraphCaptureError
+from memmix.training.step import TrainStep
 
 
 def model_spec(config: TrainConfig, vocab_size: int, tokenizer) -> dict:
