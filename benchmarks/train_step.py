@@ -272,12 +272,12 @@ def stop_mps(env: dict) -> None:
 def check_exact(args, name: str) -> dict:
     """50 steps: graph vs eager with the same capturable optimiser (bitwise expected), and vs the plain eager
     optimiser (relative difference of the losses)."""
-    from memmix.training.step import _make_capturable
+    from memmix.training.graph_capture import make_capturable
 
     def losses(mode: str, capturable: bool) -> list[float]:
         run = Run(args, name, seed=0, mode=mode)
         if capturable and not run.step.cuda_graph:
-            _make_capturable(run.step.optimizer, run.device)
+            make_capturable(run.step.optimizer, run.device)
         return run.step.read(run.train(50))
 
     graph, eager_cap, eager = losses("graph", True), losses("eager", True), losses("eager", False)

@@ -7,35 +7,35 @@ as device tensors, so a caller that logs every N steps synchronises only then.
     step = TrainStep(model, optimizer, scheduler, loss_fn=lambda model, batch: model(**batch).loss, grad_clip=1.0)
     out = step([batch])          # out.loss, out.grad_norm: 0-d float32 tensors on the model's device
 
-With `cuda_graph=True` (CUDA only) the whole step -- every micro-batch's forward and backward, the clip and the
-optimiser update -- is captured once per batch shape as one CUDA graph and replayed: one launch instead of
-hundreds, so small models train at the speed of the GPU rather than of Python. The schedule stays on the host: the
-learning rate lives in a device tensor that `scheduler.step()` fills between replays. Requirements: every batch is a
-dict / tuple / list of tensors of a fixed shape per graph (a new shape captures a new graph), `loss_fn` reads only
-those tensors (and tensors that never move, such as a data set kept on the GPU), and the model's step never syncs
-the host (`find_host_syncs` checks that on any device). The first `warmup_steps` steps of each shape run eagerly
-(compilation, autotuning, allocator warm-up); they are ordinary training steps.
+With `cuda_graph=True` (CUDA only) the whole step is captured once per batch shape as one CUDA graph and replayed
+(memmix.training.graph_capture, which lists what a captured step requires).
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any, ContextManager, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from memmix.host_syncs import find_host_syncs
+from memmix.training.graph_capture import (
+    CudaGraph,
+    GraphCaptureError,
+    GraphedStep,
+    check_graphable,
+    make_capturable,
+    without_cache,
+)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-@dataclass
-class StepOutput:
+class StepOutput(NamedTuple):
     """loss: mean loss over the step's micro-batches; grad_norm: total gradient norm before clipping.
-    Both 0-d float32 tensors on the device, not synchronised."""
+    Both 0-d float32 tensors on the device, not synchronised. (A named tuple: a captured step clones and orders its
+    tensors as a pytree.)"""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
@@ -51,22 +51,12 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return norm.float()
 
 
-@dataclass
-class _Graph:
-    """One captured step for one batch signature: static inputs, the graph, its outputs."""
-
-    warmups: int = 0
-    static: Any = None
-    graph: Any = None
-    keep: list = field(default_factory=list)  # tensors the graph writes into (gradients), kept alive with it
-
-
 class TrainStep:
     """forward + loss (under `autocast`), backward, clip, optimizer.step, scheduler.step, zero_grad.
 
     loss_fn(model, batch) -> 0-d loss tensor. micro_context(index, count) -> a context manager entered around each
     micro-batch's forward and backward (DDP/FSDP gradient-sync control), or None.
-    cuda_graph: capture and replay the step as a CUDA graph (see the module docstring); the optimiser must be
+    cuda_graph: capture and replay the step as a CUDA graph (memmix.training.graph_capture); the optimiser must be
     Adam/AdamW (made `capturable`, learning rate moved into a device tensor); micro_context is not supported.
     stream: the CUDA stream graph steps run on (several TrainSteps on their own streams overlap on one GPU);
     default: a new stream per TrainStep. graph_recorder: a stand-in for the CUDA graph (tests: a recorder that runs the function).
@@ -87,36 +77,22 @@ class TrainStep:
         self.cuda_graph = cuda_graph
         self.warmup_steps = warmup_steps
         self.stream = None
-        self._graphs: dict[tuple, _Graph] = {}
-        self._recorder = None
+        self._graphed_step: GraphedStep | None = None
         if cuda_graph:
-            device = _check_graphable(model, optimizer, micro_context, emulated=graph_recorder is not None)
-            self.autocast = _without_cache(autocast)
-            _make_capturable(optimizer, device)
+            device = check_graphable(model, optimizer, micro_context, emulated=graph_recorder is not None)
+            self.autocast = without_cache(autocast)
+            make_capturable(optimizer, device)
             if device.type == "cuda":
                 self.stream = stream if stream is not None else torch.cuda.Stream(device)
-            self._recorder = graph_recorder or _CudaGraph
+            self._graphed_step = GraphedStep(model, optimizer, scheduler, recorder=graph_recorder or CudaGraph,
+                                             stream=self.stream, warmup_steps=warmup_steps)
 
     def __call__(self, micro_batches: Sequence[Any]) -> StepOutput:
         if len(micro_batches) < 1:
             raise ValueError("TrainStep needs at least one micro-batch")
-        if self._recorder is None:
+        if self._graphed_step is None:
             return self._eager(micro_batches)
-        if self.stream is None:  # an emulated graph (CPU tests)
-            return self._graphed(micro_batches)
-        # the caller's stream made the inputs and will read the outputs: order the step stream after it and the
-        # caller's stream after the step (GPU-side waits, no host sync; no-ops when the caller is inside
-        # torch.cuda.stream(step.stream), which is how several runs overlap on one GPU)
-        caller = torch.cuda.current_stream(self.stream.device)
-        self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
-            out = self._graphed(micro_batches)
-        for tensor in pytree.tree_leaves(list(micro_batches)):
-            tensor.record_stream(self.stream)  # not reused by the caller's allocations before the step read it
-        caller.wait_stream(self.stream)
-        for tensor in (out.loss, out.grad_norm):
-            tensor.record_stream(caller)
-        return out
+        return self._graphed_step(micro_batches, self._forward_backward, self._eager, self._eager_checked)
 
     def read(self, outputs: Sequence[StepOutput]) -> list[float]:
         """The losses of `outputs` as floats (one host synchronisation for all of them, on this step's stream)."""
@@ -171,91 +147,3 @@ class TrainStep:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out
-
-    def _graphed(self, micro_batches: Sequence[Any]) -> StepOutput:
-        key = _signature(micro_batches)
-        entry = self._graphs.setdefault(key, _Graph())
-        if entry.warmups < self.warmup_steps:  # eager: compile, autotune, warm the allocator
-            entry.warmups += 1
-            if entry.warmups == self.warmup_steps and self.stream is not None:
-                return self._eager_checked(micro_batches)
-            return self._eager(micro_batches)
-        if entry.graph is None:
-            self._capture(entry, micro_batches)
-        pytree.tree_map(lambda static, new: static.copy_(new, non_blocking=True), entry.static, list(micro_batches))
-        out = entry.graph.replay()
-        self.optimizer.zero_grad(set_to_none=True)  # .grad stays None between steps, as after an eager step
-        self.scheduler.step()  # fills the learning-rate tensor that the next replay reads
-        return StepOutput(out.loss.clone(), out.grad_norm.clone())
-
-    def _capture(self, entry: _Graph, micro_batches: Sequence[Any]) -> None:
-        """Record the step for this batch signature; its gradients get their own buffers in the graph's pool."""
-        device = next(self.model.parameters()).device
-        entry.static = pytree.tree_map(lambda t: torch.empty_like(t, device=device), list(micro_batches))
-        self.optimizer.zero_grad(set_to_none=True)
-        entry.graph = self._recorder(self.stream)
-        entry.graph.record(lambda: self._forward_backward(entry.static))
-        entry.keep = [p.grad for p in self.model.parameters() if p.grad is not None]  # the graph writes these
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-class GraphCaptureError(ValueError):
-    """A step that cannot be captured as a CUDA graph (it reads device values back to the host)."""
-
-
-class _CudaGraph:
-    """record(fn) captures fn's kernels without running them; replay() runs them and returns fn's outputs (the
-    same tensors every time: the next replay overwrites them)."""
-
-    def __init__(self, stream):
-        self.graph, self.stream, self.outputs = torch.cuda.CUDAGraph(), stream, None
-
-    def record(self, fn: Callable[[], Any]) -> None:
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            self.outputs = fn()
-
-    def replay(self) -> Any:
-        self.graph.replay()
-        return self.outputs
-
-
-def _signature(micro_batches: Sequence[Any]) -> tuple:
-    """Shapes, dtypes and structure of a step's batches: one graph per signature."""
-    leaves, spec = pytree.tree_flatten(list(micro_batches))
-    bad = [type(x).__name__ for x in leaves if not isinstance(x, torch.Tensor)]
-    if bad:
-        raise TypeError(f"TrainStep(cuda_graph=True): a batch must be a dict/tuple/list of tensors, found a {bad[0]}")
-    return (str(spec),) + tuple((tuple(x.shape), x.dtype) for x in leaves)
-
-
-def _check_graphable(model: nn.Module, optimizer, micro_context, emulated: bool) -> torch.device:
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    if device.type != "cuda" and not emulated:
-        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}; use cuda_graph=False")
-    if micro_context is not None:
-        raise ValueError("cuda_graph=True does not support micro_context (DDP/FSDP gradient sync); use "
-                         "cuda_graph=False")
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise ValueError(f"cuda_graph=True supports torch.optim.Adam/AdamW, got {type(optimizer).__name__}")
-    return device
-
-
-def _make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Adam(W) keeps its step counts on the device and reads its learning rate from a device tensor, so a captured
-    update follows the schedule. Done after the scheduler was built: its base rates stay host floats."""
-    for group in optimizer.param_groups:
-        group["capturable"] = device.type == "cuda"  # Adam supports it on accelerators only (emulation: CPU)
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
-    for state in optimizer.state.values():
-        if "step" in state:
-            state["step"] = state["step"].to(device=device, dtype=torch.float32)
-
-
-def _without_cache(autocast):
-    """The same autocast without its weight-cast cache (cached casts made outside a graph go stale inside it)."""
-    if isinstance(autocast, torch.autocast):
-        return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled,
-                              cache_enabled=False)
-    return autocast

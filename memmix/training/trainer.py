@@ -17,6 +17,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +54,8 @@ from memmix.progress import progress_bar, quiet_transformers_bars
 from memmix.training.metrics import MetricsLog, write_loss_plot
 from memmix.training.optim import build_optimizer, cosine_schedule
 from memmix.models import presets
-from memmix.training.step import GraphCaptureError, TrainStep
+from memmix.training.graph_capture import GraphCaptureError
+from memmix.training.step import TrainStep
 
 
 def model_spec(config: TrainConfig, vocab_size: int, tokenizer) -> dict:
@@ -343,22 +346,58 @@ def _out_dir_lock(out_dir: str, info: DistInfo):
 
 
 def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
+    """train() inside the process group and out_dir's lock: what to resume, the set-up, the loop, the end."""
     resume_path = find_resume_checkpoint(config)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.tokenizer)
-    vocab_size = resolve_vocab_size(config, tokenizer)
-    spec = model_spec(config, vocab_size, tokenizer)
+    spec = model_spec(config, resolve_vocab_size(config, tokenizer), tokenizer)
 
     # the run to continue, checked before the data is read
-    checkpoint, changed = None, {}
+    checkpoint = None
     if resume_path:
         checkpoint = load_checkpoint(resume_path, argument="resume", needs=RESUME_KEYS)
         check_same_spec(checkpoint["model_spec"], spec, resume_path)
         if checkpoint["step"] >= config.max_steps:
             return {"step": checkpoint["step"], "loss": None, "out_dir": config.out_dir,
                     "tokens": checkpoint["tokens_seen"], "already_finished": True}
-        changed = changed_settings(checkpoint.get("train_config", {}), config, resume_path)
 
+    run = _set_up(config, info, tokenizer, spec, resume_path, checkpoint)
+    del checkpoint  # restored into the model and optimiser: not kept through training
+    step, tokens_seen, loss_value = _train_loop(run, step_callback)
+    return _finish(run, step, tokens_seen, loss_value)
+
+
+@dataclass
+class _Run:
+    """What the set-up builds for the loop: the model and its training state, data, outputs, and where it starts."""
+
+    config: TrainConfig
+    info: DistInfo
+    spec: dict
+    data_fingerprint: str
+    tokenizer: Any
+    raw_model: nn.Module
+    model: nn.Module  # raw_model wrapped for DDP/FSDP, or itself
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_step: TrainStep
+    autocast: Any
+    source: BatchSource
+    val_source: BatchSource | None
+    ckpts: CheckpointDir
+    log: MetricsLog | None  # rank 0 only
+    step: int  # the position it starts from: 0, or the resumed checkpoint's
+    rows_consumed: int
+    tokens_seen: int
+
+
+def _set_up(config: TrainConfig, info: DistInfo, tokenizer, spec: dict, resume_path: str | None,
+            checkpoint: dict | None) -> _Run:
+    """Data, model, optimiser, schedule and outputs of the run, restored from `checkpoint` when resuming; a new run
+    clears out_dir only here, once every check passed."""
+    changed = {}
+    if checkpoint is not None:
+        changed = changed_settings(checkpoint.get("train_config", {}), config, resume_path)
     corpus, source, val_source = _data_sources(config, tokenizer, info)
     data_fingerprint = corpus.fingerprint()
     if checkpoint is not None:
@@ -367,7 +406,7 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
             changed["data_content"] = [saved, data_fingerprint]
 
     # model, optimiser, schedule
-    raw_model = build_model(config.model, vocab_size, config.model_overrides, tokenizer.eos_token_id)
+    raw_model = build_model(config.model, spec["vocab_size"], config.model_overrides, tokenizer.eos_token_id)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(raw_model, config)
     if info.is_main:
@@ -387,7 +426,6 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
     step, rows_consumed, tokens_seen = 0, 0, 0
     if checkpoint is not None:
         step, rows_consumed, tokens_seen = _restore(checkpoint, model, optimizer, scheduler, config)
-        del checkpoint
 
     ckpts = CheckpointDir(config.out_dir, config.keep_checkpoints)
     log = MetricsLog(config.out_dir, config.tensorboard, resume_step=step if resume_path else None) if info.is_main else None
@@ -397,17 +435,28 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
     train_step = TrainStep(model, optimizer, scheduler, lambda m, batch: lm_loss(m, *batch), grad_clip=config.grad_clip,
                            autocast=autocast, cuda_graph=config.cuda_graph,
                            micro_context=None if config.cuda_graph else lambda i, n: grad_sync(model, i == n - 1))
+    return _Run(config=config, info=info, spec=spec, data_fingerprint=data_fingerprint, tokenizer=tokenizer,
+                raw_model=raw_model, model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
+                autocast=autocast, source=source, val_source=val_source, ckpts=ckpts, log=log, step=step,
+                rows_consumed=rows_consumed, tokens_seen=tokens_seen)
+
+
+def _train_loop(run: _Run, step_callback) -> tuple[int, int, float]:
+    """Train from run.step to max_steps: log, validate and save on their steps; returns (step, tokens_seen, the loss
+    last read back)."""
+    config, info, scheduler, log = run.config, run.info, run.scheduler, run.log
+    step, rows_consumed, tokens_seen = run.step, run.rows_consumed, run.tokens_seen
     rows_per_step = info.world_size * config.grad_accum * config.micro_batch_size
     bar = progress_bar(config.max_steps, "train", "step", config.progress and info.is_main, initial=step)
-    model.train()
+    run.model.train()
     loss_value, window_tokens, window_start = float("nan"), 0, time.perf_counter()
 
     while step < config.max_steps:
-        micro_batches = _step_batches(source, config, info, rows_consumed)
+        micro_batches = _step_batches(run.source, config, info, rows_consumed)
         logged = (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
         lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)  # this step's rate, on the host
         try:
-            result = train_step(micro_batches)
+            result = run.train_step(micro_batches)
         except GraphCaptureError as err:
             raise InputError(str(err), "cuda_graph") from None
         step += 1
@@ -419,39 +468,51 @@ def _train(config: TrainConfig, info: DistInfo, step_callback) -> dict:
         if logged or saving or step_callback is not None:  # the only reads of the loss back to the host
             loss_value = mean_across_ranks(result.loss.item(), info)
             if not math.isfinite(loss_value):
-                latest = ckpts.latest()
-                kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written"
                 raise InputError(f"the loss became {loss_value} at step {step} (lr {config.lr}, weight_decay "
                                  f"{config.weight_decay}, grad_clip {config.grad_clip}): the run diverged; lower the "
-                                 f"learning rate or check the data ({kept})")
+                                 f"learning rate or check the data ({_kept_checkpoint(run.ckpts)})")
         if info.is_main:
             if logged:
                 tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 _log_train_step(log, bar, step, loss_value, lr, result.grad_norm, tokens_seen, tok_s)
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
-        if val_source is not None and step % config.eval_every == 0:
-            _validate(model, val_source, config, info, autocast, log, bar, step)
+        if run.val_source is not None and step % config.eval_every == 0:
+            _validate(run.model, run.val_source, config, info, run.autocast, log, bar, step)
         if saving:
-            state = {"step": step, "rows_consumed": rows_consumed, "tokens_seen": tokens_seen, "model_spec": spec,
-                     "train_config": config.to_dict(), "data_fingerprint": data_fingerprint}
-            try:
-                save_checkpoint(ckpts, model, optimizer, scheduler, state, info)
-            except OSError as err:  # disk full: the files are atomic, so the last checkpoint is intact
-                latest = ckpts.latest()
-                kept = f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written"
-                raise InputError(f"could not write the checkpoint of step {step} ({err.strerror or err}); {kept}",
-                                 "out_dir") from None
+            state = {"step": step, "rows_consumed": rows_consumed, "tokens_seen": tokens_seen, "model_spec": run.spec,
+                     "train_config": config.to_dict(), "data_fingerprint": run.data_fingerprint}
+            _save(run, state)
         if step_callback is not None:
             step_callback(step, loss_value)
 
     bar.close()
+    return step, tokens_seen, loss_value
+
+
+def _save(run: _Run, state: dict) -> None:
+    """The checkpoint of state["step"]; a failed write (disk full) names the checkpoint that is kept."""
+    try:
+        save_checkpoint(run.ckpts, run.model, run.optimizer, run.scheduler, state, run.info)
+    except OSError as err:  # disk full: the files are atomic, so the last checkpoint is intact
+        raise InputError(f"could not write the checkpoint of step {state['step']} ({err.strerror or err}); "
+                         f"{_kept_checkpoint(run.ckpts)}", "out_dir") from None
+
+
+def _kept_checkpoint(ckpts: CheckpointDir) -> str:
+    latest = ckpts.latest()
+    return f"the last checkpoint, {latest}, is kept" if latest else "no checkpoint was written"
+
+
+def _finish(run: _Run, step: int, tokens_seen: int, loss_value: float) -> dict:
+    """The final Hugging Face folder, the "end" record and the loss plot; train()'s result."""
+    config = run.config
     if config.save_hf:
-        save_hf_folder(model, raw_model, tokenizer, os.path.join(config.out_dir, "final"), info)
-    if info.is_main:
-        log.log({"kind": "end", "step": step, "loss": loss_value if math.isfinite(loss_value) else None,
-                 "tokens": tokens_seen})
-        log.close()
+        save_hf_folder(run.model, run.raw_model, run.tokenizer, os.path.join(config.out_dir, "final"), run.info)
+    if run.info.is_main:
+        run.log.log({"kind": "end", "step": step, "loss": loss_value if math.isfinite(loss_value) else None,
+                     "tokens": tokens_seen})
+        run.log.close()
         if config.plot:
             write_loss_plot(config.out_dir)
     return {"step": step, "loss": loss_value, "out_dir": config.out_dir, "tokens": tokens_seen}

@@ -1,4 +1,7 @@
 """TrainStep: the eager step, the CUDA-graph step's logic (emulated on the CPU), and the host-sync finder."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -7,7 +10,7 @@ from helpers import EmulatedGraph
 from memmix import MoMConfig, MoMForCausalLM
 from memmix.host_syncs import find_host_syncs
 from memmix.training.optim import build_optimizer, cosine_schedule
-from memmix.training.step import TrainStep
+from memmix.training.step import StepOutput, TrainStep
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, attn_num_heads=2,
             intermediate_size=64)
@@ -81,6 +84,39 @@ def test_graph_step_refuses_what_it_cannot_capture():
         TrainStep(model, optimizer, schedule, lambda m, b: m(**b).loss, grad_clip=-1)
 
 
+class _OutputsOnly:
+    """Keeps what CudaGraph keeps after a capture: output tensors, not the function (no reference back to the step)."""
+
+    def __init__(self, stream):
+        self.outputs = StepOutput(torch.zeros(()), torch.zeros(()))
+
+    def record(self, fn):
+        pass
+
+    def replay(self):
+        return self.outputs
+
+
+def test_a_graphed_step_is_freed_without_the_garbage_collector():
+    """No reference cycle through a graphed step: a finished run's model, optimiser and graphs go as soon as its last
+    reference does (GPU memory would otherwise wait for a full collection)."""
+    model = MoMForCausalLM(MoMConfig(**TINY, **KINDS["gdn"]))
+    optimizer = build_optimizer(model, lr=1e-3)
+    step = TrainStep(model, optimizer, cosine_schedule(optimizer, 0, 10),
+                     lambda m, b: m(input_ids=b[0], labels=b[0]).loss, cuda_graph=True, warmup_steps=1,
+                     graph_recorder=_OutputsOnly)
+    ids = torch.randint(0, 64, (2, 16))
+    for _ in range(3):  # a warm-up step, a capture, replays
+        step([(ids,)])
+    gone = weakref.ref(step), weakref.ref(model)
+    gc.disable()
+    try:
+        del step, model, optimizer
+        assert gone[0]() is None and gone[1]() is None
+    finally:
+        gc.enable()
+
+
 def test_find_host_syncs_names_each_kind_of_sync():
     x = torch.randn(8)
     assert find_host_syncs(lambda: x.sum().item()) == ["aten._local_scalar_dense.default"]
@@ -96,7 +132,7 @@ def test_find_host_syncs_names_each_kind_of_sync():
 def test_the_last_warmup_step_names_host_reads_before_a_capture():
     """On CUDA the last warm-up step runs watched (TrainStep._eager_checked): a step that reads a value back to the
     host stops there with a clear error instead of failing inside the capture. The check itself is device-free."""
-    from memmix.training.step import GraphCaptureError
+    from memmix.training.graph_capture import GraphCaptureError
 
     torch.manual_seed(0)
     model = MoMForCausalLM(MoMConfig(**TINY, **KINDS["attention"]))

@@ -6,7 +6,8 @@ import torch
 from memmix.data.mqar import generate_mqar
 from memmix.evaluation.recall import RECALL_MODELS, ModelSize
 from memmix.training.optim import build_optimizer, cosine_schedule
-from memmix.training.step import TrainStep, _make_capturable
+from memmix.training.graph_capture import make_capturable
+from memmix.training.step import TrainStep
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -30,7 +31,7 @@ def _setup(name: str, graph: bool, steps: int, seed: int = 0, stream=None, captu
 
     step = TrainStep(model, optimizer, schedule, loss, cuda_graph=graph, stream=stream)
     if capturable and not graph:
-        _make_capturable(optimizer, torch.device("cuda"))  # the same optimiser arithmetic as the graph's
+        make_capturable(optimizer, torch.device("cuda"))  # the same optimiser arithmetic as the graph's
     order = torch.randint(0, 256, (steps, 16), generator=torch.Generator().manual_seed(seed)).cuda()
     return step, order
 

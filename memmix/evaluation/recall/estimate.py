@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memmix.evaluation.recall.report import fmt_seconds
 from memmix.evaluation.recall.settings import (
     RecallSettings,
     settings_grid,
@@ -101,15 +102,8 @@ class Estimate:
     run_seconds: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return (f"about {_fmt(self.seconds)} for {self.runs} runs on {self.workers} worker"
+        return (f"about {fmt_seconds(self.seconds)} for {self.runs} runs on {self.workers} worker"
                 f"{'s' if self.workers != 1 else ''} ({self.device}; {self.basis})")
-
-
-def _fmt(seconds: float) -> str:
-    minutes = seconds / 60
-    if minutes >= 90:
-        return f"{minutes / 60:.1f} h"
-    return f"{minutes:.0f} min" if minutes >= 2 else f"{seconds:.0f} s"
 
 
 def _step_tokens(s: RecallSettings) -> float:
@@ -219,7 +213,7 @@ def budget_warning(s: RecallSettings, finished: list | None = None) -> str | Non
         return None
     fits = int(s.steps * budget / seconds) // 100 * 100
     cap = f"a step cap of about {fits:,} fits" if fits else "no step cap of 100 or more fits"
-    return (f"a run that trains to the {s.steps:,}-step cap ({key}) takes about {_fmt(seconds)} ({est.device}; "
+    return (f"a run that trains to the {s.steps:,}-step cap ({key}) takes about {fmt_seconds(seconds)} ({est.device}; "
             f"{est.basis}), more than the {s.budget_minutes:g}-min budget: it cannot finish within one call and is "
             f"trained again from its start by the next; {cap} (steps, --steps)")
 

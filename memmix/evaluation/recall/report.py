@@ -114,8 +114,15 @@ def _row(best, chosen: list, complete: bool) -> ModelResult:
 
 
 def fmt_seconds(seconds: float) -> str:
+    """A duration as every recall message prints it: 45s, 3m05s, 2h05m (to the second under an hour, then to the
+    minute)."""
     seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _accuracy_cell(r: ModelResult, g: tuple[int, int]) -> str:

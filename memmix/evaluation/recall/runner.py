@@ -19,17 +19,15 @@ from memmix.evaluation.recall.results import ResultsFile, RunResult, RunSpec, fa
 from memmix.evaluation.recall.settings import RecallSettings, validate_settings
 
 
-_clock = time.monotonic  # the wall clock of the budget and of wall_seconds (tests replace it)
-
-
-def run_recall(s: RecallSettings, progress: bool = True,
-               on_result: Callable[[RunResult], None] | None = None) -> RecallReport:
+def run_recall(s: RecallSettings, progress: bool = True, on_result: Callable[[RunResult], None] | None = None,
+               clock: Callable[[], float] = time.monotonic) -> RecallReport:
     """Train every model of ``s`` at every d_model (learning-rate sweep, then seeds of the best) and test every
     setting; returns every number. With s.json_path, finished runs are written there as they finish and runs
     already there are not trained again. With several workers the runs train in parallel processes.
-    on_result(run) is called as each run finishes (after it is saved)."""
+    on_result(run) is called as each run finishes (after it is saved). clock() -> seconds: the wall clock of the
+    budget and of wall_seconds (tests pass a scripted one)."""
     validate_settings(s)
-    start = _clock()
+    start = clock()
     plan = Plan(s, load_finished(s))
     out = ResultsFile(s.json_path)
     left = len(plan.remaining())
@@ -48,14 +46,14 @@ def run_recall(s: RecallSettings, progress: bool = True,
         if result.diverged:
             note(out.messages, f"run {result.spec.key} diverged (training loss {result.final_loss}): its accuracy "
                                "is no result; lower --lr")
-        out.write(_report(s, plan, _clock() - start, out.messages).as_dict())
+        out.write(_report(s, plan, clock() - start, out.messages).as_dict())
         if on_result is not None:
             on_result(result)
 
     def may_start(spec: RunSpec) -> bool:
         """Within the budget, and (when runs of its model and width were measured) finishing within it, unless it
         could never fit one."""
-        elapsed = _clock() - start
+        elapsed = clock() - start
         need = plan.measured_seconds(spec)
         return elapsed < budget and (need is None or need > budget or elapsed + need <= budget)
 
@@ -65,7 +63,7 @@ def run_recall(s: RecallSettings, progress: bool = True,
         with torch_threads(s.num_threads):
             train_here(plan, s, tracker, finished, may_start)
     tracker.close()
-    report = _report(s, plan, _clock() - start, out.messages)
+    report = _report(s, plan, clock() - start, out.messages)
     if report.pending:
         where = f"; they are in '{out.where}'" if out.where else " (no json_path: they are not kept)"
         note(out.messages, f"wall-time budget of {s.budget_minutes:g} min used: {len(report.runs)} of {plan.total} "

@@ -18,7 +18,6 @@ from memmix.evaluation.recall import (
     format_table,
     pool,
     run_recall,
-    runner,
 )
 from memmix.evaluation.recall import report as report_module
 from memmix.evaluation.recall import results as results_module
@@ -50,14 +49,11 @@ def trained_runs(monkeypatch):
     return keys
 
 
-def test_a_partial_grid_resumes_without_retraining_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch,
-                                                                                    trained_runs, capsys):
+def test_a_partial_grid_resumes_without_retraining_and_ends_as_an_uninterrupted_run(tmp_path, trained_runs, capsys):
     path = tmp_path / "runs" / "recall.json"
     settings = RecallSettings(**TINY, json_path=str(path), budget_minutes=1.0)
     ticks = iter([0.0, 30.0, 90.0])  # start; the first run may start (30 s < 1 min); the second may not
-    with monkeypatch.context() as patch:
-        patch.setattr(runner, "_clock", lambda: next(ticks, 120.0))
-        partial = run_recall(settings, progress=False)
+    partial = run_recall(settings, progress=False, clock=lambda: next(ticks, 120.0))
     assert trained_runs == ["gdn d=16 lr=0.001 seed=0"] and partial.pending == ["linear d=16 lr=0.001 seed=0"]
     assert "1 left" in capsys.readouterr().err and "run the same command again" in partial.notes[-1]
     first = json.loads(path.read_text())
@@ -77,15 +73,15 @@ def test_a_partial_grid_resumes_without_retraining_and_ends_as_an_uninterrupted_
     assert format_table(resumed) == format_table(straight)
 
 
-def test_a_run_measured_to_overrun_the_budget_waits_for_the_next_call(tmp_path, monkeypatch, trained_runs):
+def test_a_run_measured_to_overrun_the_budget_waits_for_the_next_call(tmp_path, trained_runs):
     path = tmp_path / "r.json"
     run_recall(RecallSettings(**TINY | dict(models=["gdn"]), json_path=str(path)), progress=False)
     payload = json.loads(path.read_text())
     payload["runs"][0]["train_seconds"] = 40.0  # gdn's runs take 40 s
     path.write_text(json.dumps(payload))
-    ticks = iter([0.0])
-    monkeypatch.setattr(runner, "_clock", lambda: next(ticks, 30.0))  # 30 s of a 60 s budget are used
-    report = run_recall(RecallSettings(**TINY, seeds=2, json_path=str(path), budget_minutes=1.0), progress=False)
+    ticks = iter([0.0])  # then 30 s of a 60 s budget are used
+    report = run_recall(RecallSettings(**TINY, seeds=2, json_path=str(path), budget_minutes=1.0), progress=False,
+                        clock=lambda: next(ticks, 30.0))
     assert trained_runs[1:] == ["linear d=16 lr=0.001 seed=0", "linear d=16 lr=0.001 seed=1"]
     assert report.pending == ["gdn d=16 lr=0.001 seed=1"]
 

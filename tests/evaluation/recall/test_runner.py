@@ -27,6 +27,8 @@ from memmix.evaluation.recall import (
 )
 from memmix.evaluation.recall import pool as recall_pool
 from memmix.evaluation.recall import progress as recall_progress
+from memmix.evaluation.recall.estimate import Estimate
+from memmix.evaluation.recall.report import fmt_seconds
 
 TINY = ["--seq-len", "16", "--num-kv-pairs", "2,3", "--d-model", "16", "--head-dim", "8", "--layers", "1",
         "--steps", "3", "--batch-size", "4", "--num-train", "24", "--num-test", "8", "--vocab-size", "16",
@@ -118,6 +120,15 @@ def test_summary_checks_the_expected_order_at_the_hardest_setting(acc, holds):
     line = summary_line(_report(acc))
     assert "T=64 N=16" in line and "1m01s" in line
     assert ("does NOT hold" not in line) == holds and ("holds" in line) == holds
+
+
+@pytest.mark.parametrize("seconds,text", [(0.4, "0s"), (59.4, "59s"), (59.6, "1m00s"), (61.0, "1m01s"),
+                                          (3599.4, "59m59s"), (3599.6, "1h00m"), (7529.0, "2h05m"),
+                                          (90000.0, "25h00m")])
+def test_durations_print_alike_in_summaries_bars_and_estimates(seconds, text):
+    assert fmt_seconds(seconds) == text
+    estimate = Estimate(seconds=seconds, runs=3, workers=1, device="cpu", basis="a model")
+    assert estimate.describe() == f"about {text} for 3 runs on 1 worker (cpu; a model)"
 
 
 @pytest.mark.parametrize(
