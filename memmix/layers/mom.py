@@ -20,11 +20,12 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
+from memmix.checks import is_int
 from memmix.layers.gates import decay_parameters, init_decay_parameters
 from memmix.layers.masks import check_hidden_states, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
 from memmix.ops.common import compute_dtype
-from memmix.ops.mom import CONV_SCOPES, MoMWeights, mom_mixer, sequence_conv
+from memmix.ops.mom import CONV_SCOPES, MIXER_IMPLS, MoMWeights, mom_mixer, sequence_conv
 from memmix.ops.registry import get_rule, rules
 from memmix.routing import allowed_memories, route
 
@@ -60,13 +61,19 @@ class MoMOptions:
     conv_scope: str = "segment"
 
     def check(self, hidden_size: int) -> None:
-        """ValueError naming the first bad option (or hidden_size) and what it may be."""
+        """ValueError naming the first bad option (or hidden_size) and what it may be: the one check of every
+        option, for the layer and for MoMConfig."""
         check_mom_args(hidden_size, self.num_heads, self.head_dim, self.expand_v, self.num_memories, self.topk,
                        self.memory_rule, self.conv_size)
+        for name in ("shared_mem", "single_kv_proj", "use_output_gate", "low_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.impl not in MIXER_IMPLS:
+            raise ValueError(f"impl must be one of {list(MIXER_IMPLS)}, got {self.impl!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be a number > 0, got {self.norm_eps!r}")
         check_memory_groups(self.memory_groups, self.num_memories, self.topk)
         _check_ablation_args(self.router_temperature, self.router_input, self.conv_scope)
-        if not isinstance(self.low_memory, bool):
-            raise ValueError(f"low_memory must be True or False, got {self.low_memory!r}")
 
 
 @dataclass
@@ -322,13 +329,13 @@ def check_mom_args(hidden_size, num_heads, head_dim, expand_v, num_memories, top
     """ValueError naming the first bad MixtureOfMemories argument and what it may be (MoMConfig calls it too)."""
     for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_dim", head_dim),
                         ("num_memories", num_memories)):
-        if not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not 1 <= topk <= num_memories:
         raise ValueError(f"topk must be in [1, num_memories={num_memories}], got {topk!r}")
     if memory_rule not in MEMORY_RULES:
         raise ValueError(f"memory_rule must be one of {MEMORY_RULES}, got {memory_rule!r}")
-    if not isinstance(conv_size, int) or conv_size < 2:
+    if not is_int(conv_size) or conv_size < 2:
         raise ValueError(f"conv_size must be an integer >= 2, got {conv_size!r}")
     if expand_v <= 0 or head_dim * expand_v != int(head_dim * expand_v):
         raise ValueError(f"expand_v must be positive with head_dim * expand_v an integer, got {expand_v!r}")
@@ -349,7 +356,7 @@ def check_memory_groups(memory_groups, num_memories: int, topk: int) -> None:
     if memory_groups is None:
         return
     sizes = list(memory_groups)
-    if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes) or sum(sizes) != num_memories:
+    if not sizes or any(not is_int(n) or n < 1 for n in sizes) or sum(sizes) != num_memories:
         raise ValueError(
             f"memory_groups must be positive group sizes summing to num_memories={num_memories}, got {memory_groups!r}"
         )

@@ -8,22 +8,13 @@ from transformers import PretrainedConfig
 from memmix.checks import is_int
 from memmix.layers.mlp import default_intermediate_size
 from memmix.layers.moe import FFN_ROUTINGS
-from memmix.layers.mom import ROUTER_INPUTS, MoMOptions, check_mom_args
-from memmix.models.checks import (
-    LM_FIELD_RULES,
-    boolean,
-    check_fields,
-    choice,
-    integer,
-    number,
-    optional,
-)
-from memmix.ops.mom import CONV_SCOPES
+from memmix.layers.mom import MoMOptions, check_memory_groups
+from memmix.models.checks import LM_FIELD_RULES, check_fields, choice, integer, number, optional
 from memmix.routing import AUX_LOSS_MODES
 
-# Each stored field's type (and range where it stands alone), in two tables: the MoM layer's arguments, whose
-# values its own check (memmix.layers.mom.MoMOptions.check) then checks together, and the rest. The helpers at the
-# end of this file check the attention and the modality fields together.
+# Each stored field's type (and range where it stands alone), in two tables around the layer's own check of its
+# options (memmix.layers.mom.MoMOptions.check): the LM's fields and the layer's sizes first, then the rest. The
+# helpers at the end of this file check the attention and the modality fields together.
 _LAYER_FIELD_RULES = {
     **LM_FIELD_RULES,
     "num_heads": integer(),
@@ -33,17 +24,11 @@ _LAYER_FIELD_RULES = {
     "topk": integer(),
     "conv_size": integer(),
 }
+# the model's fields beyond the layer's options (MoMOptions.check checks those)
 _OTHER_FIELD_RULES = {
-    "shared_mem": boolean,
-    "single_kv_proj": boolean,
-    "use_output_gate": boolean,
-    "low_memory": boolean,
     "aux_loss_scale": number(non_negative=True),
     "aux_loss_mode": choice(AUX_LOSS_MODES),
     "router_z_loss": number(non_negative=True),
-    "router_temperature": number(positive=True),
-    "router_input": choice(ROUTER_INPUTS),
-    "conv_scope": choice(CONV_SCOPES),
     "attn_num_heads": integer(1),
     "attn_num_kv_heads": integer(1),
     "rope_theta": number(positive=True),
@@ -148,16 +133,17 @@ class MoMConfig(PretrainedConfig):
         attn_num_heads = num_heads if attn_num_heads is None else attn_num_heads
         attn_num_kv_heads = attn_num_heads if attn_num_kv_heads is None else attn_num_kv_heads
         arguments = locals()
-        fields = {name: arguments[name] for name in (*_LAYER_FIELD_RULES, "memory_rule", *_OTHER_FIELD_RULES)}
+        names = (*_LAYER_FIELD_RULES, *(f.name for f in dataclass_fields(MoMOptions)), *_OTHER_FIELD_RULES)
+        fields = {name: arguments[name] for name in dict.fromkeys(names)}
         check_fields(fields, _LAYER_FIELD_RULES)
-        check_mom_args(hidden_size, num_heads, head_dim, expand_v, num_memories, topk, memory_rule, conv_size)
+        # the layer's options, checked once (MoMOptions.check), before the fields derived from its sizes
+        options = {f.name: fields[f.name] for f in dataclass_fields(MoMOptions) if f.name != "memory_groups"}
+        MoMOptions(**options).check(hidden_size)
         check_fields(fields, _OTHER_FIELD_RULES)
         fields["attn_layers"] = _checked_attention_fields(attn_layers, fields)
         fields.update(_checked_modality_fields(modalities, memory_groups, ffn_experts, fields))
-        groups = None if fields["memory_groups"] is None else list(fields["memory_groups"].values())
-        # the layer's whole check (its sizes first, above, so that they are named before the fields derived from them)
-        MoMOptions(**{f.name: fields[f.name] for f in dataclass_fields(MoMOptions) if f.name != "memory_groups"},
-                   memory_groups=groups).check(hidden_size)
+        if fields["memory_groups"] is not None:
+            check_memory_groups(list(fields["memory_groups"].values()), num_memories, topk)
         del fields["tie_word_embeddings"]  # stored by PretrainedConfig
         for name, value in fields.items():
             setattr(self, name, value)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from memmix.checks import is_int
 from memmix.layers.attention import CausalSelfAttention
 from memmix.layers.mlp import SwiGLUMLP
 from memmix.layers.moe import ModalityMoE
@@ -294,7 +295,7 @@ class MoMForCausalLM(MoMPreTrainedModel, MemmixForCausalLM):
         config.generation_modality). Beams and num_return_sequences repeat modality_ids with the prompt."""
         if generation_modality is None:
             generation_modality = self.config.generation_modality
-        if not isinstance(generation_modality, int) or not 0 <= generation_modality < self.config.num_modalities:
+        if not is_int(generation_modality) or not 0 <= generation_modality < self.config.num_modalities:
             raise ValueError(
                 f"generation_modality must be an integer in [0, {self.config.num_modalities}), "
                 f"got {generation_modality!r}"

@@ -211,6 +211,12 @@ def test_router_logits_and_state_shapes():
         (dict(router_temperature="2"), r"router_temperature must be a number > 0"),
         (dict(router_input="gate"), r"router_input must be one of \['token', 'conv'\], got 'gate'"),
         (dict(conv_scope="memory"), r"conv_scope must be one of \['segment', 'sequence'\], got 'memory'"),
+        # every option checked by the layer itself, as MoMConfig checks it (MoMOptions.check: one check for both)
+        (dict(impl="bogus"), r"impl must be one of \['auto', 'naive', 'recurrent', 'chunk', 'triton'\], got 'bogus'"),
+        (dict(shared_mem=1), "shared_mem must be True or False"),
+        (dict(use_output_gate="yes"), "use_output_gate must be True or False"),
+        (dict(norm_eps=0.0), "norm_eps must be a number > 0"),
+        (dict(num_heads=True), "num_heads must be a positive integer, got True"),
     ],
 )
 def test_bad_arguments(kw, match):

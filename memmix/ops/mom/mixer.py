@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from memmix.ops.mom import triton_path
+import memmix.ops.mom.triton_path as triton_path
+from memmix.checks import is_int
 from memmix.ops.mom.core import MixerSizes, MoMWeights
 from memmix.ops.mom.decode import decode_step
 from memmix.ops.mom.naive import naive_mom
@@ -167,7 +168,7 @@ def _validate(x, memory_ids, routing_weights, weights, rule, num_heads, num_memo
     if not isinstance(routing_weights, torch.Tensor) or routing_weights.shape != memory_ids.shape:
         raise ValueError(f"routing_weights must have memory_ids' shape {tuple(memory_ids.shape)}, "
                          f"got {_describe(routing_weights)}")
-    if not isinstance(num_heads, int) or num_heads < 1 or not isinstance(num_memories, int) or num_memories < 1:
+    if not is_int(num_heads) or num_heads < 1 or not is_int(num_memories) or num_memories < 1:
         raise ValueError(f"num_heads and num_memories must be positive integers, got {num_heads!r}, {num_memories!r}")
     H, P = num_heads, num_memories + int(shared_memory)
     Kd = weights.q_proj.shape[0]
