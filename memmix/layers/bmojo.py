@@ -44,7 +44,7 @@ from memmix.layers.masks import check_hidden_states, compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
 from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
-from memmix.ops.short_conv import short_conv, short_conv_step
+from memmix.ops.short_conv import row_tails, short_conv, short_conv_step
 
 FADING_RULES = tuple(rule.alias for rule in rules())  # ("gated_delta", "delta", "gla", "linear")
 EVICTIONS = ("score", "fifo")
@@ -374,9 +374,7 @@ class BMojo(nn.Module):
         N, H, LP, Dh = k.shape
         device = k.device
         W, w, C = self.conv_size, self.window_size, self.chunk_size
-        tail_pos = lengths[:, None] - (W - 1) + torch.arange(W - 1, device=device)  # (N, W - 1)
-        tails = conv_in.gather(1, tail_pos.clamp(min=0)[..., None].expand(-1, -1, conv_in.shape[-1]))
-        tails = tails * (tail_pos >= 0)[..., None].to(tails.dtype)
+        tails = row_tails(conv_in, lengths, W)
         win_pos = lengths[:, None] - (w - 1) + torch.arange(w - 1, device=device)  # (N, w - 1)
         win_valid = win_pos >= 0
         win_k, win_v = _gather_tokens(k, v, win_pos.clamp(min=0)[:, None].expand(N, H, -1))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from memmix.checks import is_int
 from memmix.ops.common import compute_dtype, log_decay
 from memmix.ops.registry import get_rule, rules
-from memmix.ops.short_conv import short_conv, short_conv_step
+from memmix.ops.short_conv import row_tails, short_conv, short_conv_step
 from memmix.layers.attention import apply_rope
 from memmix.layers.gates import head_gate_projections, init_decay_parameters
 from memmix.layers.state import SequenceRows
@@ -157,9 +157,7 @@ class FadingMixer(nn.Module):
         f = self.output(x, o)
         if not use_cache:
             return f, None, None
-        tail_pos = lengths[:, None] - (W - 1) + torch.arange(W - 1, device=x.device)  # (N, W - 1)
-        tails = conv_in.gather(1, tail_pos.clamp(min=0)[..., None].expand(-1, -1, conv_in.shape[-1]))
-        return f, memory, tails * (tail_pos >= 0)[..., None].to(tails.dtype)
+        return f, memory, row_tails(conv_in, lengths, W)
 
     def step(self, x: torch.Tensor, memory: torch.Tensor, conv: torch.Tensor):
         """One token per sequence: x (B, D), memory (B, Hf, Kf, Kf), conv (B, W - 1, 3 Hf Kf) ->

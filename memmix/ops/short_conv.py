@@ -3,6 +3,7 @@ and the MoM router's).
 
     short_conv           rows (N, L, C) from zeros (prefill of B'MOJO / B'MOJO-F)
     short_conv_step      one token per row, continuing from its tail (decoding)
+    row_tails            the tails a prefill leaves: each row's last W - 1 inputs before its length
     short_conv_segments  segments back to back in one buffer, each continuing from its tail (the MoM mixer's
                          PyTorch path; memmix.ops.mom.torch_path.sequence_conv builds varlen sequences on it)
 
@@ -34,6 +35,15 @@ def short_conv_step(x: torch.Tensor, weight: torch.Tensor,
     both in x's dtype."""
     window = torch.cat([tails.to(x.dtype), x[:, None]], dim=1)  # (N, W, C)
     return F.silu((window * weight.t().to(window.dtype)).sum(1)), window[:, 1:]
+
+
+def row_tails(x: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """The tail each row leaves for decoding: x (N, L, C) the convolution's inputs, lengths (N,) the real tokens
+    of each row (padding after them) -> (N, width - 1, C), the inputs before position `lengths`, zeros where a row
+    has fewer."""
+    positions = lengths[:, None] - (width - 1) + torch.arange(width - 1, device=x.device)  # (N, W - 1)
+    tails = x.gather(1, positions.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
+    return tails * (positions >= 0)[..., None].to(tails.dtype)
 
 
 def short_conv_segments(x: torch.Tensor, weight: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
