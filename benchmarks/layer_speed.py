@@ -118,7 +118,7 @@ class PhasePeaks:
     the rest of the forward ("forward_other") and of the backward ("backward_other")."""
 
     FUNCTIONS = (("memmix.ops.triton.gated_delta_rule", "ChunkGatedDeltaRuleFunction", "recurrence"),
-                 ("memmix.ops.triton.segment_conv", "SegmentConvFunction", "conv"))
+                 ("memmix.ops.triton.mom_segment_kernels", "SegmentConvFunction", "conv"))
 
     def __init__(self):
         self.name, self.base, self.peaks = "forward_other", 0, {}

@@ -93,15 +93,15 @@ def _recurrent_step(q, k, v, g, beta, bank, index, keep, scale):
     return recurrent_step(q, k, v, g, beta, bank, index, keep, scale)
 
 
-def _segment_conv(*args):
-    """segment_conv.SegmentConvFunction.apply, loaded on first use (arguments: see that Function)."""
-    from memmix.ops.triton.segment_conv import SegmentConvFunction
+def _mom_segment_conv(*args):
+    """mom_segment_kernels.SegmentConvFunction.apply, loaded on first use (arguments: see that Function)."""
+    from memmix.ops.triton.mom_segment_kernels import SegmentConvFunction
     return SegmentConvFunction.apply(*args)
 
 
-def _segment_combine(rows, slot_row, weight):
-    """segment_conv.SegmentCombineFunction.apply, loaded on first use."""
-    from memmix.ops.triton.segment_conv import SegmentCombineFunction
+def _mom_segment_combine(rows, slot_row, weight):
+    """mom_segment_kernels.SegmentCombineFunction.apply, loaded on first use."""
+    from memmix.ops.triton.mom_segment_kernels import SegmentCombineFunction
     return SegmentCombineFunction.apply(rows, slot_row, weight)
 
 
@@ -116,8 +116,8 @@ def _register() -> None:
     step = Kernel(_recurrent_step, runs_on=is_available, max_head_dim=STEP_MAX_K, differentiable=False)
     for rule in STEP_RULES:
         register_kernels(rule, chunk=chunk if rule in KERNEL_RULES else None, step=step)
-    register_kernel("mom_segment_conv", Kernel(_segment_conv, runs_on=is_available))
-    register_kernel("mom_segment_combine", Kernel(_segment_combine, runs_on=is_available))
+    register_kernel("mom_segment_conv", Kernel(_mom_segment_conv, runs_on=is_available))
+    register_kernel("mom_segment_combine", Kernel(_mom_segment_combine, runs_on=is_available))
     register_kernel("gated_rms_norm", Kernel(_gated_rms_norm, runs_on=is_available, max_head_dim=NORM_MAX_DIM))
 
 
