@@ -60,3 +60,10 @@ def check_log_decay(g: torch.Tensor | None, q: torch.Tensor) -> None:
         return  # the op's own validation names a missing or misshapen g
     if g.device.type == "cpu" and g.is_floating_point():
         check_values(g <= 0, "g (log decay) must be <= 0 everywhere (exp(g) is the decay, in (0, 1])")
+
+
+def describe(x) -> str:
+    """What an argument is, for an error message: "torch.float32 tensor of shape (2, 3)", or its type's name."""
+    if not isinstance(x, torch.Tensor):
+        return type(x).__name__
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}"

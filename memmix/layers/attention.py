@@ -30,7 +30,7 @@ from torch import nn
 
 from memmix.checks import check_binary_mask
 from memmix.layers.masks import check_hidden_states
-from memmix.ops.common import compute_dtype
+from memmix.ops.dtypes import compute_dtype
 
 PACKED_IMPLS = ("auto", "mask", "flex", "varlen")
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: one block-mask entry per 128 queries x 128 keys

@@ -42,7 +42,8 @@ from memmix.layers.gates import head_gate_projections, init_decay_parameters
 from memmix.layers.state import SequenceRows
 from memmix.layers.masks import check_hidden_states, compact_rows, valid_tokens
 from memmix.layers.norms import RMSNorm
-from memmix.ops.common import compute_dtype, log_decay
+from memmix.ops.common import log_decay
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.registry import get_rule, rules
 from memmix.ops.short_conv import row_tails, short_conv, short_conv_step
 
@@ -362,7 +363,7 @@ class BMojo(nn.Module):
         masks.append(torch.ones(1, 1, 1, 1, 1, dtype=torch.bool, device=device))
         sizes = [t.shape[-1] for t in logits]
         full_logits = torch.cat([lg.masked_fill(~m, NEG_INF) for lg, m in zip(logits, masks)], dim=-1)
-        probs = full_logits.float().softmax(-1).to(q.dtype) if q.dtype != torch.float64 else full_logits.softmax(-1)
+        probs = full_logits.to(compute_dtype(q.dtype)).softmax(-1).to(q.dtype)
         parts = probs.split(sizes, dim=-1)
         out = parts[-1] * fading_v.reshape(N, H, NC, C, Dh)
         for p, val in zip(parts[:-1], values):
@@ -436,7 +437,7 @@ class BMojo(nn.Module):
         keys, values, mask = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
         logits = torch.einsum("bhd,bhrd->bhr", q, keys) * Dh**-0.5
         logits = logits.masked_fill(~mask, NEG_INF)
-        probs = logits.float().softmax(-1).to(q.dtype) if q.dtype != torch.float64 else logits.softmax(-1)
+        probs = logits.to(compute_dtype(q.dtype)).softmax(-1).to(q.dtype)
         out = self.o_proj(torch.einsum("bhr,bhrd->bhd", probs, values).reshape(B, self.inner_dim))
 
         new_state = self._advance(state, memory, conv_tails, k, v, score, position, dtype)

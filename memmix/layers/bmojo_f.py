@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memmix.checks import is_int
-from memmix.ops.common import compute_dtype, log_decay
+from memmix.ops.common import log_decay
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.registry import get_rule, rules
 from memmix.ops.short_conv import row_tails, short_conv, short_conv_step
 from memmix.layers.attention import apply_rope

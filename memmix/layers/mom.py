@@ -24,7 +24,7 @@ from memmix.checks import is_int
 from memmix.layers.gates import decay_parameters, init_decay_parameters
 from memmix.layers.masks import check_hidden_states, valid_tokens
 from memmix.layers.norms import GatedRMSNorm, RMSNorm
-from memmix.ops.common import compute_dtype
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.mom import CONV_SCOPES, MIXER_IMPLS, MoMWeights, mom_mixer, sequence_conv
 from memmix.ops.registry import get_rule, rules
 from memmix.routing import allowed_memories, route

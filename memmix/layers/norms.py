@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memmix.ops.common import compute_dtype
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.registry import find_kernel
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from memmix.labels import IGNORE_INDEX
-from memmix.ops.common import compute_dtype
+from memmix.ops.dtypes import compute_dtype
 
 
 def next_token_targets(

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.normalize import l2norm
 from memmix.ops.registry import MemoryRule, get_rule
 
@@ -38,11 +39,6 @@ def log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dtype
     In `dtype` (default: a's dtype, at least float32)."""
     dtype = dtype or compute_dtype(a.dtype)
     return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of internal math and of states: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- validation

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from memmix.checks import describe
 from memmix.ops.registry import MemoryRule, get_rule
 
 STEP_IMPLS = ("auto", "recurrent", "triton")
@@ -79,7 +80,7 @@ def _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl) -> MemoryR
         raise ValueError(f"impl must be one of {STEP_IMPLS}, got {impl!r}")
     for name, x, ndim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("bank", bank, 4)):
         if not isinstance(x, torch.Tensor) or x.ndim != ndim or not x.is_floating_point():
-            raise ValueError(f"{name} must be a {ndim}-D floating-point tensor, got {_describe(x)}")
+            raise ValueError(f"{name} must be a {ndim}-D floating-point tensor, got {describe(x)}")
     N, H, K = q.shape
     V = v.shape[-1]
     if k.shape != q.shape or v.shape[:2] != (N, H):
@@ -94,11 +95,11 @@ def _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl) -> MemoryR
             raise ValueError(f"{name} must be None for rule {rule!r}, which takes no {name}")
         if needed and (not isinstance(x, torch.Tensor) or x.shape != (N, H) or not x.is_floating_point()):
             raise ValueError(f"{name} must be a floating-point (N, H) = {(N, H)} tensor for rule {rule!r}, "
-                             f"got {_describe(x)}")
+                             f"got {describe(x)}")
     if not isinstance(index, torch.Tensor) or index.shape != (N,) or index.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"index must be an (N,) = ({N},) int64 or int32 tensor, got {_describe(index)}")
+        raise ValueError(f"index must be an (N,) = ({N},) int64 or int32 tensor, got {describe(index)}")
     if not isinstance(keep, torch.Tensor) or keep.shape != (N,) or keep.dtype != torch.bool:
-        raise ValueError(f"keep must be an (N,) = ({N},) bool tensor, got {_describe(keep)}")
+        raise ValueError(f"keep must be an (N,) = ({N},) bool tensor, got {describe(keep)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ValueError(f"scale must be None or a number, got {type(scale).__name__}")
     for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta), ("bank", bank), ("index", index), ("keep", keep)):
@@ -106,8 +107,3 @@ def _validate(rule, q, k, v, g, beta, bank, index, keep, scale, impl) -> MemoryR
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
     return record
 
-
-def _describe(x) -> str:
-    if not isinstance(x, torch.Tensor):
-        return type(x).__name__
-    return f"{x.dtype} tensor of shape {tuple(x.shape)}"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from memmix.checks import is_int
 from memmix.labels import IGNORE_INDEX
-from memmix.ops.common import compute_dtype
+from memmix.ops.dtypes import compute_dtype
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from memmix.ops.dtypes import compute_dtype
+
 L2NORM_EPS = 1e-6  # inside the root: x / sqrt(sum(x^2) + eps); the Triton kernels use the same value
 
 
@@ -14,5 +16,5 @@ def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
 
     x: (..., D) any floating dtype.
     """
-    xf = x if x.dtype == torch.float64 else x.float()
+    xf = x.to(compute_dtype(x.dtype))
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)

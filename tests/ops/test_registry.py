@@ -119,8 +119,11 @@ def test_ops_never_import_the_triton_backend():
         assert not any(name.startswith("memmix.ops.triton") for name in _imports(path)), path
 
 
-def test_normalize_is_a_leaf():
-    assert not any(name.startswith("memmix") for name in _imports(OPS_DIR / "normalize.py", top_level_only=True))
+def test_normalize_and_dtypes_are_leaves():
+    """Kernels import them without importing memmix.ops: they import nothing of memmix but each other."""
+    assert not any(name.startswith("memmix") for name in _imports(OPS_DIR / "dtypes.py", top_level_only=True))
+    assert {name for name in _imports(OPS_DIR / "normalize.py", top_level_only=True)
+            if name.startswith("memmix")} <= {"memmix.ops.dtypes", "memmix.ops.dtypes.compute_dtype"}
 
 
 def test_records_are_frozen():

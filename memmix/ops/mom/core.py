@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from memmix.ops.common import compute_dtype, log_decay, run_checked
+from memmix.ops.common import log_decay, run_checked
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.mom.plan import DispatchPlan
 from memmix.ops.registry import MemoryRule
 

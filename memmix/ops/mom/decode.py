@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from memmix.ops.decode import memory_step
-from memmix.ops.common import compute_dtype
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.mom.core import MixerSizes, MoMWeights, memory_gates, slot_projections
 from memmix.ops.mom.torch_path import sequence_scope_conv
 from memmix.ops.short_conv import short_conv_step

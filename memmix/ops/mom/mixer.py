@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 import memmix.ops.mom.triton_path as triton_path
-from memmix.checks import is_int
+from memmix.checks import describe, is_int
 from memmix.ops.mom.core import MixerSizes, MoMWeights
 from memmix.ops.mom.decode import decode_step
 from memmix.ops.mom.naive import naive_mom
@@ -160,14 +160,14 @@ def _validate(x, memory_ids, routing_weights, weights, rule, num_heads, num_memo
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point (B, T, D) tensor, got {_describe(x)}")
+        raise ValueError(f"x must be a floating-point (B, T, D) tensor, got {describe(x)}")
     B, T, D = x.shape
     if (not isinstance(memory_ids, torch.Tensor) or memory_ids.dim() != 3 or memory_ids.shape[:2] != (B, T)
             or memory_ids.is_floating_point()):
-        raise ValueError(f"memory_ids must be an integer (B, T, k) = ({B}, {T}, k) tensor, got {_describe(memory_ids)}")
+        raise ValueError(f"memory_ids must be an integer (B, T, k) = ({B}, {T}, k) tensor, got {describe(memory_ids)}")
     if not isinstance(routing_weights, torch.Tensor) or routing_weights.shape != memory_ids.shape:
         raise ValueError(f"routing_weights must have memory_ids' shape {tuple(memory_ids.shape)}, "
-                         f"got {_describe(routing_weights)}")
+                         f"got {describe(routing_weights)}")
     if not is_int(num_heads) or num_heads < 1 or not is_int(num_memories) or num_memories < 1:
         raise ValueError(f"num_heads and num_memories must be positive integers, got {num_heads!r}, {num_memories!r}")
     H, P = num_heads, num_memories + int(shared_memory)
@@ -197,13 +197,8 @@ def _validate(x, memory_ids, routing_weights, weights, rule, num_heads, num_memo
         if conv.shape[0] != N:
             raise ValueError(f"memory and conv must hold the same sequences, got {N} and {conv.shape[0]}")
     if valid is not None and (valid.shape != (B, T) or valid.dtype != torch.bool):
-        raise ValueError(f"valid must be a bool (B, T) = ({B}, {T}) tensor, got {_describe(valid)}")
+        raise ValueError(f"valid must be a bool (B, T) = ({B}, {T}) tensor, got {describe(valid)}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs a packed batch of size 1, got batch size {B}")
     return MixerSizes(record, H, Kd // H, Vd // H, num_memories, shared_memory, W)
 
-
-def _describe(x) -> str:
-    if not isinstance(x, torch.Tensor):
-        return type(x).__name__
-    return f"{x.dtype} tensor of shape {tuple(x.shape)}"

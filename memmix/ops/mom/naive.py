@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from memmix.ops.common import compute_dtype
+from memmix.ops.dtypes import compute_dtype
 from memmix.ops.mom.core import MoMWeights
 from memmix.ops.normalize import l2norm
 from memmix.ops.registry import get_rule
