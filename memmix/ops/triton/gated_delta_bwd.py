@@ -18,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memmix.ops.triton.gated_delta_fwd import (chunk_decay, chunk_rows, load_state, load_state_or_zeros, load_tile,
-                                              sequence_chunk, sequence_program, store_state, store_tile)
+from memmix.ops.triton.gated_delta_fwd import (chunk_decay, chunk_rows, load_state, load_tile, sequence_chunk,
+                                              sequence_program, store_state, store_tile)
 
 
 @triton.jit
@@ -30,12 +30,10 @@ def state_grad_kernel(q_ptr, k_ptr, w_ptr, b_ptr, m_ptr, do_ptr, dht_ptr, du_ptr
                       STORE_DH0: tl.constexpr, WY_LOCAL: tl.constexpr, PREC: tl.constexpr):
     """One sequence, head and V tile: walk the chunks backwards carrying dS; store dS' per chunk and dU
     (for the HS heads from head0 on, as state_pass_kernel; W too when WY_LOCAL)."""
-    i_n, i_hs, i_h, i_wy, nh, bos, eos, first_chunk, kcols, vcols = sequence_program(
-        seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H, HS, V, BK, BV, WY_LOCAL)
+    i_n, i_hs, i_h, i_wy, nh, bos, eos, first_chunk, rows, kcols, vcols, dstate = sequence_program(
+        seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, dht_ptr, head0, H, HS, K, V, C, BK, BV, WY_LOCAL, HAS_DHT)
     WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
-    rows = tl.arange(0, C)
-    dstate = load_state_or_zeros(dht_ptr, nh, kcols, vcols, K, V, BK, BV, HAS_DHT)
 
     num_chunks = tl.cdiv(eos - bos, C)
     for jj in range(0, num_chunks):

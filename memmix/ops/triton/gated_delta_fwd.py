@@ -216,11 +216,23 @@ def wy_recompute_kernel(k_ptr, v_ptr, beta_ptr, b_ptr, tinv_ptr, w_ptr, u0_ptr, 
 
 
 @triton.jit
-def sequence_program(seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H: tl.constexpr, HS: tl.constexpr,
-                     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WY_LOCAL: tl.constexpr):
+def load_state_or_zeros(ptr, nh, kcols, vcols, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, LOAD: tl.constexpr):
+    """The (BK, BV) float32 tile of row nh's (K, V) state at ptr when LOAD, else zeros."""
+    if LOAD:
+        return load_state(ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
+    else:
+        return tl.zeros((BK, BV), dtype=tl.float32)
+
+
+@triton.jit
+def sequence_program(seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, start_ptr, head0, H: tl.constexpr,
+                     HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, WY_LOCAL: tl.constexpr, HAS_START: tl.constexpr):
     """A sequential kernel's program on its 1-D grid of N x HS x V tiles: (sequence i_n, head of the pass i_hs,
     head i_h = head0 + i_hs, W/U0 head i_wy (i_hs when WY_LOCAL), row nh = i_n * H + i_h, tokens [bos, eos), the
-    sequence's first chunk, the state tile's rows kcols and columns vcols).
+    sequence's first chunk, a chunk's row numbers (C,), the state tile's rows kcols and columns vcols, and the
+    carried (BK, BV) float32 tile it starts from: row nh of the (N, H, K, V) start_ptr when HAS_START, else zeros).
 
     The grid walks the sequences longest first (seq_order), all heads and V tiles of one sequence together: the
     GPU starts programs in grid order, so the longest chains start first (no long chain left for the last wave)
@@ -237,17 +249,9 @@ def sequence_program(seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H:
     first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
     kcols = tl.arange(0, BK)
     vcols = i_v * BV + tl.arange(0, BV)
-    return i_n, i_hs, i_h, i_wy, i_n * H + i_h, bos, eos, first_chunk, kcols, vcols
-
-
-@triton.jit
-def load_state_or_zeros(ptr, nh, kcols, vcols, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, LOAD: tl.constexpr):
-    """The (BK, BV) float32 tile of row nh's (K, V) state at ptr when LOAD, else zeros."""
-    if LOAD:
-        return load_state(ptr + nh.to(tl.int64) * K * V, kcols, vcols, K, V)
-    else:
-        return tl.zeros((BK, BV), dtype=tl.float32)
+    nh = i_n * H + i_h
+    start = load_state_or_zeros(start_ptr, nh, kcols, vcols, K, V, BK, BV, HAS_START)
+    return i_n, i_hs, i_h, i_wy, nh, bos, eos, first_chunk, tl.arange(0, C), kcols, vcols, start
 
 
 @triton.jit
@@ -277,12 +281,10 @@ def state_pass_kernel(q_ptr, k_ptr, w_ptr, u0_ptr, b_ptr, m_ptr, h0_ptr, o_ptr, 
     Heads head0 .. head0 + HS - 1 (the program's head i_hs is head head0 + i_hs): the stored states and U
     hold these HS heads only, so a backward pass over a few heads at a time needs scratch for those only;
     so do W and U0 when WY_LOCAL (recomputed for those heads by wy_recompute_kernel)."""
-    i_n, i_hs, i_h, i_wy, nh, bos, eos, first_chunk, kcols, vcols = sequence_program(
-        seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, head0, H, HS, V, BK, BV, WY_LOCAL)
+    i_n, i_hs, i_h, i_wy, nh, bos, eos, first_chunk, rows, kcols, vcols, state = sequence_program(
+        seq_order_ptr, cu_seqlens_ptr, chunk_offsets_ptr, h0_ptr, head0, H, HS, K, V, C, BK, BV, WY_LOCAL, HAS_H0)
     WYH = HS if WY_LOCAL else H
     dt = k_ptr.dtype.element_ty
-    rows = tl.arange(0, C)
-    state = load_state_or_zeros(h0_ptr, nh, kcols, vcols, K, V, BK, BV, HAS_H0)
 
     for j in range(0, tl.cdiv(eos - bos, C)):
         tok, valid, b, b_last = sequence_chunk(b_ptr + i_h, bos, eos, j, H, C, HAS_G)
