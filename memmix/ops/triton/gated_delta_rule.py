@@ -67,9 +67,9 @@ def _state_config(K: int, V: int, dtype: torch.dtype, programs: Optional[int] = 
 
     16-bit inputs take V tiles of 64 with 4 warps, which measured faster than 32 with 8 at K = V = 256 (dense and
     packed batches, and the MoM layer; benchmarks/results). programs (sequences x heads of the launch) and sms (the
-    GPU's SM count), given on a GPU: 16-bit inputs narrow the V tile (64, 32) while the launch has programs for fewer than 3/4 of the SMs, as
-    a long chain then sets the time (few long segments, and low_memory's one head a pass, gain from narrower tiles;
-    many segments keep 64). float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread,
+    GPU's SM count), given on a GPU: 16-bit inputs narrow the V tile (64, 32) while the launch has programs for
+    fewer than 3/4 of the SMs, as a long chain then sets the time (few long segments, and low_memory's one head a
+    pass, gain from narrower tiles; many segments keep 64). float32 keeps 32 with 8 warps: its exact ("ieee") dots are unrolled FMAs per thread,
     and at 64 x 4 warps the K = 256 kernels did not finish compiling within minutes."""
     if dtype == torch.float32:
         bv, warps = 32, 8
@@ -418,16 +418,26 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     V = v.shape[-1]
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"q/k and v head dims must be <= {MAX_HEAD_DIM} for the Triton kernels, got K={K}, V={V}")
+    tensors, scale, h0, layout = packed_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
+                                               CHUNK_SIZE)
+    o, ht = ChunkGatedDeltaRuleFunction.apply(*tensors, scale, h0, output_final_state, layout, low_memory,
+                                              policy or LaunchPolicy.for_device(q.device))
+    return o.reshape(B, T, H, V).to(v.dtype), ht
+
+
+def packed_inputs(q, k, v, g, beta, scale: Optional[float], initial_state, cu_seqlens: Optional[torch.Tensor],
+                  use_qk_l2norm: bool, chunk_size: int):
+    """The Triton entries' common preparation: (q, k, v, g, beta) on the packed token axis (B * T, H, D),
+    contiguous, q and k L2-normalised when use_qk_l2norm, v in q's dtype; the scale (K ** -0.5 by default);
+    initial_state contiguous; the ChunkLayout of `chunk_size`-token chunks."""
+    B, T = q.shape[:2]
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    scale = K ** -0.5 if scale is None else float(scale)
-    layout = ChunkLayout.build(B, T, cu_seqlens, q.device)
 
     def packed(x):
         return None if x is None else x.reshape((B * T,) + tuple(x.shape[2:])).contiguous()
 
+    tensors = (packed(q), packed(k), packed(v.to(q.dtype)), packed(g), packed(beta))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht = ChunkGatedDeltaRuleFunction.apply(packed(q), packed(k), packed(v.to(q.dtype)), packed(g),
-                                              packed(beta), scale, h0, output_final_state, layout, low_memory,
-                                              policy or LaunchPolicy.for_device(q.device))
-    return o.reshape(B, T, H, V).to(v.dtype), ht
+    return tensors, scale, h0, ChunkLayout.build(B, T, cu_seqlens, q.device, chunk_size=chunk_size)

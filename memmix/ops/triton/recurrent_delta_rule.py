@@ -11,9 +11,8 @@ from typing import Optional
 import torch
 import triton
 
-from memmix.ops.normalize import l2norm
 from memmix.ops.triton import RECURRENT_KERNEL_MAX_K as MAX_HEAD_DIM, runtime
-from memmix.ops.triton.gated_delta_rule import ChunkLayout
+from memmix.ops.triton.gated_delta_rule import packed_inputs
 from memmix.ops.triton.recurrent_delta_kernels import recurrent_bwd_kernel, recurrent_fwd_kernel
 
 CHECKPOINT_EVERY = 16  # tokens between stored states; the backward's scratch holds this many states a program
@@ -114,18 +113,10 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     V = v.shape[-1]
     if K > MAX_HEAD_DIM:
         raise ValueError(f"q/k head dim must be <= {MAX_HEAD_DIM} for the recurrent Triton kernels, got K={K}")
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    scale = K ** -0.5 if scale is None else float(scale)
-    layout = ChunkLayout.build(B, T, cu_seqlens, q.device, chunk_size=CHECKPOINT_EVERY)
-    tensors = (q, k, v, g, beta, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
-
-    def packed(x):
-        return None if x is None else x.reshape((B * T,) + tuple(x.shape[2:])).contiguous()
-
-    h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht = RecurrentDeltaRuleFunction.apply(packed(q), packed(k), packed(v.to(q.dtype)), packed(g), packed(beta),
-                                             scale, h0, output_final_state, layout, config or default_config(K, V),
-                                             needs_grad)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    tensors, scale, h0, layout = packed_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
+                                               CHECKPOINT_EVERY)
+    o, ht = RecurrentDeltaRuleFunction.apply(*tensors, scale, h0, output_final_state, layout,
+                                             config or default_config(K, V), needs_grad)
     return o.reshape(B, T, H, V).to(v.dtype), ht

@@ -53,20 +53,17 @@ def launch(kernel, grid: Union[tuple, Callable[[dict], tuple]], args: Sequence, 
 
     Under the interpreter the launch options are dropped. On a GPU, where `config` needs more shared memory or
     registers than the GPU has (OutOfResources), the configs `fallbacks(config)` gives are tried in order; the config
-    that launched is
-    remembered for the same kernel, constants, config and tensor dtypes, so later launches go straight to it. A
-    fallback must not change what the caller sized from `config` (its buffers, its grid's meaning)."""
-    if not callable(grid):
-        fixed = grid
-        grid = lambda config: fixed  # noqa: E731
+    that launched is remembered for the same kernel, constants, config and tensor dtypes, so later launches go
+    straight to it. A fallback must not change what the caller sized from `config` (its buffers, its grid's
+    meaning)."""
     for counter in _COUNTERS:
         counter[kernel.fn.__name__] += 1
     if INTERPRET:
         options = {key: value for key, value in config.items() if key not in LAUNCH_OPTIONS}
-        kernel[grid(options)](*args, **constants, **options)
+        kernel[_grid(grid, options)](*args, **constants, **options)
         return
     if fallbacks is None:  # nothing to step down to: no key to build (host time on every launch)
-        kernel[grid(config)](*args, **constants, **config)
+        kernel[_grid(grid, config)](*args, **constants, **config)
         return
     from triton.runtime.errors import OutOfResources
 
@@ -75,10 +72,14 @@ def launch(kernel, grid: Union[tuple, Callable[[dict], tuple]], args: Sequence, 
     candidates = [_CHOSEN[key]] if key in _CHOSEN else [config, *fallbacks(config)]
     for i, candidate in enumerate(candidates):
         try:
-            kernel[grid(candidate)](*args, **constants, **candidate)
+            kernel[_grid(grid, candidate)](*args, **constants, **candidate)
         except OutOfResources:
             if i == len(candidates) - 1:
                 raise
             continue
         _CHOSEN[key] = candidate
         return
+
+
+def _grid(grid: Union[tuple, Callable[[dict], tuple]], config: dict) -> tuple:
+    return grid(config) if callable(grid) else grid
