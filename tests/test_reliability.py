@@ -204,6 +204,10 @@ def test_readers_refuse_a_folder_without_its_completion_record(tmp_path, capsys)
     assert memmix_cli(_prepare(data, out), capsys)[0] == 0
     record = json.loads((out / RECORD_NAME).read_text())
     assert [s["name"] for s in record["shards"]] == sorted(n for n in os.listdir(out) if n.endswith(".mmtok"))
+    (out / RECORD_NAME).write_text(json.dumps(dict(record, format="something-else")))  # not our record
+    line = cli_error(capsys, standin_train_argv(out, tmp_path / "r0"))
+    assert f"the completion record '{out / RECORD_NAME}' is damaged" in line
+    (out / RECORD_NAME).write_text(json.dumps(record))
     (out / "shard_00001.mmtok").unlink()  # a folder that lost a shard
     line = cli_error(capsys, standin_train_argv(out, tmp_path / "r1"))
     assert f"the shards in '{out}' are not the ones `memmix prepare` wrote" in line and "is missing" in line

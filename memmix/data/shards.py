@@ -175,11 +175,12 @@ def _recorded_shards(folder: str, found: list[str]) -> list[str]:
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
         names = [entry["name"] for entry in record["shards"]]
-        assert record["format"] == RECORD_FORMAT
+        if record["format"] != RECORD_FORMAT:
+            raise ValueError(record["format"])
     except FileNotFoundError:
         raise InputError(f"'{folder}' holds shards but no completion record ({RECORD_NAME}): it is an interrupted "
                          f"or older `memmix prepare`; {fix}") from None
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"the completion record '{record_path}' is damaged; {fix}") from None
     listed = {os.path.join(folder, name) for name in names}
     extra, missing = sorted(set(found) - listed), sorted(listed - set(found))
@@ -196,8 +197,10 @@ def shard_paths(path: str) -> list[str]:
     found = list_files(path, (SHARD_SUFFIX,)) if os.path.isdir(path) else []
     if not found:
         raise InputError(f"no {SHARD_SUFFIX} shards found at '{path}'; create them with `memmix prepare`")
-    folders = sorted({os.path.dirname(p) for p in found})
-    return [p for folder in folders for p in _recorded_shards(folder, [q for q in found if os.path.dirname(q) == folder])]
+    by_folder: dict[str, list[str]] = {}
+    for shard in found:
+        by_folder.setdefault(os.path.dirname(shard), []).append(shard)
+    return [p for folder in sorted(by_folder) for p in _recorded_shards(folder, by_folder[folder])]
 
 
 def open_shards(path: str, verify: bool = True) -> list[TokenShard]:

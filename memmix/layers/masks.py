@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from memmix.checks import check_binary_mask
+from memmix.checks import check_binary_mask, describe
 from memmix.ops.common import _segment_index, pad_packed
 
 
 def check_hidden_states(x: torch.Tensor, hidden_size: int | None = None) -> None:
     """A token mixer's input: floating (B, T, D), with D == hidden_size when given."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
-        what = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"hidden_states must be a floating (B, T, D) tensor, got {what}")
+        raise ValueError(f"hidden_states must be a floating (B, T, D) tensor, got {describe(x)}")
     if hidden_size is not None and x.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states must have hidden size {hidden_size} (its last dimension), got "
                          f"{tuple(x.shape)}")
